@@ -1,0 +1,229 @@
+"""`LlamaConfig`: the model's shape, its RoPE scaling and how it executes, validated once at the boundary.
+
+Read and written in Hugging Face's `config.json` keys: `from_hf` accepts the old `rope_scaling` (with
+`type` or `rope_type`) and transformers 5's `rope_parameters`; `to_hf` writes `rope_scaling` plus a
+top-level `rope_theta`, which every transformers version reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from yarn_jax import rope as rope_lib
+from yarn_jax.rope import _number
+
+
+class Remat(enum.Enum):
+    """What each scanned layer keeps for the backward pass (the rest is recomputed)."""
+
+    NONE = "none"  # keep everything: fastest, most memory
+    FULL = "full"  # keep only the layer input
+    DOTS = "dots"  # keep matmul outputs without batch dims (projections), recompute attention & elementwise
+    ATTENTION = "attention"  # keep the attention output and its projections' inputs; recompute the MLP
+
+
+class AttentionImpl(enum.Enum):
+    """Per-device attention kernel; AUTO picks the platform's fastest at call time."""
+
+    AUTO = "auto"
+    REFERENCE = "reference"
+    CUDNN = "cudnn"
+    SPLASH = "splash"
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_LLAMA_MODEL_TYPES = {"llama"}
+
+
+def _dtype(field: str, value: Any) -> np.dtype:
+    name = np.dtype(value).name if not isinstance(value, str) else value
+    if name not in _DTYPES:
+        raise ValueError(f"{field}: expected one of {sorted(_DTYPES)}, got {value!r}")
+    return np.dtype(_DTYPES[name])
+
+
+def _enum(field: str, cls: type[enum.Enum], value: Any) -> enum.Enum:
+    try:
+        return value if isinstance(value, cls) else cls(value)
+    except ValueError:
+        raise ValueError(f"{field}: expected one of {[m.value for m in cls]}, got {value!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """A LLaMA-family decoder. Dimension letters (see yarn_jax/__init__.py): V, D, F, L, N, K, H."""
+
+    vocab_size: int  # V
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_layers: int  # L
+    num_heads: int  # N
+    num_kv_heads: int  # K (GQA when K < N)
+    head_dim: int  # H
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    rope_scaling: rope_lib.Scaling = rope_lib.Default()
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    # execution policy (not part of the checkpointed architecture)
+    dtype: Any = jnp.bfloat16  # activations and matmul inputs
+    param_dtype: Any = jnp.float32
+    remat: Remat = Remat.NONE
+    attention: AttentionImpl = AttentionImpl.AUTO
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            set_(name, _number(name, getattr(self, name), integer=True, gt=0))
+        for name in ("bos_token_id", "eos_token_id"):
+            set_(name, _number(name, getattr(self, name), integer=True, ge=0))
+        set_("rms_norm_eps", _number("rms_norm_eps", self.rms_norm_eps, gt=0.0))
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_key_value_heads: expected a divisor of num_attention_heads ({self.num_heads}), "
+                             f"got {self.num_kv_heads}")
+        for name in ("tie_word_embeddings",):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        set_("dtype", _dtype("dtype", self.dtype))
+        set_("param_dtype", _dtype("param_dtype", self.param_dtype))
+        set_("remat", _enum("remat", Remat, self.remat))
+        set_("attention", _enum("attention", AttentionImpl, self.attention))
+        _ = self.rope  # validates head_dim parity, theta and the scaling against head_dim
+
+    @property
+    def rope(self) -> rope_lib.Rope:
+        return rope_lib.Rope(self.head_dim, self.rope_theta, self.max_position_embeddings, self.rope_scaling)
+
+    def replace(self, **changes: Any) -> LlamaConfig:
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Parameter count, computed from the shapes (equal to `init_params` leaves' total size)."""
+        d, f, n, k, h = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
+        layer = d * h * (2 * n + 2 * k) + 3 * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.num_layers * layer + self.vocab_size * d + head + d
+
+    # ------------------------------------------------------------------------- Hugging Face
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
+        """From a transformers `config.json` dict; `overrides` set execution fields (dtype, remat, ...)."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"config: expected a dict of config.json keys, got {type(hf).__name__}")
+        model_type = hf.get("model_type", "llama")
+        if model_type not in _LLAMA_MODEL_TYPES:
+            raise ValueError(f"model_type: expected one of {sorted(_LLAMA_MODEL_TYPES)} (a LLaMA-compatible "
+                             f"architecture), got {model_type!r}")
+        for key in ("attention_bias", "mlp_bias"):
+            if hf.get(key):
+                raise ValueError(f"{key}: biases are not part of the LLaMA architecture supported here, got true")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act: expected 'silu', got {hf['hidden_act']!r}")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in hf:
+                raise ValueError(f"{key}: missing from config")
+        hidden = _number("hidden_size", hf["hidden_size"], integer=True, gt=0)
+        heads = _number("num_attention_heads", hf["num_attention_heads"], integer=True, gt=0)
+        head_dim = hf.get("head_dim")
+        if head_dim is None:
+            if hidden % heads:
+                raise ValueError(f"hidden_size: expected a multiple of num_attention_heads ({heads}) when head_dim "
+                                 f"is not given, got {hidden}")
+            head_dim = hidden // heads
+        rope_dict = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+        theta = rope_dict.get("rope_theta", hf.get("rope_theta", 10000.0))
+        max_pos = _number("max_position_embeddings", hf.get("max_position_embeddings", 4096), integer=True, gt=0)
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rope_theta=theta,
+            max_position_embeddings=max_pos,
+            rope_scaling=rope_lib.scaling_from_dict(rope_dict, max_pos),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            bos_token_id=hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 1,
+            eos_token_id=_first(hf.get("eos_token_id"), 2),
+            **overrides,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """config.json keys for `transformers.LlamaForCausalLM` (YaRN switched on via rope_scaling)."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_scaling": rope_lib.scaling_to_dict(self.rope_scaling),
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "torch_dtype": np.dtype(self.param_dtype).name,
+        }
+
+    def to_json(self) -> str:
+        """Architecture only (the checkpoint metadata); execution fields come from the run's config."""
+        return json.dumps(self.to_hf(), indent=2, sort_keys=True)
+
+
+def _first(value: Any, default: int) -> int:
+    if isinstance(value, list):
+        return value[0] if value else default
+    return default if value is None else value
+
+
+# ----------------------------------------------------------------------------- presets
+
+def tiny(**kw: Any) -> LlamaConfig:
+    """A few-kilobyte GQA model for tests."""
+    return LlamaConfig(**{**dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                                 num_kv_heads=2, head_dim=16, max_position_embeddings=128), **kw})
+
+
+def llama2_7b(**kw: Any) -> LlamaConfig:
+    return LlamaConfig(**{**dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                                 num_heads=32, num_kv_heads=32, head_dim=128, max_position_embeddings=4096), **kw})
+
+
+def llama2_13b(**kw: Any) -> LlamaConfig:
+    return LlamaConfig(**{**dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40,
+                                 num_heads=40, num_kv_heads=40, head_dim=128, max_position_embeddings=4096), **kw})
+
+
+def llama2_70b(**kw: Any) -> LlamaConfig:
+    return LlamaConfig(**{**dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_layers=80,
+                                 num_heads=64, num_kv_heads=8, head_dim=128, max_position_embeddings=4096), **kw})
+
+
+def llama3_8b(**kw: Any) -> LlamaConfig:
+    return LlamaConfig(**{**dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                                 num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+                                 max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001), **kw})
+
+
+PRESETS = {f.__name__: f for f in (tiny, llama2_7b, llama2_13b, llama2_70b, llama3_8b)}

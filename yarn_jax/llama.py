@@ -1,0 +1,202 @@
+"""The LLaMA decoder in Flax (linen), with explicit positions and segment ids.
+
+Weights keep their natural axes (q [D, N, H], o [N, H, D], ...); reshaping to Hugging Face's 2-D
+layout happens only in the converter. Every parameter and main activation carries logical axis names
+(batch, seq, embed, heads, kv_heads, head_dim, mlp, vocab, layers) that `sharding.py` maps to a mesh.
+Layers are scanned (one compiled layer, parameters stacked on a leading `layers` axis) under the
+config's remat policy. Dtype policy: parameters `param_dtype`, matmuls in `dtype`, RMSNorm statistics,
+RoPE angles, softmax and logits in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from yarn_jax import rope as rope_lib
+from yarn_jax.config import LlamaConfig, Remat
+
+_INIT = nn.initializers.normal(0.02)  # transformers' initializer_range
+_REMAT_POLICIES = {
+    Remat.FULL: jax.checkpoint_policies.nothing_saveable,
+    Remat.DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    Remat.ATTENTION: jax.checkpoint_policies.save_only_these_names("q", "k", "v", "attn_out"),
+}
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
+           init: Callable = _INIT) -> jax.Array:
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, module.cfg.param_dtype)
+
+
+def _constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale, statistics in float32 (transformers' LlamaRMSNorm)."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = _param(self, "scale", (self.cfg.hidden_size,), ("embed",), nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        return scale.astype(self.cfg.dtype) * y.astype(self.cfg.dtype)
+
+
+class Attention(nn.Module):
+    """GQA self-attention; the kernel (`attend`) is pluggable behind one signature."""
+
+    cfg: LlamaConfig
+    attend: Callable[..., jax.Array]
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids, index):  # x [B, T, D]
+        c = self.cfg
+        d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        wq = _param(self, "q", (d, n, h), ("embed", "heads", "head_dim")).astype(c.dtype)
+        wk = _param(self, "k", (d, k, h), ("embed", "kv_heads", "head_dim")).astype(c.dtype)
+        wv = _param(self, "v", (d, k, h), ("embed", "kv_heads", "head_dim")).astype(c.dtype)
+        wo = _param(self, "o", (n, h, d), ("heads", "head_dim", "embed")).astype(c.dtype)
+        q = rope_lib.rotate(jnp.einsum("BTD,DNH->BTNH", x, wq), cos, sin)  # [B, T, N, H]
+        k_ = rope_lib.rotate(jnp.einsum("BSD,DKH->BSKH", x, wk), cos, sin)  # [B, S, K, H]
+        v = jnp.einsum("BSD,DKH->BSKH", x, wv)  # [B, S, K, H]
+        q = _constrain(checkpoint_name(q, "q"), ("batch", "seq", "heads", "head_dim"))
+        k_ = _constrain(checkpoint_name(k_, "k"), ("batch", "seq", "kv_heads", "head_dim"))
+        v = _constrain(checkpoint_name(v, "v"), ("batch", "seq", "kv_heads", "head_dim"))
+        out = self.attend(q, k_, v, segment_ids, segment_ids, index, index)  # [B, T, N, H]
+        out = checkpoint_name(out, "attn_out")
+        return jnp.einsum("BTNH,NHD->BTD", out, wo)
+
+
+class Mlp(nn.Module):
+    """SwiGLU: down(silu(gate x) * up x)."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):  # x [B, T, D]
+        c = self.cfg
+        gate = _param(self, "gate", (c.hidden_size, c.intermediate_size), ("embed", "mlp")).astype(c.dtype)
+        up = _param(self, "up", (c.hidden_size, c.intermediate_size), ("embed", "mlp")).astype(c.dtype)
+        down = _param(self, "down", (c.intermediate_size, c.hidden_size), ("mlp", "embed")).astype(c.dtype)
+        hidden = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, gate)) * jnp.einsum("BTD,DF->BTF", x, up)
+        hidden = _constrain(hidden, ("batch", "seq", "mlp"))  # [B, T, F]
+        return jnp.einsum("BTF,FD->BTD", hidden, down)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer; (carry, None) signature so that nn.scan can stack it."""
+
+    cfg: LlamaConfig
+    attend: Callable[..., jax.Array]
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids, index):
+        x = x + Attention(self.cfg, self.attend, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x), cos, sin,
+                                                             segment_ids, index)
+        x = x + Mlp(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
+        return _constrain(x, ("batch", "seq", "embed")), None
+
+
+class Llama(nn.Module):
+    """tokens [B, T] -> final hidden states [B, T, D] (after the last norm); `unembed` gives logits."""
+
+    cfg: LlamaConfig
+    attend: Callable[..., jax.Array]
+
+    def setup(self):
+        c = self.cfg
+        self.embedding = _param(self, "embedding", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
+        if not c.tie_word_embeddings:
+            self.lm_head = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
+        self.final_norm = RMSNorm(c)
+        block = Block
+        if c.remat is not Remat.NONE:
+            block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
+        self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(nn.broadcast,) * 4, length=c.num_layers,
+                              metadata_params={nn.PARTITION_NAME: "layers"})(c, self.attend)
+
+    def __call__(self, tokens, positions, segment_ids, index, seq_len: int):
+        c = self.cfg
+        inv_freq, factor = rope_lib.frequencies(c.rope, seq_len, dtype=jnp.float64)  # static numpy: exact angles
+        cos, sin = rope_lib.cos_sin(positions, inv_freq, factor)  # [B, T, H/2] each, shared by all layers
+        x = jnp.take(self.embedding, tokens, axis=0).astype(c.dtype)  # [B, T, D]
+        x = _constrain(x, ("batch", "seq", "embed"))
+        x, _ = self.layers(x, cos, sin, segment_ids, index)
+        return self.final_norm(x)
+
+    def unembed(self, x: jax.Array) -> jax.Array:
+        """Hidden states [..., D] -> logits [..., V] in float32."""
+        c = self.cfg
+        if c.tie_word_embeddings:
+            return jnp.einsum("...D,VD->...V", x, self.embedding.astype(c.dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum("...D,DV->...V", x, self.lm_head.astype(c.dtype), preferred_element_type=jnp.float32)
+
+
+def model(cfg: LlamaConfig, attend: Callable[..., jax.Array] | None = None) -> Llama:
+    from yarn_jax import attention  # late: attention imports config only, but keeps this module light
+
+    return Llama(cfg, attend or attention.select(cfg.attention))
+
+
+def default_inputs(tokens: jax.Array, positions: Any, segment_ids: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """positions default to 0..T-1 per row, segment ids to one document; index is always 0..T-1."""
+    b, t = tokens.shape
+    index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    positions = index if positions is None else jnp.asarray(positions, jnp.int32)
+    segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    return positions, segment_ids, index
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array) -> Any:
+    """Random parameters (normal(0.02), norms at 1), a plain pytree of arrays."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    positions, segment_ids, index = default_inputs(tokens, None, None)
+    variables = model(cfg).init(key, tokens, positions, segment_ids, index, 1)
+    return nn.unbox(variables["params"])
+
+
+def logical_axes(cfg: LlamaConfig) -> Any:
+    """The parameter tree's logical axis names, as PartitionSpecs of logical names (no arrays made)."""
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    boxed = jax.eval_shape(lambda t: model(cfg).init(jax.random.key(0), t, *default_inputs(t, None, None), 1),
+                           tokens)
+    return nn.get_partition_spec(boxed["params"])
+
+
+def hidden_states(cfg: LlamaConfig, params: Any, tokens: jax.Array, positions: Any = None, segment_ids: Any = None,
+                  *, seq_len: int | None = None, attend: Callable[..., jax.Array] | None = None) -> jax.Array:
+    """Final-norm hidden states [B, T, D] in cfg.dtype. seq_len: the length dynamic RoPE methods scale to
+    (default T)."""
+    positions, segment_ids, index = default_inputs(tokens, positions, segment_ids)
+    return model(cfg, attend).apply({"params": params}, tokens, positions, segment_ids, index,
+                                    seq_len or tokens.shape[1])
+
+
+def unembed(cfg: LlamaConfig, params: Any, hidden: jax.Array) -> jax.Array:
+    """Hidden states [..., D] -> logits [..., V] float32."""
+    return model(cfg).apply({"params": params}, hidden, method=Llama.unembed)
+
+
+@jax.jit(static_argnames=("cfg", "seq_len"))
+def _forward(cfg, params, tokens, positions, segment_ids, seq_len):
+    return unembed(cfg, params, hidden_states(cfg, params, tokens, positions, segment_ids, seq_len=seq_len))
+
+
+def forward(cfg: LlamaConfig, params: Any, tokens: jax.Array, positions: Any = None, segment_ids: Any = None,
+            *, seq_len: int | None = None) -> jax.Array:
+    """tokens [B, T] int -> logits [B, T, V] float32 (jitted).
+
+    positions [B, T]: RoPE positions (default 0..T-1); segment_ids [B, T]: packed documents attend only
+    within their own segment (default: one document per row).
+    """
+    return _forward(cfg, params, tokens, positions, segment_ids, seq_len)
