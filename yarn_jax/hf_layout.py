@@ -63,10 +63,10 @@ def layout(cfg: LlamaConfig) -> list[Tensor]:
 
 def hf_names(cfg: LlamaConfig) -> list[str]:
     """Every tensor name a LlamaForCausalLM state dict of this config has."""
-    return [name for t in layout(cfg) for name in _names(t, cfg)]
+    return [name for t in layout(cfg) for name in names_of(t, cfg)]
 
 
-def _names(t: Tensor, cfg: LlamaConfig) -> list[str]:
+def names_of(t: Tensor, cfg: LlamaConfig) -> list[str]:
     return [t.hf_name.format(i=i) for i in range(cfg.num_layers)] if t.per_layer else [t.hf_name]
 
 
@@ -92,7 +92,7 @@ def params_from_hf(cfg: LlamaConfig, get: Callable[[str], np.ndarray]) -> dict[s
     params: dict[str, Any] = {}
     for t in layout(cfg):
         parts = []
-        for name in _names(t, cfg):
+        for name in names_of(t, cfg):
             w = get(name)
             check_hf_shape(t, name, w)
             parts.append(t.to_ours(np.asarray(w)))
@@ -105,7 +105,7 @@ def params_to_hf(cfg: LlamaConfig, params: Any) -> Iterator[tuple[str, np.ndarra
     for t in layout(cfg):
         w = get_path(params, t.path)
         if t.per_layer:
-            for i, name in enumerate(_names(t, cfg)):
+            for i, name in enumerate(names_of(t, cfg)):
                 yield name, t.to_hf(np.asarray(w[i]))
         else:
             yield t.hf_name, t.to_hf(np.asarray(w))

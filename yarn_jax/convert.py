@@ -1,0 +1,277 @@
+"""Hugging Face <-> Orbax conversion, both ways, one tensor at a time, with atomic output.
+
+    python -m yarn_jax.convert from-hf HF_DIR CKPT_DIR [--dtype bfloat16] \
+        [--rope-type yarn --factor 16 --original-max-position-embeddings 4096 --max-position-embeddings 65536]
+    python -m yarn_jax.convert to-hf CKPT_DIR HF_DIR [--step N] [--dtype bfloat16] [--max-shard-size 5GB] \
+        [--tokenizer tokenizer.model]
+
+Output goes to a temporary sibling directory renamed into place on success: a failure leaves nothing
+behind and never touches the input. An existing output is an error unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from yarn_jax import checkpoint, hf_files, hf_layout
+from yarn_jax import rope as rope_lib
+from yarn_jax.config import _DTYPES, LlamaConfig
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a fresh temporary directory next to `out`; renames it to `out` only if the block succeeds."""
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out}: output directory exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _target_dtype(dtype: str | None) -> np.dtype | None:
+    if dtype is None:
+        return None
+    if dtype not in _DTYPES:
+        raise ValueError(f"--dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
+    return np.dtype(_DTYPES[dtype])
+
+
+def read_hf_config(hf_dir: Path, rope: dict[str, Any] | None = None) -> dict[str, Any]:
+    path = Path(hf_dir) / "config.json"
+    if not path.exists():
+        raise ValueError(f"{path}: missing (an HF model directory needs config.json)")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return apply_rope_overrides(hf, rope or {})
+
+
+def apply_rope_overrides(hf: dict[str, Any], rope: dict[str, Any]) -> dict[str, Any]:
+    """--rope-type replaces the scaling; other rope options update it; max/theta set top-level keys."""
+    hf = dict(hf)
+    rope = {k: v for k, v in rope.items() if v is not None}
+    for key in ("max_position_embeddings", "rope_theta"):
+        if key in rope:
+            hf[key] = rope.pop(key)
+    if not rope:
+        return hf
+    current = dict(hf.pop("rope_scaling", None) or hf.pop("rope_parameters", None) or {})
+    current.pop("rope_theta", None)
+    if "rope_type" in rope:
+        current = {}
+    hf["rope_scaling"] = {**current, **rope}
+    return hf
+
+
+def _check_names(cfg: LlamaConfig, weights: hf_files.HfWeights) -> None:
+    expected, present = set(hf_layout.hf_names(cfg)), weights.names()
+    missing = sorted(expected - present)
+    if "lm_head.weight" in missing:
+        raise ValueError(f"{weights.dir}: tensor lm_head.weight is missing while tie_word_embeddings is false")
+    if missing:
+        raise ValueError(f"{weights.dir}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    unexpected = sorted(present - expected - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
+    if unexpected:
+        raise ValueError(f"{weights.dir}: unexpected tensors {unexpected[:5]} for a LLaMA of this config")
+
+
+def from_hf(hf_dir: str | Path, ckpt_dir: str | Path, *, dtype: str | None = None,
+            rope: dict[str, Any] | None = None, overwrite: bool = False) -> LlamaConfig:
+    """HF directory -> Orbax checkpoint (step 0). Each stacked parameter is assembled in a memory-mapped
+    scratch file, one HF tensor at a time, so memory stays near one tensor plus Orbax's buffers."""
+    hf_dir = Path(hf_dir)
+    cfg = LlamaConfig.from_hf(read_hf_config(hf_dir, rope))
+    target = _target_dtype(dtype)
+    weights = hf_files.HfWeights(hf_dir)
+    _check_names(cfg, weights)
+    with atomic_dir(ckpt_dir, overwrite) as out, tempfile.TemporaryDirectory(dir=out.parent) as scratch:
+        params: dict[str, Any] = {}
+        for t in hf_layout.layout(cfg):
+            names = [t.hf_name.format(i=i) for i in range(cfg.num_layers)] if t.per_layer else [t.hf_name]
+            arrays = [weights.get(n) for n in names]
+            for name, w in zip(names, arrays, strict=True):
+                hf_layout.check_hf_shape(t, name, w)
+            shape = ((cfg.num_layers,) if t.per_layer else ()) + t.shape
+            leaf = np.lib.format.open_memmap(Path(scratch) / f"{'.'.join(t.path)}.npy", mode="w+",
+                                             dtype=target or arrays[0].dtype, shape=shape)
+            for i, w in enumerate(arrays):
+                leaf[i if t.per_layer else ...] = t.to_ours(w)
+            leaf.flush()
+            hf_layout.set_path(params, t.path, leaf)
+        checkpoint.save_params(out, cfg, params)
+    return cfg
+
+
+def _stored_dtypes(reader: checkpoint.Reader) -> Any:
+    meta = ocp.PyTreeCheckpointer().metadata(reader.path / str(reader.step) / checkpoint.PARAMS)
+    return meta.item_metadata.tree
+
+
+def to_hf(ckpt_dir: str | Path, hf_dir: str | Path, *, step: int | None = None, dtype: str | None = None,
+          max_shard_size: str = "5GB", tokenizer: str | Path | None = None, overwrite: bool = False) -> LlamaConfig:
+    """Orbax checkpoint (converter's or trainer's) -> HF directory loadable by transformers with YaRN on."""
+    target = _target_dtype(dtype)
+    max_bytes = hf_files.parse_size(max_shard_size)
+    if tokenizer is not None and not Path(tokenizer).exists():
+        raise ValueError(f"--tokenizer: {tokenizer} does not exist")
+    reader = checkpoint.Reader(ckpt_dir, step)
+    cfg, stored = reader.cfg, _stored_dtypes(reader)
+    tensors = hf_layout.layout(cfg)
+    specs = [(name, t.hf_shape, target or hf_layout.get_path(stored, t.path).dtype)
+             for t in tensors for name in hf_layout.names_of(t, cfg)]
+
+    def arrays() -> Iterator[np.ndarray]:
+        for t in tensors:
+            leaf = hf_layout.get_path(reader.leaves(_subtree(t.path)), t.path)
+            for w in (leaf if t.per_layer else [leaf]):
+                yield t.to_hf(w).astype(target or w.dtype, copy=False)
+            del leaf
+
+    with atomic_dir(hf_dir, overwrite) as out:
+        hf_files.write_weights(out, specs, arrays(), max_bytes)
+        write_hf_metadata(out, cfg, specs[0][2], tokenizer)
+    reader.close()
+    return cfg
+
+
+def _subtree(path: tuple[str, ...]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    hf_layout.set_path(tree, path, 0)
+    return tree
+
+
+def transformers_config(cfg: LlamaConfig) -> dict[str, Any]:
+    """cfg.to_hf() in a form transformers can run: static NTK becomes plain RoPE with the changed base
+    (the same frequencies); dynamic_yarn, which transformers lacks, is refused."""
+    hf = cfg.to_hf()
+    if isinstance(cfg.rope_scaling, rope_lib.NTK):
+        h = cfg.head_dim
+        hf.update(rope_scaling=None, rope_theta=cfg.rope_theta * cfg.rope_scaling.alpha ** (h / (h - 2)))
+    elif isinstance(cfg.rope_scaling, rope_lib.DynamicYarn):
+        raise ValueError("rope_scaling: dynamic_yarn has no transformers equivalent; export with a static "
+                         "scaling (from-hf --rope-type yarn --factor S) or load the weights with yarn_jax")
+    return hf
+
+
+def write_hf_metadata(out: Path, cfg: LlamaConfig, dtype: Any, tokenizer: str | Path | None) -> None:
+    """config.json, generation_config.json and, when given, the tokenizer files."""
+    hf = {**transformers_config(cfg), "torch_dtype": np.dtype(dtype).name}
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    if tokenizer is None:
+        return
+    tokenizer = Path(tokenizer)
+    if tokenizer.is_dir():
+        for name in TOKENIZER_FILES:
+            if (tokenizer / name).exists():
+                shutil.copy(tokenizer / name, out / name)
+    else:  # a SentencePiece model
+        shutil.copy(tokenizer, out / "tokenizer.model")
+        (out / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+            "model_max_length": cfg.max_position_embeddings}, indent=2))
+
+
+# ----------------------------------------------------------------------------- in-memory API
+
+
+def load_hf(path: str | Path, **execution: Any) -> tuple[LlamaConfig, dict[str, Any]]:
+    """(cfg, params as numpy) from an HF directory; `execution` sets dtype/remat/attention fields."""
+    cfg = LlamaConfig.from_hf(read_hf_config(Path(path)), **execution)
+    weights = hf_files.HfWeights(Path(path))
+    _check_names(cfg, weights)
+    return cfg, hf_layout.params_from_hf(cfg, weights.get)
+
+
+def save_hf(cfg: LlamaConfig, params: Any, path: str | Path, *, max_shard_size: str = "5GB",
+            tokenizer: str | Path | None = None, overwrite: bool = False) -> None:
+    """Writes `params` (any arrays) as an HF directory for transformers.LlamaForCausalLM."""
+    pairs = list(hf_layout.params_to_hf(cfg, params))
+    specs = [(name, a.shape, a.dtype) for name, a in pairs]
+    with atomic_dir(path, overwrite) as out:
+        hf_files.write_weights(out, specs, (a for _, a in pairs), hf_files.parse_size(max_shard_size))
+        write_hf_metadata(out, cfg, specs[0][2], tokenizer)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m yarn_jax.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("from-hf", help="HF directory -> Orbax checkpoint")
+    a.add_argument("hf_dir")
+    a.add_argument("ckpt_dir")
+    a.add_argument("--dtype", choices=sorted(_DTYPES))
+    a.add_argument("--overwrite", action="store_true")
+    g = a.add_argument_group("rope scaling written into the checkpoint's config")
+    g.add_argument("--rope-type", choices=["default", "linear", "ntk", "dynamic", "yarn", "dynamic_yarn", "llama3"])
+    for flag in ("factor", "alpha", "beta-fast", "beta-slow", "mscale", "mscale-all-dim", "attention-factor",
+                 "rope-theta"):
+        g.add_argument(f"--{flag}", type=float)
+    g.add_argument("--original-max-position-embeddings", type=int)
+    g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--truncate", choices=["true", "false"])
+    g.add_argument("--finetuned", choices=["true", "false"])
+    b = sub.add_parser("to-hf", help="Orbax checkpoint -> HF directory")
+    b.add_argument("ckpt_dir")
+    b.add_argument("hf_dir")
+    b.add_argument("--step", type=int)
+    b.add_argument("--dtype", choices=sorted(_DTYPES))
+    b.add_argument("--max-shard-size", default="5GB")
+    b.add_argument("--tokenizer")
+    b.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "from-hf":
+            rope = {k: getattr(args, k) for k in ("rope_type", "factor", "alpha", "beta_fast", "beta_slow", "mscale",
+                                                  "mscale_all_dim", "attention_factor", "rope_theta",
+                                                  "original_max_position_embeddings", "max_position_embeddings")}
+            for k in ("truncate", "finetuned"):
+                if getattr(args, k) is not None:
+                    rope[k] = getattr(args, k) == "true"
+            cfg = from_hf(args.hf_dir, args.ckpt_dir, dtype=args.dtype, rope=rope, overwrite=args.overwrite)
+            print(f"wrote {args.ckpt_dir}: {cfg.num_params():,} parameters, rope {cfg.rope_scaling}")
+        else:
+            cfg = to_hf(args.ckpt_dir, args.hf_dir, step=args.step, dtype=args.dtype,
+                        max_shard_size=args.max_shard_size, tokenizer=args.tokenizer, overwrite=args.overwrite)
+            print(f"wrote {args.hf_dir}: {cfg.num_params():,} parameters, rope {cfg.rope_scaling}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
