@@ -37,6 +37,13 @@ class AttentionImpl(enum.Enum):
     SPLASH = "splash"
 
 
+class RingLayout(enum.Enum):
+    """How ring attention balances causal work over the 'seq' axis (see ring.py)."""
+
+    ZIGZAG = "zigzag"
+    STRIPED = "striped"
+
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _LLAMA_MODEL_TYPES = {"llama"}
 
@@ -78,6 +85,7 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
     remat: Remat = Remat.NONE
     attention: AttentionImpl = AttentionImpl.AUTO
+    ring_layout: RingLayout = RingLayout.ZIGZAG
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -97,6 +105,7 @@ class LlamaConfig:
         set_("param_dtype", _dtype("param_dtype", self.param_dtype))
         set_("remat", _enum("remat", Remat, self.remat))
         set_("attention", _enum("attention", AttentionImpl, self.attention))
+        set_("ring_layout", _enum("ring_layout", RingLayout, self.ring_layout))
         _ = self.rope  # validates head_dim parity, theta and the scaling against head_dim
 
     @property

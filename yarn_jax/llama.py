@@ -18,7 +18,12 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+import numpy as np
+from jax.sharding import Mesh
+
+from yarn_jax import attention, ring, sharding
 from yarn_jax import rope as rope_lib
+from yarn_jax.attention import reference
 from yarn_jax.config import LlamaConfig, Remat
 
 _INIT = nn.initializers.normal(0.02)  # transformers' initializer_range
@@ -143,60 +148,74 @@ class Llama(nn.Module):
 
 
 def model(cfg: LlamaConfig, attend: Callable[..., jax.Array] | None = None) -> Llama:
-    from yarn_jax import attention  # late: attention imports config only, but keeps this module light
-
     return Llama(cfg, attend or attention.select(cfg.attention))
-
-
-def default_inputs(tokens: jax.Array, positions: Any, segment_ids: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """positions default to 0..T-1 per row, segment ids to one document; index is always 0..T-1."""
-    b, t = tokens.shape
-    index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    positions = index if positions is None else jnp.asarray(positions, jnp.int32)
-    segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
-    return positions, segment_ids, index
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array) -> Any:
     """Random parameters (normal(0.02), norms at 1), a plain pytree of arrays."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    positions, segment_ids, index = default_inputs(tokens, None, None)
-    variables = model(cfg).init(key, tokens, positions, segment_ids, index, 1)
+    variables = model(cfg, reference.attention).init(key, tokens, tokens, None, tokens, 1)
     return nn.unbox(variables["params"])
 
 
 def logical_axes(cfg: LlamaConfig) -> Any:
     """The parameter tree's logical axis names, as PartitionSpecs of logical names (no arrays made)."""
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    boxed = jax.eval_shape(lambda t: model(cfg).init(jax.random.key(0), t, *default_inputs(t, None, None), 1),
-                           tokens)
+    boxed = jax.eval_shape(lambda: model(cfg, reference.attention).init(
+        jax.random.key(0), *(jnp.zeros((1, 1), jnp.int32),) * 2, None, jnp.zeros((1, 1), jnp.int32), 1))
     return nn.get_partition_spec(boxed["params"])
 
 
-def hidden_states(cfg: LlamaConfig, params: Any, tokens: jax.Array, positions: Any = None, segment_ids: Any = None,
-                  *, seq_len: int | None = None, attend: Callable[..., jax.Array] | None = None) -> jax.Array:
-    """Final-norm hidden states [B, T, D] in cfg.dtype. seq_len: the length dynamic RoPE methods scale to
-    (default T)."""
-    positions, segment_ids, index = default_inputs(tokens, positions, segment_ids)
-    return model(cfg, attend).apply({"params": params}, tokens, positions, segment_ids, index,
-                                    seq_len or tokens.shape[1])
+def hidden_states(cfg: LlamaConfig, params: Any, tokens: jax.Array, positions: jax.Array | None = None,
+                  segment_ids: jax.Array | None = None, index: jax.Array | None = None, *,
+                  seq_len: int | None = None, attend: Callable[..., jax.Array] | None = None) -> jax.Array:
+    """Final-norm hidden states [B, T, D] in cfg.dtype.
+
+    positions [B, T]: RoPE positions (default 0..T-1). segment_ids [B, T]: packed documents attend only
+    within their segment (default None: one document per row). index [B, T]: each token's place in the
+    sequence, for causality (default 0..T-1; ring attention passes its permutation). seq_len: the length
+    dynamic RoPE methods scale to (default T).
+    """
+    b, t = tokens.shape
+    arange = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    positions = arange if positions is None else positions.astype(jnp.int32)
+    index = arange if index is None else index.astype(jnp.int32)
+    segment_ids = None if segment_ids is None else segment_ids.astype(jnp.int32)
+    return model(cfg, attend).apply({"params": params}, tokens, positions, segment_ids, index, seq_len or t)
 
 
 def unembed(cfg: LlamaConfig, params: Any, hidden: jax.Array) -> jax.Array:
     """Hidden states [..., D] -> logits [..., V] float32."""
-    return model(cfg).apply({"params": params}, hidden, method=Llama.unembed)
+    return model(cfg, reference.attention).apply({"params": params}, hidden, method=Llama.unembed)
 
 
-@jax.jit(static_argnames=("cfg", "seq_len"))
-def _forward(cfg, params, tokens, positions, segment_ids, seq_len):
-    return unembed(cfg, params, hidden_states(cfg, params, tokens, positions, segment_ids, seq_len=seq_len))
+@jax.jit(static_argnames=("cfg", "seq_len", "mesh"))
+def _forward(cfg, params, tokens, positions, segment_ids, seq_len, mesh):
+    b, t = tokens.shape
+    if mesh is None or mesh.shape["seq"] == 1:
+        hidden = hidden_states(cfg, params, tokens, positions, segment_ids, seq_len=seq_len,
+                               attend=attention.for_mesh(cfg, mesh))
+        return unembed(cfg, params, hidden)
+    perm = ring.permutation(t, mesh.shape["seq"], cfg.ring_layout)  # static numpy
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t)) if positions is None else positions
+    permute = lambda x: None if x is None else x[:, perm]  # noqa: E731
+    index = jnp.broadcast_to(jnp.asarray(perm, jnp.int32), (b, t))
+    hidden = hidden_states(cfg, params, permute(tokens), permute(positions), permute(segment_ids), index,
+                           seq_len=seq_len or t, attend=attention.for_mesh(cfg, mesh))
+    return unembed(cfg, params, hidden)[:, np.argsort(perm)]
 
 
-def forward(cfg: LlamaConfig, params: Any, tokens: jax.Array, positions: Any = None, segment_ids: Any = None,
-            *, seq_len: int | None = None) -> jax.Array:
-    """tokens [B, T] int -> logits [B, T, V] float32 (jitted).
+def forward(cfg: LlamaConfig, params: Any, tokens: jax.Array, positions: jax.Array | None = None,
+            segment_ids: jax.Array | None = None, *, seq_len: int | None = None, mesh: Mesh | None = None) -> jax.Array:
+    """tokens [B, T] int -> logits [B, T, V] float32 (jitted). See `hidden_states` for the arguments.
 
-    positions [B, T]: RoPE positions (default 0..T-1); segment_ids [B, T]: packed documents attend only
-    within their own segment (default: one document per row).
+    With `mesh`, runs sharded by sharding.RULES (parameters should already be placed, e.g. by
+    load_checkpoint(path, mesh) or sharding.shard_params); ring attention when the mesh's seq axis > 1.
     """
-    return _forward(cfg, params, tokens, positions, segment_ids, seq_len)
+    tokens = jnp.asarray(tokens)
+    positions = None if positions is None else jnp.asarray(positions)
+    segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+    if mesh is None:
+        return _forward(cfg, params, tokens, positions, segment_ids, seq_len, None)
+    sharding.check_batch(mesh, *tokens.shape)
+    with mesh, nn.logical_axis_rules(sharding.RULES):
+        return _forward(cfg, params, tokens, positions, segment_ids, seq_len, mesh)

@@ -1,10 +1,11 @@
 """Attention backends behind one signature:
 
-    fn(q [B, T, N, H], k [B, S, K, H], v [B, S, K, H], q_segment_ids [B, T], kv_segment_ids [B, S],
-       q_index [B, T], kv_index [B, S]) -> [B, T, N, H]
+    fn(q [B, T, N, H], k [B, S, K, H], v [B, S, K, H], q_segment_ids [B, T] | None,
+       kv_segment_ids [B, S] | None, q_index [B, T], kv_index [B, S]) -> [B, T, N, H]
 
 `q_index` / `kv_index` are token indices in the full sequence (causality), not RoPE positions: packed
 documents restart their positions but not their order, and ring attention permutes the sequence.
+Segment ids None means one document per row.
 """
 
 from __future__ import annotations
@@ -12,19 +13,41 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+from jax.sharding import Mesh
 
-from yarn_jax.attention import reference
-from yarn_jax.config import AttentionImpl
+from yarn_jax.attention import cudnn, reference
+from yarn_jax.config import AttentionImpl, LlamaConfig
 
 AttentionFn = Callable[..., jax.Array]
+_PLATFORMS = {AttentionImpl.REFERENCE: None, AttentionImpl.CUDNN: "gpu", AttentionImpl.SPLASH: "tpu"}
 
 
 def select(impl: AttentionImpl, platform: str | None = None) -> AttentionFn:
-    """The kernel for `impl` on `platform` (default: the default backend); a wrong pairing is an error."""
+    """The per-device kernel for `impl` on `platform` (default: JAX's default backend).
+
+    AUTO: cuDNN on GPU, reference elsewhere. Asking for a kernel the platform lacks is an error, never a
+    silent fallback.
+    """
     platform = platform or jax.default_backend()
     if impl is AttentionImpl.AUTO:
-        impl = AttentionImpl.REFERENCE
-    if impl is AttentionImpl.REFERENCE:
-        return reference.attention
-    raise ValueError(f"attention: {impl.value!r} is not available on platform {platform!r}; "
-                     f"use 'reference' or 'auto'")
+        impl = AttentionImpl.CUDNN if platform == "gpu" else AttentionImpl.REFERENCE
+    needed = _PLATFORMS[impl]
+    if needed is not None and needed != platform:
+        raise ValueError(f"attention: {impl.value!r} needs platform {needed!r}, but this is {platform!r}; "
+                         "use 'reference' or 'auto'")
+    if impl is AttentionImpl.CUDNN:
+        return cudnn.attention
+    if impl is AttentionImpl.SPLASH:
+        from yarn_jax.attention import splash  # needs jax's Pallas TPU ops
+
+        return splash.attention
+    return reference.attention
+
+
+def for_mesh(cfg: LlamaConfig, mesh: Mesh | None) -> AttentionFn:
+    """Ring attention over 'seq' when the mesh splits the sequence, else the per-device kernel."""
+    if mesh is not None and mesh.shape["seq"] > 1:
+        from yarn_jax import ring
+
+        return ring.ring_attention(mesh)
+    return select(cfg.attention)

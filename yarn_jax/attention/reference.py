@@ -10,11 +10,13 @@ import jax.numpy as jnp
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_index: jax.Array, kv_index: jax.Array) -> jax.Array:
-    """Causal + same-document mask: [B, T] x [B, S] -> [B, T, S] bool."""
+def mask(q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None, q_index: jax.Array,
+         kv_index: jax.Array) -> jax.Array:
+    """Causal + same-document mask: [B, T] x [B, S] -> [B, T, S] bool (segment ids None: one document)."""
     causal = q_index[:, :, None] >= kv_index[:, None, :]
-    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    return causal & same
+    if q_segment_ids is None:
+        return causal
+    return causal & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
 
 
 def logits_and_values(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -1,0 +1,98 @@
+"""Ring attention and the sharded model against the single-device reference (8 fake CPU devices)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import yarn_jax
+from tests import hf_models
+from yarn_jax import ring, sharding
+from yarn_jax.attention import reference
+from yarn_jax.config import RingLayout
+
+
+def _inputs(seed, b=2, t=64, n=4, k=2, h=8, segments=True):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+    kk = jnp.asarray(rng.normal(size=(b, t, k, h)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, t, k, h)), jnp.float32)
+    seg = np.sort(rng.integers(1, 4, size=(b, t)), axis=1) if segments else np.ones((b, t), int)
+    return q, kk, v, jnp.asarray(seg, jnp.int32)
+
+
+@pytest.mark.parametrize("layout", list(RingLayout))
+@pytest.mark.parametrize("ring_size", [2, 4, 8])
+def test_ring_forward_and_grad_equal_reference(ring_size, layout):
+    q, k, v, seg = _inputs(ring_size)
+    b, t = seg.shape
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    mesh = sharding.make_mesh(seq=ring_size, devices=jax.devices()[:ring_size])
+    perm = ring.permutation(t, ring_size, layout)
+    inv = np.argsort(perm)
+    attend = ring.ring_attention(mesh)
+    do = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), jnp.float32)
+
+    def ring_loss(q, k, v):
+        out = attend(q[:, perm], k[:, perm], v[:, perm], seg[:, perm], seg[:, perm], idx[:, perm], idx[:, perm])
+        return jnp.sum(out[:, inv] * do), out[:, inv]
+
+    def ref_loss(q, k, v):
+        out = reference.attention(q, k, v, seg, seg, idx, idx)
+        return jnp.sum(out * do), out
+
+    (_, got), g_got = jax.jit(jax.value_and_grad(ring_loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    (_, want), g_want = jax.value_and_grad(ref_loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b_ in zip(g_got, g_want, strict=True):
+        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5)
+
+
+def test_layouts_balance_causal_work():
+    t, r = 64, 4
+    for layout in RingLayout:
+        blocks = ring.permutation(t, r, layout).reshape(r, t // r)
+        work = [int(sum(blocks[i].sum() + len(blocks[i]) for _ in [0])) for i in range(r)]  # sum of (index+1)
+        assert max(work) - min(work) <= t // r * r, (layout, work)
+    zig = ring.permutation(16, 2, RingLayout.ZIGZAG).reshape(2, 8)
+    assert zig[0].tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+
+
+def test_ring_errors():
+    with pytest.raises(ValueError, match="multiple of 2 x the ring size"):
+        ring.permutation(12, 4, RingLayout.ZIGZAG)
+    with pytest.raises(ValueError, match="multiple of the ring size"):
+        ring.permutation(10, 4, RingLayout.STRIPED)
+    with pytest.raises(ValueError, match="data\\*fsdp\\*seq\\*tensor = 4 but there are 8"):
+        sharding.make_mesh(seq=4)
+    with pytest.raises(ValueError, match="at most one axis may be -1"):
+        sharding.make_mesh(seq=-1, data=-1)
+    with pytest.raises(ValueError, match="batch: expected a multiple of data\\*fsdp = 4"):
+        sharding.check_batch(sharding.make_mesh(data=2, fsdp=2, seq=2), 2, 64)
+
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+MESHES = [dict(data=2, seq=4), dict(seq=8), dict(fsdp=2, seq=2, tensor=2)]
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()))
+def test_sharded_model_logits_and_grads_equal_single_device(mesh_shape):
+    cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(rope_scaling=YARN, max_pos=64).to_dict(),
+                                       dtype="float32")
+    params = yarn_jax.init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    b, t = 2, 64  # past original_max_position_embeddings (16)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)))
+    segment_ids = jnp.asarray(np.sort(rng.integers(1, 4, (b, t)), axis=1))
+    positions = jnp.asarray(np.concatenate([np.arange(t)[None], (np.arange(t) % 23)[None]]))
+    mesh = sharding.make_mesh(**mesh_shape)
+    placed = jax.device_put(params, sharding.param_shardings(cfg, mesh))
+
+    def loss(p, m):
+        logits = yarn_jax.forward(cfg, p, tokens, positions, segment_ids, mesh=m)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+
+    (_, want), g_want = jax.value_and_grad(loss, has_aux=True)(params, None)
+    (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(placed, mesh)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b_: np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-6), g_got, g_want)

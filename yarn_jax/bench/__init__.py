@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m yarn_jax.bench <name> ...`; each prints a table and writes it under bench/results/."""

@@ -1,0 +1,160 @@
+"""Ring attention over the mesh's 'seq' axis (Liu et al. 2023), causal and load-balanced.
+
+Each device holds one query block; key/value blocks travel around the ring with `ppermute` while the
+current block is computed, and partial results merge through their log-sum-exp (online softmax). The
+backward pass is a `custom_vjp` that sends K/V around the ring again together with their gradient
+accumulators, so memory is O(S / ring) per device: no device ever holds the full sequence's K/V or
+scores. Blocks whose every (query, key) pair is masked are skipped with `lax.cond`.
+
+Causal load balancing: the sequence is permuted before the model (`permutation`), so every device gets
+the same amount of causal work. 'zigzag' gives device i chunks i and 2R-1-i of 2R; 'striped' gives it
+tokens i, i+R, i+2R, ... Positions, segment ids and token indices follow the permutation, so RoPE sees
+true global positions and the causal mask compares true token indices.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+from yarn_jax.attention import reference
+from yarn_jax.config import RingLayout
+
+
+def permutation(seq_len: int, ring: int, layout: RingLayout) -> np.ndarray:
+    """perm [T]: x[:, perm] puts each device's tokens in its contiguous block of T / ring."""
+    if layout is RingLayout.ZIGZAG:
+        if seq_len % (2 * ring):
+            raise ValueError(f"seq_len: expected a multiple of 2 x the ring size ({2 * ring}) for the zigzag "
+                             f"layout, got {seq_len}")
+        chunks = np.arange(seq_len).reshape(2 * ring, seq_len // (2 * ring))
+        return np.concatenate([np.concatenate([chunks[i], chunks[2 * ring - 1 - i]]) for i in range(ring)])
+    if seq_len % ring:
+        raise ValueError(f"seq_len: expected a multiple of the ring size ({ring}), got {seq_len}")
+    return np.arange(seq_len).reshape(seq_len // ring, ring).T.reshape(-1)
+
+
+# ----------------------------------------------------------------------------- one block
+
+
+def _block_stats(q, k, v, allowed):
+    """Unnormalised block attention: out [B, T, K, G, H] (sum_j p_ij v_j with p relative to the row max),
+    row max m and row sum l [B, K, G, T], all float32."""
+    s, v32 = reference.logits_and_values(q, k, v, allowed)  # [B, K, G, T, S]
+    m = jnp.max(s, axis=-1)
+    p = jnp.exp(s - m[..., None])
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", p, v32, precision=jax.lax.Precision.HIGHEST)
+    return out, m, jnp.sum(p, axis=-1)
+
+
+def _merge(acc, m_acc, l_acc, out, m, l):
+    """Online-softmax merge of two partial results over disjoint key sets."""
+    m_new = jnp.maximum(m_acc, m)
+    a, b = jnp.exp(m_acc - m_new), jnp.exp(m - m_new)  # [B, K, G, T]
+    scale = lambda w: jnp.transpose(w, (0, 3, 1, 2))[..., None]  # noqa: E731  [B, T, K, G, 1]
+    return acc * scale(a) + out * scale(b), m_new, l_acc * a + l * b
+
+
+# ----------------------------------------------------------------------------- the ring
+
+
+def _shift(axis: str, ring: int, *xs):
+    """Send each array to the next device on the ring (device i receives from i - 1)."""
+    perm = [(i, (i + 1) % ring) for i in range(ring)]
+    return tuple(jax.lax.ppermute(x, axis, perm) for x in xs)
+
+
+def _forward(axis, ring, q, k, v, q_seg, kv_seg, q_idx, kv_idx):
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    acc = jnp.zeros((b, t, kh, n // kh, h), jnp.float32)
+    m = jnp.full((b, kh, n // kh, t), reference.MASK_VALUE, jnp.float32)
+    l_ = jnp.zeros((b, kh, n // kh, t), jnp.float32)
+
+    def step(carry, _):
+        acc, m, l_, k, v, kv_seg, kv_idx = carry
+        allowed = reference.mask(q_seg, kv_seg, q_idx, kv_idx)
+        acc, m, l_ = jax.lax.cond(
+            jnp.any(allowed),
+            lambda: _merge(acc, m, l_, *_block_stats(q, k, v, allowed)),
+            lambda: (acc, m, l_))
+        k, v, kv_seg, kv_idx = _shift(axis, ring, k, v, kv_seg, kv_idx)
+        return (acc, m, l_, k, v, kv_seg, kv_idx), None
+
+    (acc, m, l_, *_), _ = jax.lax.scan(step, (acc, m, l_, k, v, kv_seg, kv_idx), None, length=ring)
+    l_ = jnp.maximum(l_, jnp.finfo(jnp.float32).tiny)  # rows with no visible key (none in causal self-attention)
+    out = acc / jnp.transpose(l_, (0, 3, 1, 2))[..., None]
+    lse = m + jnp.log(l_)  # [B, K, G, T]
+    return out.reshape(b, t, n, h).astype(q.dtype), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _ring(axis, ring, q, k, v, q_seg, kv_seg, q_idx, kv_idx):
+    return _forward(axis, ring, q, k, v, q_seg, kv_seg, q_idx, kv_idx)[0]
+
+
+def _ring_fwd(axis, ring, q, k, v, q_seg, kv_seg, q_idx, kv_idx):
+    out, lse = _forward(axis, ring, q, k, v, q_seg, kv_seg, q_idx, kv_idx)
+    return out, (q, k, v, q_seg, kv_seg, q_idx, kv_idx, out, lse)
+
+
+def _ring_bwd(axis, ring, res, d_out):
+    q, k, v, q_seg, kv_seg, q_idx, kv_idx, out, lse = res
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    grouped = lambda x: x.reshape(b, t, kh, n // kh, h).astype(jnp.float32)  # noqa: E731
+    q32, do = grouped(q), grouped(d_out)
+    delta = jnp.einsum("BTKGH,BTKGH->BKGT", do, grouped(out))  # rowsum(dO * O)
+    hi = jax.lax.Precision.HIGHEST
+
+    def block_grads(k, v, allowed):
+        s, v32 = reference.logits_and_values(q, k, v, allowed)
+        p = jnp.exp(s - lse[..., None])  # [B, K, G, T, S], exact softmax from the saved lse
+        dv = jnp.einsum("BKGTS,BTKGH->BSKH", p, do, precision=hi)
+        dp = jnp.einsum("BTKGH,BSKH->BKGTS", do, v32, precision=hi)
+        ds = p * (dp - delta[..., None]) * h**-0.5
+        dq = jnp.einsum("BKGTS,BSKH->BTKGH", ds, k.astype(jnp.float32), precision=hi)
+        dk = jnp.einsum("BKGTS,BTKGH->BSKH", ds, q32, precision=hi)
+        return dq, dk, dv
+
+    def step(carry, _):
+        dq, k, v, dk, dv, kv_seg, kv_idx = carry
+        allowed = reference.mask(q_seg, kv_seg, q_idx, kv_idx)
+        zeros = (jnp.zeros_like(dq), jnp.zeros_like(dk), jnp.zeros_like(dv))
+        g_q, g_k, g_v = jax.lax.cond(jnp.any(allowed), lambda: block_grads(k, v, allowed), lambda: zeros)
+        k, v, dk, dv, kv_seg, kv_idx = _shift(axis, ring, k, v, dk + g_k, dv + g_v, kv_seg, kv_idx)
+        return (dq + g_q, k, v, dk, dv, kv_seg, kv_idx), None
+
+    init = (jnp.zeros_like(q32), k, v, jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32), kv_seg,
+            kv_idx)
+    (dq, _, _, dk, dv, *_), _ = jax.lax.scan(step, init, None, length=ring)
+    return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None)
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def ring_attention(mesh: Mesh, axis: str = "seq", batch_axes: Any = ("data", "fsdp"),
+                   head_axis: str | None = "tensor"):
+    """An attention function (the signature of yarn_jax.attention) that runs the ring over `axis` of `mesh`.
+
+    Inputs are global arrays whose sequence dimension is already permuted by `permutation`; batch is
+    split over `batch_axes` and heads over `head_axis`.
+    """
+    ring = mesh.shape[axis]
+    qkv = PartitionSpec(batch_axes, axis, head_axis, None)
+    ids = PartitionSpec(batch_axes, axis)
+
+    def attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx):
+        if q_seg is None:  # one document per row: the ring still needs arrays to send around
+            q_seg, kv_seg = jnp.ones_like(q_idx), jnp.ones_like(kv_idx)
+        fn = jax.shard_map(functools.partial(_ring, axis, ring), mesh=mesh,
+                           in_specs=(qkv, qkv, qkv, ids, ids, ids, ids), out_specs=qkv, check_vma=False)
+        return fn(q, k, v, q_seg, kv_seg, q_idx, kv_idx)
+
+    return attend
