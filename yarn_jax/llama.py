@@ -16,9 +16,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
-
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from yarn_jax import attention, ring, sharding

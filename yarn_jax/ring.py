@@ -52,12 +52,12 @@ def _block_stats(q, k, v, allowed):
     return out, m, jnp.sum(p, axis=-1)
 
 
-def _merge(acc, m_acc, l_acc, out, m, l):
+def _merge(acc, m_acc, l_acc, out, m, l_blk):
     """Online-softmax merge of two partial results over disjoint key sets."""
     m_new = jnp.maximum(m_acc, m)
     a, b = jnp.exp(m_acc - m_new), jnp.exp(m - m_new)  # [B, K, G, T]
     scale = lambda w: jnp.transpose(w, (0, 3, 1, 2))[..., None]  # noqa: E731  [B, T, K, G, 1]
-    return acc * scale(a) + out * scale(b), m_new, l_acc * a + l * b
+    return acc * scale(a) + out * scale(b), m_new, l_acc * a + l_blk * b
 
 
 # ----------------------------------------------------------------------------- the ring
