@@ -96,3 +96,14 @@ def test_sharded_model_logits_and_grads_equal_single_device(mesh_shape):
     (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(placed, mesh)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b_: np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-6), g_got, g_want)
+
+
+def test_kernel_platform_mismatch_is_an_error():
+    from yarn_jax import attention
+    from yarn_jax.config import AttentionImpl
+
+    with pytest.raises(ValueError, match="'cudnn' needs platform 'gpu', but this is 'cpu'"):
+        attention.select(AttentionImpl.CUDNN, "cpu")
+    with pytest.raises(ValueError, match="'splash' needs platform 'tpu'"):
+        attention.select(AttentionImpl.SPLASH, "gpu")
+    assert attention.select(AttentionImpl.AUTO, "cpu") is attention.reference.attention

@@ -1,6 +1,8 @@
 """Orbax checkpoints: one layout for the converter and the trainer.
 
-    CKPT_DIR/<step>/params   Orbax PyTree of the parameter tree (natural axes, layers stacked)
+    CKPT_DIR/<step>/params   Orbax PyTree of the parameter tree (natural axes, layers stacked); written
+                             leaf by leaf (Orbax partial save, the tree then sits in params/state) by the
+                             converter, in one save by the trainer
     CKPT_DIR/<step>/config   JSON: the model config in Hugging Face keys (LlamaConfig.to_hf)
     CKPT_DIR/<step>/...      the trainer adds opt_state, data iterator state, run config
 
@@ -10,6 +12,7 @@ streams through a small machine, and straight onto a mesh's shardings (each host
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +33,26 @@ def manager(directory: str | Path, *, max_to_keep: int | None = None, save_inter
     return ocp.CheckpointManager(str(Path(directory).absolute()), options=options)
 
 
-def save_params(directory: Path, cfg: LlamaConfig, params: Any, step: int = 0) -> None:
-    """Writes params (arrays or memmaps) and the model config as step `step`, and waits for it."""
+def save_params_streamed(directory: Path, cfg: LlamaConfig, subtrees: Iterator[Any], step: int = 0) -> None:
+    """Writes the model config, then the parameters one subtree at a time (Orbax partial save), so only
+    one subtree is in memory at once; the tree becomes readable when the last one is finalised."""
+    from orbax.checkpoint.experimental import v1 as ocp_v1
+
     mgr = manager(directory)
-    mgr.save(step, args=ocp.args.Composite(**{PARAMS: ocp.args.PyTreeSave(params),
-                                              CONFIG: ocp.args.JsonSave(cfg.to_hf())}))
+    mgr.save(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonSave(cfg.to_hf())}))
     mgr.wait_until_finished()
     mgr.check_for_errors()
     mgr.close()
+    target = Path(directory).absolute() / str(step) / PARAMS
+    for subtree in subtrees:
+        ocp_v1.partial.save(target, subtree)
+    ocp_v1.partial.finalize(target)
+
+
+def _params_dir(step_dir: Path) -> Path:
+    """The PyTree directory of a step: params/ (one save) or params/state/ (partial saves)."""
+    nested = step_dir / PARAMS / "state"
+    return nested if (nested / "_METADATA").exists() else step_dir / PARAMS
 
 
 def _step(mgr: ocp.CheckpointManager, path: Path, step: int | None) -> int:
@@ -62,6 +77,12 @@ class Reader:
         self.step = _step(self._mgr, self.path, step)
         hf = self._mgr.restore(self.step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
         self.cfg = LlamaConfig.from_hf(hf)
+        self.params_dir = _params_dir(self.path.absolute() / str(self.step))
+        self._checkpointer = ocp.PyTreeCheckpointer()
+
+    def metadata(self) -> Any:
+        """The stored parameter tree's array metadata (shape, dtype), without reading any array."""
+        return self._checkpointer.metadata(self.params_dir).item_metadata.tree
 
     def leaves(self, tree: Any, shardings: Any = None) -> Any:
         """Restores the leaves named by `tree` (any values; structure only) as numpy arrays, or as
@@ -72,10 +93,11 @@ class Reader:
             args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
             tree = shardings
         restore = ocp.args.PyTreeRestore(item=tree, restore_args=args, partial_restore=True)
-        return self._mgr.restore(self.step, args=ocp.args.Composite(**{PARAMS: restore}))[PARAMS]
+        return self._checkpointer.restore(self.params_dir, args=restore)
 
     def close(self) -> None:
         self._mgr.close()
+        self._checkpointer.close()
 
 
 def load_checkpoint(path: str | Path, mesh: Mesh | None = None, *, step: int | None = None,

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orbax.checkpoint as ocp
 
 from yarn_jax import checkpoint, hf_files, hf_layout
 from yarn_jax import rope as rope_lib
@@ -102,34 +101,29 @@ def _check_names(cfg: LlamaConfig, weights: hf_files.HfWeights) -> None:
 
 def from_hf(hf_dir: str | Path, ckpt_dir: str | Path, *, dtype: str | None = None,
             rope: dict[str, Any] | None = None, overwrite: bool = False) -> LlamaConfig:
-    """HF directory -> Orbax checkpoint (step 0). Each stacked parameter is assembled in a memory-mapped
-    scratch file, one HF tensor at a time, so memory stays near one tensor plus Orbax's buffers."""
+    """HF directory -> Orbax checkpoint (step 0), one stacked parameter at a time (Orbax partial saves),
+    so memory stays near the largest stacked parameter plus Orbax's buffers."""
     hf_dir = Path(hf_dir)
     cfg = LlamaConfig.from_hf(read_hf_config(hf_dir, rope))
     target = _target_dtype(dtype)
     weights = hf_files.HfWeights(hf_dir)
     _check_names(cfg, weights)
-    with atomic_dir(ckpt_dir, overwrite) as out, tempfile.TemporaryDirectory(dir=out.parent) as scratch:
-        params: dict[str, Any] = {}
+
+    def subtrees() -> Iterator[dict[str, Any]]:
         for t in hf_layout.layout(cfg):
-            names = [t.hf_name.format(i=i) for i in range(cfg.num_layers)] if t.per_layer else [t.hf_name]
-            arrays = [weights.get(n) for n in names]
-            for name, w in zip(names, arrays, strict=True):
+            names = hf_layout.names_of(t, cfg)
+            ws = [weights.get(n) for n in names]
+            for name, w in zip(names, ws, strict=True):
                 hf_layout.check_hf_shape(t, name, w)
-            shape = ((cfg.num_layers,) if t.per_layer else ()) + t.shape
-            leaf = np.lib.format.open_memmap(Path(scratch) / f"{'.'.join(t.path)}.npy", mode="w+",
-                                             dtype=target or arrays[0].dtype, shape=shape)
-            for i, w in enumerate(arrays):
-                leaf[i if t.per_layer else ...] = t.to_ours(w)
-            leaf.flush()
-            hf_layout.set_path(params, t.path, leaf)
-        checkpoint.save_params(out, cfg, params)
+            parts = [t.to_ours(w).astype(target or w.dtype, copy=False) for w in ws]
+            leaf: dict[str, Any] = {}
+            hf_layout.set_path(leaf, t.path, np.stack(parts) if t.per_layer else np.ascontiguousarray(parts[0]))
+            del parts, ws
+            yield leaf
+
+    with atomic_dir(ckpt_dir, overwrite) as out:
+        checkpoint.save_params_streamed(out, cfg, subtrees())
     return cfg
-
-
-def _stored_dtypes(reader: checkpoint.Reader) -> Any:
-    meta = ocp.PyTreeCheckpointer().metadata(reader.path / str(reader.step) / checkpoint.PARAMS)
-    return meta.item_metadata.tree
 
 
 def to_hf(ckpt_dir: str | Path, hf_dir: str | Path, *, step: int | None = None, dtype: str | None = None,
@@ -140,7 +134,7 @@ def to_hf(ckpt_dir: str | Path, hf_dir: str | Path, *, step: int | None = None, 
     if tokenizer is not None and not Path(tokenizer).exists():
         raise ValueError(f"--tokenizer: {tokenizer} does not exist")
     reader = checkpoint.Reader(ckpt_dir, step)
-    cfg, stored = reader.cfg, _stored_dtypes(reader)
+    cfg, stored = reader.cfg, reader.metadata()
     tensors = hf_layout.layout(cfg)
     specs = [(name, t.hf_shape, target or hf_layout.get_path(stored, t.path).dtype)
              for t in tensors for name in hf_layout.names_of(t, cfg)]

@@ -15,12 +15,11 @@ true global positions and the causal mask compares true token indices.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from yarn_jax.attention import reference
 from yarn_jax.config import RingLayout
@@ -139,22 +138,19 @@ def _ring_bwd(axis, ring, res, d_out):
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-def ring_attention(mesh: Mesh, axis: str = "seq", batch_axes: Any = ("data", "fsdp"),
-                   head_axis: str | None = "tensor"):
-    """An attention function (the signature of yarn_jax.attention) that runs the ring over `axis` of `mesh`.
+def ring_attention(mesh: Mesh, axis: str = "seq"):
+    """An attention function (the signature of yarn_jax.attention) running the ring over `axis` of `mesh`.
 
-    Inputs are global arrays whose sequence dimension is already permuted by `permutation`; batch is
-    split over `batch_axes` and heads over `head_axis`.
+    Inputs are global arrays whose sequence dimension is already permuted by `permutation`.
     """
-    ring = mesh.shape[axis]
-    qkv = PartitionSpec(batch_axes, axis, head_axis, None)
-    ids = PartitionSpec(batch_axes, axis)
+    from yarn_jax import attention
 
-    def attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx):
+    ring = mesh.shape[axis]
+    attend = attention.per_device(functools.partial(_ring, axis, ring), mesh, seq_axis=axis)
+
+    def with_segments(q, k, v, q_seg, kv_seg, q_idx, kv_idx):
         if q_seg is None:  # one document per row: the ring still needs arrays to send around
             q_seg, kv_seg = jnp.ones_like(q_idx), jnp.ones_like(kv_idx)
-        fn = jax.shard_map(functools.partial(_ring, axis, ring), mesh=mesh,
-                           in_specs=(qkv, qkv, qkv, ids, ids, ids, ids), out_specs=qkv, check_vma=False)
-        return fn(q, k, v, q_seg, kv_seg, q_idx, kv_idx)
+        return attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx)
 
-    return attend
+    return with_segments

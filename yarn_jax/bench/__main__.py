@@ -1,13 +1,13 @@
-"""python -m yarn_jax.bench {convert} [options]"""
+"""python -m yarn_jax.bench {convert,ring-memory,attention} [options]"""
 
+import importlib
 import sys
 
-from yarn_jax.bench import convert_bench
-
-COMMANDS = {"convert": convert_bench.main}
+COMMANDS = {"convert": "convert_bench", "ring-memory": "ring_memory", "attention": "attention_bench"}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         print(f"usage: python -m yarn_jax.bench {{{','.join(COMMANDS)}}} [options]", file=sys.stderr)
         sys.exit(2)
-    sys.exit(COMMANDS[sys.argv[1]](sys.argv[2:]))
+    module = importlib.import_module(f"yarn_jax.bench.{COMMANDS[sys.argv[1]]}")
+    sys.exit(module.main(sys.argv[2:]))
