@@ -115,11 +115,14 @@ def from_hf(hf_dir: str | Path, ckpt_dir: str | Path, *, dtype: str | None = Non
             ws = [weights.get(n) for n in names]
             for name, w in zip(names, ws, strict=True):
                 hf_layout.check_hf_shape(t, name, w)
-            parts = [t.to_ours(w).astype(target or w.dtype, copy=False) for w in ws]
-            leaf: dict[str, Any] = {}
-            hf_layout.set_path(leaf, t.path, np.stack(parts) if t.per_layer else np.ascontiguousarray(parts[0]))
-            del parts, ws
-            yield leaf
+            shape = ((cfg.num_layers,) if t.per_layer else ()) + t.shape
+            leaf = np.empty(shape, target or ws[0].dtype)  # filled one HF tensor at a time
+            for i, w in enumerate(ws):
+                leaf[i if t.per_layer else ...] = t.to_ours(w)
+            del ws
+            tree: dict[str, Any] = {}
+            hf_layout.set_path(tree, t.path, leaf)
+            yield tree
 
     with atomic_dir(ckpt_dir, overwrite) as out:
         checkpoint.save_params_streamed(out, cfg, subtrees())

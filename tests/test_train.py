@@ -1,0 +1,121 @@
+"""The trainer: exact resume (also after kill -9 mid-save), SIGTERM, NaN guard, clear config errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.train_helpers import ROOT, losses, tiny_run_config
+from yarn_jax import train
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("spm")
+
+
+@pytest.fixture(scope="module")
+def straight(cache, tmp_path_factory):
+    work = tmp_path_factory.mktemp("straight")
+    train.Run(tiny_run_config(cache), str(work)).train()
+    return losses(work)
+
+
+def test_resume_is_bit_identical(cache, straight, tmp_path):
+    assert train.Run(tiny_run_config(cache, steps=3), str(tmp_path)).train() == 3
+    assert train.Run(tiny_run_config(cache), str(tmp_path)).train() == 6
+    assert losses(tmp_path) == straight  # same losses bit for bit, same batch hashes
+    assert len({h for _, _, h in straight}) == 6
+
+
+def _cli(workdir, cache, *overrides):
+    cfg = tiny_run_config(cache)
+    args = [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}" for k, v in [
+        ("data.sources", cfg.data.sources), ("data.cache_dir", cfg.data.cache_dir)]]
+    shape = [f"--config.model.{k}={v}" for k, v in cfg.model.items() if k not in ("preset",)]
+    shape += [f"--config.data.{k}={cfg.data[k]}" for k in ("tokenizer_vocab", "seq_len", "batch_size", "skip_docs")]
+    shape += [f"--config.train.loss_chunk={cfg.train.loss_chunk}", "--config.rope.original_max_position_embeddings=32"]
+    shape += [f"--config.mesh.{k}={v}" for k, v in cfg.mesh.items()]
+    cmd = [sys.executable, "-m", "yarn_jax.train", f"--config={ROOT / 'configs/tiny.py'}", f"--workdir={workdir}",
+           *args, *shape, *overrides]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _wait_for(path, lines, proc, timeout=240):
+    start = time.time()
+    while time.time() - start < timeout:
+        if path.exists() and len(path.read_text().splitlines()) >= lines:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_kill_9_during_async_saves_resumes_from_last_complete(cache, straight, tmp_path):
+    proc = _cli(tmp_path, cache, "--config.train.steps=6", "--config.train.save_every=1")
+    _wait_for(tmp_path / "metrics.jsonl", 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (tmp_path / "checkpoints" / "99.orbax-checkpoint-tmp-123").mkdir(parents=True)  # a torn save, for certain
+    run = train.Run(tiny_run_config(cache), str(tmp_path))
+    resumed_at = int(run.state.step)
+    assert 1 <= resumed_at <= 6
+    run.train()
+    by_step = {s: (loss, h) for s, loss, h in losses(tmp_path)}  # the resumed rows overwrite the killed ones
+    assert [(s, *by_step[s]) for s in range(6)] == straight
+
+
+def test_sigterm_saves_and_exits_zero(cache, straight, tmp_path):
+    proc = _cli(tmp_path, cache, "--config.train.steps=6", "--config.train.save_every=100")
+    _wait_for(tmp_path / "metrics.jsonl", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    done = len(losses(tmp_path))
+    assert f"SIGTERM: saved step {done}" in out
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [done]
+    train.Run(tiny_run_config(cache), str(tmp_path)).train()
+    assert losses(tmp_path) == straight
+
+
+def test_nan_stops_the_run_naming_the_step(cache, tmp_path):
+    run = train.Run(tiny_run_config(cache, save_every=1, inject_nan_at=2), str(tmp_path))
+    with pytest.raises(train.TrainError, match="step 2: loss nan"):
+        run.train()
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [1, 2]  # the state after the poisoned step (3) was never written
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.data.update(sources=["/nonexistent/*.txt"]), "data.sources: '/nonexistent/\\*.txt' matches no"),
+    (lambda c: c.model.update(vocab_size=300), "vocabulary of 512 pieces is larger than the model's vocab_size"),
+    (lambda c: c.mesh.update(seq=8, fsdp=1, data=1), "seq_len: expected a multiple of 2 x the ring size \\(16\\)"),
+    (lambda c: c.mesh.update(data=8, fsdp=1, seq=1), "batch: expected a multiple of data\\*fsdp = 8, got 4"),
+    (lambda c: c.data.update(positions="sometimes"), "data.positions: expected"),
+])
+def test_bad_config_is_a_clear_error(cache, tmp_path, change, message):
+    c = tiny_run_config(cache)
+    change(c)
+    if c.mesh.seq == 8:
+        c.data.update(seq_len=72, batch_size=8)  # divisible by the ring (8) but not by 2 x 8
+    with pytest.raises(ValueError, match=message):
+        train.Run(c, str(tmp_path))
+
+
+def test_resume_refuses_changed_settings(cache, tmp_path):
+    train.Run(tiny_run_config(cache, steps=3), str(tmp_path)).train()
+    c = tiny_run_config(cache)
+    c.data.batch_size = 8
+    with pytest.raises(train.TrainError, match="data.batch_size: checkpoint 4, now 8"):
+        train.Run(c, str(tmp_path))
+
+
+def test_unknown_override_key_is_refused(cache, tmp_path):
+    proc = _cli(tmp_path, cache, "--config.optim.learning_rate=1e-5")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "learning_rate" in out

@@ -1,0 +1,259 @@
+"""The input pipeline (grain): documents -> SentencePiece -> BOS/EOS bookends -> concat-then-split into
+fixed-length chunks -> per-process batches of (tokens, positions, segment_ids).
+
+Packing follows the paper: documents are bookended with BOS and EOS, concatenated and split into chunks
+of `seq_len` (grain's ConcatThenSplitIterDataset). `positions` says what the model sees:
+  "chunk"    positions 0..T-1 in every chunk, no segment masking (the YaRN paper's PG19 chunks);
+  "document" positions restart at each document (fragment) and attention stays inside it.
+The iterator's state is a small JSON dict saved with every checkpoint, so a resumed run sees exactly the
+batches an uninterrupted one would. Worker count is pinned in the settings for the same reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    sources: tuple[str, ...]  # files or globs
+    tokenizer: str  # SentencePiece .model
+    seq_len: int
+    batch_size: int  # global
+    format: str = "text"  # text | jsonl | parquet | arrayrecord
+    field: str = "text"  # jsonl/parquet column or arrayrecord JSON field
+    positions: str = "chunk"  # chunk | document (see module docstring)
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None  # None: repeat forever
+    skip_docs: int = 0  # held-out documents at the start of the (sorted) source list
+
+    def __post_init__(self):
+        if self.format not in _READERS:
+            raise ValueError(f"data.format: expected one of {sorted(_READERS)}, got {self.format!r}")
+        if self.positions not in ("chunk", "document"):
+            raise ValueError(f"data.positions: expected 'chunk' or 'document', got {self.positions!r}")
+        for name in ("seq_len", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"data.{name}: expected a positive integer, got {getattr(self, name)!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """What must not change between a run and its resumption (stored with every checkpoint); the
+        tokenizer by its content, so a moved cache does not block a resume but a different model does."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        d["tokenizer"] = hashlib.sha256(Path(self.tokenizer).read_bytes()).hexdigest()[:16]
+        return d
+
+
+def expand(sources: tuple[str, ...]) -> list[str]:
+    """Files matching the globs, sorted (a stable order on every host); an empty match is an error."""
+    files: list[str] = []
+    for pattern in sources:
+        matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matched:
+            raise ValueError(f"data.sources: {pattern!r} matches no file")
+        files += [f for f in matched if os.path.isfile(f)]
+    return files
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def _text_docs(files: list[str], field: str) -> list[Any]:
+    return files  # one document per file, read lazily
+
+
+def _read_text(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8", errors="replace")
+
+
+def _jsonl_docs(files: list[str], field: str) -> list[Any]:
+    docs = []
+    for f in files:
+        with open(f, "rb") as fh:
+            offset = 0
+            for line in fh:
+                if line.strip():
+                    docs.append((f, offset))
+                offset += len(line)
+    return docs
+
+
+def _read_jsonl(ref: tuple[str, int], field: str) -> str:
+    with open(ref[0], "rb") as fh:
+        fh.seek(ref[1])
+        record = json.loads(fh.readline())
+    if field not in record:
+        raise ValueError(f"{ref[0]}: a record at byte {ref[1]} has no field {field!r}")
+    return record[field]
+
+
+def _parquet_docs(files: list[str], field: str) -> list[Any]:
+    import pyarrow.parquet as pq  # optional: only parquet sources need it
+
+    docs = []
+    for f in files:
+        table = pq.read_table(f, columns=[field])
+        docs += [str(x) for x in table.column(field).to_pylist()]
+    return docs
+
+
+def _arrayrecord_docs(files: list[str], field: str) -> Any:
+    return grain.sources.ArrayRecordDataSource(files)
+
+
+_READERS = {"text": _text_docs, "jsonl": _jsonl_docs, "parquet": _parquet_docs, "arrayrecord": _arrayrecord_docs}
+
+
+def _to_text(cfg: DataConfig, doc: Any) -> str:
+    if cfg.format == "text":
+        return _read_text(doc)
+    if cfg.format == "jsonl":
+        return _read_jsonl(doc, cfg.field)
+    if cfg.format == "arrayrecord":
+        raw = doc.decode("utf-8", errors="replace") if isinstance(doc, bytes) else doc
+        return json.loads(raw)[cfg.field] if raw.lstrip().startswith("{") else raw
+    return doc
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(path: str):
+    import sentencepiece as spm
+
+    if not Path(path).is_file():
+        raise ValueError(f"data.tokenizer: {path} does not exist")
+    return spm.SentencePieceProcessor(model_file=path)
+
+
+def train_tokenizer(files: list[str], vocab_size: int, cache_dir: str | Path) -> str:
+    """Trains a SentencePiece BPE model on `files` once and caches it by content of the file list."""
+    import sentencepiece as spm
+
+    key = hashlib.sha256(json.dumps([files, vocab_size]).encode()).hexdigest()[:16]
+    model = Path(cache_dir).expanduser() / f"spm_{vocab_size}_{key}.model"
+    if model.exists():
+        return str(model)
+    model.parent.mkdir(parents=True, exist_ok=True)
+    tmp_prefix = model.with_name(f".{model.stem}.{os.getpid()}")
+    text = (line for f in files for line in _read_text(f).splitlines() if line.strip())
+    spm.SentencePieceTrainer.train(sentence_iterator=text, model_prefix=str(tmp_prefix), vocab_size=vocab_size,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   input_sentence_size=200_000, shuffle_input_sentence=True,
+                                   byte_fallback=True, character_coverage=0.98, num_threads=2, minloglevel=2)
+    os.replace(f"{tmp_prefix}.model", model)
+    os.remove(f"{tmp_prefix}.vocab")
+    return str(model)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tokenize:
+    """Document -> {'tokens': [BOS, ..., EOS]} (a picklable callable for grain)."""
+
+    cfg: DataConfig
+
+    def __call__(self, doc: Any) -> dict[str, np.ndarray]:
+        sp = _tokenizer(self.cfg.tokenizer)
+        ids = sp.encode(_to_text(self.cfg, doc))
+        return {"tokens": np.asarray([sp.bos_id(), *ids, sp.eos_id()], np.int32)}
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _tokenizer(path: str):
+    if path not in _TOKENIZERS:
+        _TOKENIZERS[path] = load_tokenizer(path)
+    return _TOKENIZERS[path]
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def documents(cfg: DataConfig) -> grain.MapDataset:
+    """The documents of this configuration (held-out ones skipped), in a stable order."""
+    docs = _READERS[cfg.format](expand(cfg.sources), cfg.field)
+    ds = grain.MapDataset.source(docs)
+    if cfg.skip_docs:
+        ds = ds[cfg.skip_docs:]
+    if len(ds) == 0:
+        raise ValueError(f"data.sources: no documents left after skipping {cfg.skip_docs}")
+    return ds
+
+
+def dataset(cfg: DataConfig, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Batches for this process: dicts of tokens, positions, segment_ids, each [batch / processes, T]."""
+    if cfg.batch_size % process_count:
+        raise ValueError(f"data.batch_size: expected a multiple of the process count ({process_count}), "
+                         f"got {cfg.batch_size}")
+    ds = documents(cfg)
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    ds = ds.repeat(cfg.num_epochs)
+    ds = ds[process_index::process_count]
+    ds = ds.map(_Tokenize(cfg))
+    packed = grain.experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(),
+                                                           length_struct={"tokens": cfg.seq_len})
+    packed = packed.map(_Fields(cfg.positions, cfg.seq_len))
+    return packed.batch(cfg.batch_size // process_count, drop_remainder=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fields:
+    positions: str
+    seq_len: int
+
+    def __call__(self, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.positions == "chunk":
+            return {"tokens": x["tokens"], "positions": np.arange(self.seq_len, dtype=np.int32),
+                    "segment_ids": np.ones(self.seq_len, np.int32)}
+        return {"tokens": x["tokens"], "positions": x["tokens_positions"].astype(np.int32),
+                "segment_ids": x["tokens_segment_ids"].astype(np.int32)}
+
+
+class Batches:
+    """An iterator of batches with a JSON state (for checkpoints)."""
+
+    def __init__(self, cfg: DataConfig, process_index: int = 0, process_count: int = 1):
+        self.cfg = cfg
+        self._it = iter(dataset(cfg, process_index, process_count))
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self._it.get_state()))
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._it.set_state(_tuples(state))
+
+
+def _tuples(x: Any) -> Any:
+    """JSON turned grain's tuples into lists; grain compares some of them as tuples."""
+    if isinstance(x, dict):
+        return {k: _tuples(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return tuple(_tuples(v) for v in x)
+    return x
+
+
+def stdlib_corpus() -> list[str]:
+    """A real corpus on every machine: the Python standard library's own source files (long documents)."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(str(p) for p in root.glob("*.py") if p.stat().st_size > 2000)

@@ -1,0 +1,258 @@
+"""Fine-tune (or pretrain) a LLaMA with YaRN: the product's main job.
+
+    python -m yarn_jax.train --config configs/tiny.py --workdir /tmp/yarn_tiny [--config.optim.lr=1e-5]
+
+Restores from the newest complete checkpoint in WORKDIR/checkpoints when there is one (refusing if the
+model, batch, sequence length or data settings differ), else initialises from `config.init_from` (a
+`convert from-hf` checkpoint) or randomly. Writes WORKDIR/metrics.jsonl and checkpoints (params,
+optimizer state, data iterator state, configs); SIGTERM saves at the current step and exits 0; a NaN or
+Inf loss or gradient stops the run naming the step, with no checkpoint of the poisoned state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from yarn_jax import checkpoint, data, sharding
+from yarn_jax import config as config_lib
+from yarn_jax import train_step as ts
+
+
+class TrainError(RuntimeError):
+    """A run that must stop (NaN, refused resume); the message says why and where."""
+
+
+def maybe_initialize_distributed() -> None:
+    """jax.distributed.initialize() when launched as one of several processes (explicit JAX_* variables,
+    a multi-task Slurm job or a multi-host TPU slice); a no-op for one process."""
+    env = os.environ
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
+                                   int(env["JAX_PROCESS_ID"]))
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
+
+
+def model_config(config: ml_collections.ConfigDict) -> tuple[config_lib.LlamaConfig, str | None]:
+    """(LlamaConfig, checkpoint to initialise from or None) from the run config."""
+    execution = {k: config.model[k] for k in ("dtype", "param_dtype", "remat", "attention", "ring_layout")
+                 if k in config.model}
+    if config.init_from:
+        base = checkpoint.Reader(config.init_from).cfg.to_hf()
+    else:
+        shape = {k: v for k, v in config.model.items() if k not in execution and k != "preset"}
+        base = config_lib.PRESETS[config.model.preset](**shape).to_hf()
+    rope = dict(config.get("rope", {}) or {})
+    for key in ("max_position_embeddings", "rope_theta"):
+        if key in rope:
+            base[key] = rope.pop(key)
+    if rope:
+        base["rope_scaling"] = rope
+    return config_lib.LlamaConfig.from_hf(base, **execution), config.init_from or None
+
+
+def data_config(config: ml_collections.ConfigDict) -> data.DataConfig:
+    d = config.data
+    sources = tuple(d.sources) if d.sources else tuple(data.stdlib_corpus())
+    tokenizer = d.tokenizer or data.train_tokenizer(list(data.expand(sources)), d.tokenizer_vocab,
+                                                     d.get("cache_dir", "~/.cache/yarn_jax"))
+    return data.DataConfig(sources=sources, tokenizer=tokenizer, seq_len=d.seq_len, batch_size=d.batch_size,
+                           format=d.format, field=d.field, positions=d.positions, seed=d.seed, shuffle=d.shuffle,
+                           skip_docs=d.skip_docs)
+
+
+def run_settings(cfg: config_lib.LlamaConfig, dcfg: data.DataConfig, config: ml_collections.ConfigDict) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint."""
+    return {"model": cfg.to_hf(), "data": dcfg.settings(), "grad_accum": config.train.grad_accum}
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
+    return out
+
+
+class Run:
+    """One training run: mesh, model, optimizer, data, checkpoints, loop."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        maybe_initialize_distributed()
+        self.config, self.workdir = config, Path(workdir)
+        self.cfg, init_from = model_config(config)
+        self.dcfg = data_config(config)
+        vocab = data.load_tokenizer(self.dcfg.tokenizer).get_piece_size()
+        if vocab > self.cfg.vocab_size:
+            raise ValueError(f"data.tokenizer: vocabulary of {vocab} pieces is larger than the model's "
+                             f"vocab_size ({self.cfg.vocab_size})")
+        self.mesh = sharding.make_mesh(**config.mesh)
+        sharding.check_batch(self.mesh, self.dcfg.batch_size // config.train.grad_accum, self.dcfg.seq_len)
+        if self.mesh.shape["seq"] > 1:
+            from yarn_jax import ring
+
+            ring.permutation(self.dcfg.seq_len, self.mesh.shape["seq"], self.cfg.ring_layout)  # validates
+        ocfg = ts.OptimConfig(**{**config.optim.to_dict(), "total_steps": config.train.steps})
+        self.tx = ts.optimizer(ocfg)
+        self.abstract, self.shardings = ts.state_shardings(self.cfg, self.mesh, self.tx)
+        step = ts.make_step(self.cfg, self.mesh, self.tx, grad_accum=config.train.grad_accum,
+                            loss_chunk=config.train.loss_chunk, segment_mask=self.dcfg.positions == "document")
+        batch_sharding = sharding.batch_sharding(self.mesh)
+        self.batch_sharding = batch_sharding
+        self.step_fn = jax.jit(step, in_shardings=(self.shardings, batch_sharding, None),
+                               out_shardings=(self.shardings, None), donate_argnums=(0,))
+        self.batches = data.Batches(self.dcfg, jax.process_index(), jax.process_count())
+        self.manager = checkpoint.manager(self.workdir / "checkpoints", max_to_keep=config.train.keep)
+        self.settings = run_settings(self.cfg, self.dcfg, config)
+        self.state = self._restore() or self._initial_state(init_from)
+
+    # ------------------------------------------------------------------------- state
+
+    def _initial_state(self, init_from: str | None) -> ts.TrainState:
+        if init_from:
+            _, params = checkpoint.load_checkpoint(init_from, self.mesh, **_execution(self.cfg))
+        else:
+            from yarn_jax.llama import init_params
+
+            init = jax.jit(lambda k: init_params(self.cfg, k), out_shardings=self.shardings.params)
+            params = init(jax.random.key(self.config.seed))
+        with self.mesh, nn.logical_axis_rules(sharding.RULES):
+            opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
+        return jax.device_put(ts.TrainState(params, opt_state, jnp.zeros((), jnp.int32)), self.shardings)
+
+    def _restore(self) -> ts.TrainState | None:
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        run = self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+        diffs = _differences(run["settings"], json.loads(json.dumps(self.settings)))
+        if diffs:
+            raise TrainError(f"{self.workdir}: refusing to resume from step {step}: " + "; ".join(diffs))
+        restore = lambda tree: ocp.args.PyTreeRestore(  # noqa: E731
+            item=tree, restore_args=jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype),
+                                                 tree))
+        got = self.manager.restore(step, args=ocp.args.Composite(
+            params=restore(self.abstract.params), opt_state=restore(self.abstract.opt_state)))
+        self.batches.set_state(run["data_state"])
+        print(f"resumed from step {step} in {self.workdir / 'checkpoints'}", flush=True)
+        return jax.device_put(ts.TrainState(got["params"], got["opt_state"], jnp.asarray(step, jnp.int32)),
+                              self.shardings)
+
+    def save(self, step: int, *, force: bool = False) -> None:
+        run = {"settings": self.settings, "data_state": self.batches.get_state(), "step": step}
+        self.manager.save(step, force=force, args=ocp.args.Composite(
+            params=ocp.args.PyTreeSave(self.state.params), opt_state=ocp.args.PyTreeSave(self.state.opt_state),
+            config=ocp.args.JsonSave(self.cfg.to_hf()), run=ocp.args.JsonSave(json.loads(json.dumps(run)))))
+
+    # ------------------------------------------------------------------------- loop
+
+    def _global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
+
+    def train(self) -> int:
+        cfg, tcfg = self.cfg, self.config.train
+        stop = {"signal": None}
+        previous = signal.signal(signal.SIGTERM, lambda sig, _: stop.update(signal=sig))
+        flops = ts.flops_per_token(cfg, self.dcfg.seq_len)
+        peak = ts.peak_flops(jax.devices()[0])
+        start = int(self.state.step)
+        metrics_file = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115
+        bar = _progress(start, tcfg.steps)
+        try:
+            for step in range(start, tcfg.steps):
+                t0 = time.perf_counter()
+                local = next(self.batches)
+                t1 = time.perf_counter()
+                scale = jnp.float32(np.nan if step == tcfg.get("inject_nan_at", -1) else 1.0)
+                self.state, m = self.step_fn(self.state, self._global_batch(local), scale)
+                loss, grad_norm = float(m["loss"]), float(m["grad_norm"])  # the step's only host sync
+                t2 = time.perf_counter()
+                if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+                    raise TrainError(f"step {step}: loss {loss} / gradient norm {grad_norm} is not finite; "
+                                     "stopped without saving this state")
+                tokens_per_s = self.dcfg.batch_size * self.dcfg.seq_len / (t2 - t0)
+                record = {"step": step, "loss": loss, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                          "data_wait_s": t1 - t0, "compute_s": t2 - t1,
+                          "batch_hash": ts.batch_hash(local["tokens"])}
+                if peak:
+                    record["mfu"] = tokens_per_s * flops / (peak * jax.device_count())
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}",
+                                **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
+                done = step + 1
+                if stop["signal"] is not None:
+                    self.save(done, force=True)
+                    print(f"\nSIGTERM: saved step {done}; exiting", flush=True)
+                    break
+                if done % tcfg.save_every == 0 or done == tcfg.steps:
+                    self.save(done)
+                self.manager.check_for_errors()
+        finally:
+            bar.close()
+            metrics_file.close()
+            signal.signal(signal.SIGTERM, previous)
+            self.manager.wait_until_finished()
+        self.manager.check_for_errors()
+        self.manager.close()
+        return int(self.state.step)
+
+
+def _execution(cfg: config_lib.LlamaConfig) -> dict[str, Any]:
+    return {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "remat": cfg.remat, "attention": cfg.attention,
+            "ring_layout": cfg.ring_layout}
+
+
+def _progress(start: int, total: int):
+    from tqdm import tqdm
+
+    return tqdm(initial=start, total=total, desc="train", dynamic_ncols=True, disable=jax.process_index() != 0)
+
+
+def main(argv: list[str]) -> int:
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "configs/<name>.py", lock_config=True)
+    flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics.jsonl)")
+
+    def run(_):
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every file it renames at INFO
+        cfg = flags.FLAGS.config
+        if cfg is None or not flags.FLAGS.workdir:
+            print("error: --config and --workdir are required", file=sys.stderr)
+            return 2
+        Path(flags.FLAGS.workdir).mkdir(parents=True, exist_ok=True)
+        try:
+            Run(cfg, flags.FLAGS.workdir).train()
+        except (ValueError, TrainError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
+
+    try:
+        app.run(lambda a: sys.exit(run(a)), argv=argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
