@@ -31,7 +31,7 @@ def test_resume_is_bit_identical(cache, straight, tmp_path):
     assert len({h for _, _, h in straight}) == 6
 
 
-def _cli(workdir, cache, *overrides):
+def _cli(workdir, cache, *overrides, env=None):
     cfg = tiny_run_config(cache)
     args = [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}" for k, v in [
         ("data.sources", cfg.data.sources), ("data.cache_dir", cfg.data.cache_dir)]]
@@ -41,7 +41,8 @@ def _cli(workdir, cache, *overrides):
     shape += [f"--config.mesh.{k}={v}" for k, v in cfg.mesh.items()]
     cmd = [sys.executable, "-m", "yarn_jax.train", f"--config={ROOT / 'configs/tiny.py'}", f"--workdir={workdir}",
            *args, *shape, *overrides]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           **(env or {})}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
@@ -119,3 +120,22 @@ def test_unknown_override_key_is_refused(cache, tmp_path):
     proc = _cli(tmp_path, cache, "--config.optim.learning_rate=1e-5")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "learning_rate" in out
+
+
+def test_two_processes_agree_with_one(cache, straight, tmp_path):
+    """Two CPU processes under jax.distributed (4 devices each) train the same 8-device mesh as one process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for i in range(2):
+        env = {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+        procs.append(_cli(tmp_path, cache, "--config.train.steps=4", env=env))
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    got = [loss for _, loss, _ in losses(tmp_path)]
+    want = [loss for _, loss, _ in straight[:4]]
+    assert got == pytest.approx(want, rel=1e-5)

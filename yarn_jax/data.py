@@ -193,20 +193,33 @@ def documents(cfg: DataConfig) -> grain.MapDataset:
 
 
 def dataset(cfg: DataConfig, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """Batches for this process: dicts of tokens, positions, segment_ids, each [batch / processes, T]."""
+    """Batches for this process: dicts of tokens, positions, segment_ids, each [batch / processes, T].
+
+    Every process packs the same global stream and keeps its own rows of each global batch, so the
+    global batches do not depend on the number of processes: a run restarted on another number of
+    hosts, or compared with a single-process run, sees exactly the same data.
+    """
     if cfg.batch_size % process_count:
         raise ValueError(f"data.batch_size: expected a multiple of the process count ({process_count}), "
                          f"got {cfg.batch_size}")
     ds = documents(cfg)
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
-    ds = ds.repeat(cfg.num_epochs)
-    ds = ds[process_index::process_count]
-    ds = ds.map(_Tokenize(cfg))
+    ds = ds.repeat(cfg.num_epochs).map(_Tokenize(cfg))
     packed = grain.experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(),
                                                            length_struct={"tokens": cfg.seq_len})
-    packed = packed.map(_Fields(cfg.positions, cfg.seq_len))
-    return packed.batch(cfg.batch_size // process_count, drop_remainder=True)
+    batches = packed.map(_Fields(cfg.positions, cfg.seq_len)).batch(cfg.batch_size, drop_remainder=True)
+    rows = cfg.batch_size // process_count
+    return batches.map(_Rows(process_index * rows, rows))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    start: int
+    count: int
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v[self.start:self.start + self.count] for k, v in batch.items()}
 
 
 @dataclasses.dataclass(frozen=True)

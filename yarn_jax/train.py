@@ -172,7 +172,8 @@ class Run:
         flops = ts.flops_per_token(cfg, self.dcfg.seq_len)
         peak = ts.peak_flops(jax.devices()[0])
         start = int(self.state.step)
-        metrics_file = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115
+        primary = jax.process_index() == 0
+        metrics_file = open(self.workdir / ("metrics.jsonl" if primary else os.devnull), "a")  # noqa: SIM115
         bar = _progress(start, tcfg.steps)
         try:
             for step in range(start, tcfg.steps):
