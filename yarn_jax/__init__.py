@@ -5,21 +5,29 @@ Dimension alphabet, used in einsums, shape comments and docstrings throughout:
     G = N / K query heads per kv head, H head dim, F MLP hidden, V vocab, L layers.
 """
 
-from yarn_jax.config import AttentionImpl, LlamaConfig, Remat
+from yarn_jax.checkpoint import load_checkpoint
+from yarn_jax.config import AttentionImpl, LlamaConfig, Remat, RingLayout
+from yarn_jax.convert import load_hf, save_hf
 from yarn_jax.llama import forward, hidden_states, init_params, logical_axes, unembed
 from yarn_jax.rope import apply_rope, cos_sin
 from yarn_jax.rope import frequencies as rope_frequencies
+from yarn_jax.sharding import make_mesh
 
 __all__ = [
     "AttentionImpl",
     "LlamaConfig",
     "Remat",
+    "RingLayout",
     "apply_rope",
     "cos_sin",
     "forward",
     "hidden_states",
     "init_params",
+    "load_checkpoint",
+    "load_hf",
     "logical_axes",
+    "make_mesh",
     "rope_frequencies",
+    "save_hf",
     "unembed",
 ]

@@ -1,0 +1,24 @@
+"""The run configuration's keys and defaults (an ml_collections.ConfigDict); configs/*.py start from
+`base()` and change what their run needs. Defaults are the paper's fine-tuning recipe (section 4)."""
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.init_from = ""  # a `convert from-hf` checkpoint (or a trainer's); empty: random init from `model`
+    c.model = ml_collections.ConfigDict(dict(
+        preset="llama2_7b",  # shape when not initialising from a checkpoint; other keys below override it
+        dtype="bfloat16", param_dtype="float32", remat="full", attention="auto", ring_layout="zigzag"))
+    c.rope = ml_collections.ConfigDict()  # replaces the checkpoint's scaling, e.g. rope_type/factor/original_...
+    c.data = ml_collections.ConfigDict(dict(
+        sources=(),  # files or globs; empty: the Python standard library's *.py files
+        format="text", field="text", tokenizer="", tokenizer_vocab=32000, cache_dir="~/.cache/yarn_jax",
+        seq_len=65536, batch_size=64, positions="chunk", seed=0, shuffle=True, skip_docs=0))
+    c.optim = ml_collections.ConfigDict(dict(lr=2e-5, warmup_steps=20, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
+                                             clip=1.0, schedule="constant"))
+    c.train = ml_collections.ConfigDict(dict(steps=400, grad_accum=1, loss_chunk=2048, save_every=50, keep=3,
+                                             inject_nan_at=-1))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, seq=1, tensor=1))
+    return c
