@@ -62,7 +62,9 @@ class Attention(nn.Module):
     attend: Callable[..., jax.Array]
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, index):  # x [B, T, D]
+    def __call__(self, x, cos, sin, segment_ids, index, kv=None, cache=None):  # x [B, T, D]
+        """kv/cache (generation): `kv` = (segment_ids, index, start) of all cache slots, `cache` = this layer's
+        (k, v) [B, S, K, H], keys after RoPE; the new tokens go to slots start..start+T. Returns (out, cache)."""
         c = self.cfg
         d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         wq = _param(self, "q", (d, n, h), ("embed", "heads", "head_dim")).astype(c.dtype)
@@ -75,9 +77,15 @@ class Attention(nn.Module):
         q = _constrain(checkpoint_name(q, "q"), ("batch", "seq", "heads", "head_dim"))
         k_ = _constrain(checkpoint_name(k_, "k"), ("batch", "seq", "kv_heads", "head_dim"))
         v = _constrain(checkpoint_name(v, "v"), ("batch", "seq", "kv_heads", "head_dim"))
-        out = self.attend(q, k_, v, segment_ids, segment_ids, index, index)  # [B, T, N, H]
+        if cache is None:
+            out = self.attend(q, k_, v, segment_ids, segment_ids, index, index)  # [B, T, N, H]
+        else:
+            kv_segment_ids, kv_index, start = kv
+            cache = tuple(jax.lax.dynamic_update_slice_in_dim(c_, new.astype(c_.dtype), start, axis=1)
+                          for c_, new in zip(cache, (k_, v), strict=True))
+            out = self.attend(q, cache[0], cache[1], segment_ids, kv_segment_ids, index, kv_index)
         out = checkpoint_name(out, "attn_out")
-        return jnp.einsum("BTNH,NHD->BTD", out, wo)
+        return jnp.einsum("BTNH,NHD->BTD", out, wo), cache
 
 
 class Mlp(nn.Module):
@@ -103,11 +111,12 @@ class Block(nn.Module):
     attend: Callable[..., jax.Array]
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, index):
-        x = x + Attention(self.cfg, self.attend, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x), cos, sin,
-                                                             segment_ids, index)
+    def __call__(self, x, cos, sin, segment_ids, index, kv=None, cache=None):
+        y, cache = Attention(self.cfg, self.attend, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x), cos, sin,
+                                                                 segment_ids, index, kv, cache)
+        x = x + y
         x = x + Mlp(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
-        return _constrain(x, ("batch", "seq", "embed")), None
+        return _constrain(x, ("batch", "seq", "embed")), cache
 
 
 class Llama(nn.Module):
@@ -126,17 +135,27 @@ class Llama(nn.Module):
         if c.remat is not Remat.NONE:
             block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
         self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(nn.broadcast,) * 4, length=c.num_layers,
+                              in_axes=(nn.broadcast,) * 5 + (0,), length=c.num_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})(c, self.attend)
 
-    def __call__(self, tokens, positions, segment_ids, index, seq_len: int):
+    def __call__(self, tokens, positions, segment_ids, index, seq_len, cache=None, start=None, freqs=None):
+        """seq_len: the length dynamic RoPE methods scale to. freqs: (turn parts, attention factor) computed
+        by the caller (generation passes them as arrays so one compilation serves every length).
+        cache (generation): (k, v) [L, B, S, K, H]; returns (hidden, new cache) then."""
         c = self.cfg
-        inv_freq, factor = rope_lib.frequencies(c.rope, seq_len, dtype=jnp.float64)  # static numpy: exact angles
-        cos, sin = rope_lib.cos_sin(positions, inv_freq, factor)  # [B, T, H/2] each, shared by all layers
+        if freqs is None:
+            inv_freq, factor = rope_lib.frequencies(c.rope, seq_len, dtype=jnp.float64)  # static numpy: exact
+            freqs = (rope_lib.turn_parts(inv_freq), factor)
+        cos, sin = rope_lib.cos_sin(positions, *freqs)  # [B, T, H/2] each, shared by all layers
         x = jnp.take(self.embedding, tokens, axis=0).astype(c.dtype)  # [B, T, D]
         x = _constrain(x, ("batch", "seq", "embed"))
-        x, _ = self.layers(x, cos, sin, segment_ids, index)
-        return self.final_norm(x)
+        kv = None
+        if cache is not None:
+            b, s = cache[0].shape[1:3]
+            slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            kv = ((slots < start + tokens.shape[1]).astype(jnp.int32), slots, start)
+        x, cache = self.layers(x, cos, sin, segment_ids, index, kv, cache)
+        return self.final_norm(x) if kv is None else (self.final_norm(x), cache)
 
     def unembed(self, x: jax.Array) -> jax.Array:
         """Hidden states [..., D] -> logits [..., V] in float32."""

@@ -425,28 +425,33 @@ def _top_bits(x: Any, bits: int = 12) -> Any:
     return xp.ldexp(xp.trunc(mantissa * 2.0 ** bits) / 2.0 ** bits, exponent)
 
 
-def _turn_parts(inv_freq: Any) -> tuple[Any, Any, Any]:
-    """inv_freq / 2pi split into three float32 parts, the first two with 12 significant bits each."""
+def turn_parts(inv_freq: Any) -> tuple[Any, Any, Any]:
+    """inv_freq / 2pi split into three float32 parts, the first two with 12 significant bits each
+    (computed in float64 on the host for numpy input; an already split triple is returned as is)."""
+    if isinstance(inv_freq, tuple):
+        return inv_freq
     if isinstance(inv_freq, jax.Array):  # traced: precision is already that of the float32 input
         t = inv_freq.astype(jnp.float32) / jnp.float32(2 * math.pi)
     else:
         t = np.asarray(inv_freq, np.float64) / (2 * math.pi)
     hi = _top_bits(t)
     mid = _top_bits(t - hi)
-    return (jnp.asarray(hi, jnp.float32), jnp.asarray(mid, jnp.float32), jnp.asarray(t - hi - mid, jnp.float32))
+    if isinstance(t, np.ndarray):  # keep numpy: constants under jit, exactly split
+        return hi.astype(np.float32), mid.astype(np.float32), (t - hi - mid).astype(np.float32)
+    return hi, mid, t - hi - mid
 
 
 def _frac(x: jax.Array) -> jax.Array:
     return x - jnp.round(x)  # exact in floating point: round(x) is within 1/2 of x
 
 
-def _turns(positions: jax.Array, inv_freq: Any) -> jax.Array:
+def _turns(positions: jax.Array, inv_freq: Any) -> jax.Array:  # inv_freq: [H/2] or its turn_parts
     """positions * inv_freq / 2pi modulo 1, in [-1/2, 1/2]: [..., T] x [H/2] -> [..., T, H/2] float32.
 
     Positions split into a multiple of 4096 and a 12-bit rest, frequencies into 12-bit parts: every
     product then has at most 24 significant bits, so it and its reduction modulo one turn are exact.
     """
-    hi, mid, lo = _turn_parts(inv_freq)
+    hi, mid, lo = turn_parts(inv_freq)
     p = positions.astype(jnp.int32)[..., None]
     p_hi = (p & ~4095).astype(jnp.float32)
     p_lo = (p & 4095).astype(jnp.float32)

@@ -1,0 +1,73 @@
+"""KV-cache decoding against argmax over a full recomputation at every step, crossing the trained length."""
+
+import jax
+import numpy as np
+import pytest
+
+import yarn_jax
+from tests import hf_models
+from yarn_jax import generate
+
+ROPES = {
+    "default": None,
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    "dynamic_yarn": {"rope_type": "dynamic_yarn", "original_max_position_embeddings": 16},
+    "dynamic_ntk": {"rope_type": "dynamic", "factor": 2.0},
+}
+
+
+@pytest.mark.parametrize("rope", ROPES)
+def test_cached_greedy_equals_full_recomputation(rope):
+    # max_position_embeddings 24: the dynamic methods rescale at every step past it
+    cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(rope_scaling=ROPES[rope], max_pos=24).to_dict(),
+                                       dtype="float32")
+    params = jax.tree.map(lambda x: x * 4, yarn_jax.init_params(cfg, jax.random.key(1)))  # sharper logits
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
+    got = generate.generate(cfg, params, prompt, 18)  # 12 -> 30 tokens, crossing 16 and 24
+    np.testing.assert_array_equal(got, _recomputed(cfg, params, prompt, 18, lambda n: n))
+
+
+def _recomputed(cfg, params, prompt, new, scale_len):
+    """The oracle: the whole sequence recomputed at every step, dynamic methods at scale_len(length)."""
+    seq = np.zeros((prompt.shape[0], prompt.shape[1] + new), np.int32)  # causal: the zeros never matter
+    seq[:, :prompt.shape[1]] = prompt
+    dynamic = cfg.rope_scaling.rope_type in ("dynamic", "dynamic_yarn")
+    for n in range(prompt.shape[1], seq.shape[1]):
+        logits = yarn_jax.forward(cfg, params, seq, seq_len=scale_len(n) if dynamic else None)
+        seq[:, n] = np.asarray(logits[:, n - 1].argmax(-1))
+    return seq
+
+
+def test_keeping_a_stale_cache_would_differ_for_dynamic_yarn():
+    """The trap the rebuild avoids: a cache built at length 25 then extended to 26 (dynamic YaRN rescales
+    there) gives other logits than a recomputation, even though the new token's frequencies are right."""
+    cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(rope_scaling=ROPES["dynamic_yarn"], max_pos=24)
+                                       .to_dict(), dtype="float32")
+    params = jax.tree.map(lambda x: x * 4, yarn_jax.init_params(cfg, jax.random.key(1)))
+    seq = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 26))
+    full = yarn_jax.forward(cfg, params, seq, seq_len=26)[:, -1]
+    cache = generate.init_cache(cfg, 2, 26)
+    _, cache = generate.step(cfg, params, cache, seq[:, :25], 0, generate.frequencies(cfg, 25))  # stale after 25
+    stale, _ = generate.step(cfg, params, cache, seq[:, 25:], 25, generate.frequencies(cfg, 26))
+    assert float(np.abs(stale - full).max()) > 1e-2
+
+
+def test_dynamic_bucket_equals_recomputation_at_the_bucketed_length():
+    cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(rope_scaling=ROPES["dynamic_yarn"], max_pos=24)
+                                       .to_dict(), dtype="float32")
+    params = jax.tree.map(lambda x: x * 4, yarn_jax.init_params(cfg, jax.random.key(1)))
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 12))
+    got = generate.generate(cfg, params, prompt, 20, dynamic_bucket=8)
+    np.testing.assert_array_equal(got, _recomputed(cfg, params, prompt, 20, lambda n: -(-n // 8) * 8))
+
+
+def test_sampling_is_seeded_and_stops_at_eos():
+    cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config().to_dict(), dtype="float32")
+    params = yarn_jax.init_params(cfg, jax.random.key(0))
+    prompt = np.ones((3, 5), np.int32)
+    a = generate.generate(cfg, params, prompt, 8, temperature=1.0, key=jax.random.key(7))
+    b = generate.generate(cfg, params, prompt, 8, temperature=1.0, key=jax.random.key(7))
+    np.testing.assert_array_equal(a, b)
+    eos = int(a[0, 6])
+    c = generate.generate(cfg, params, prompt, 8, temperature=1.0, key=jax.random.key(7), eos_id=eos)
+    assert (c[0, 6:] == eos).all()

@@ -1,0 +1,130 @@
+"""Greedy and sampled decoding with a KV cache, exact for dynamic RoPE scaling.
+
+    python -m yarn_jax.generate --checkpoint CKPT --tokenizer tok.model --prompt "..." [--max-new 64]
+
+Dynamic NTK / dynamic YaRN change the frequencies as the sequence grows. Re-rotating cached keys (or
+caching them before RoPE) is not enough for exactness: from the second layer on, cached keys and values
+come from hidden states that attended with the old frequencies. So whenever the frequencies of the new
+length differ from those the cache was built with, the cache is rebuilt by one prefill of the whole
+sequence; tokens then equal a full recomputation at every step. `dynamic_bucket` > 1 rounds the length
+that dynamic methods scale to up to a multiple of the bucket, so rebuilds happen once per bucket
+(exact with respect to recomputation at that bucketed length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from yarn_jax import rope as rope_lib
+from yarn_jax.config import LlamaConfig
+from yarn_jax.llama import Llama, model
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> tuple[jax.Array, jax.Array]:
+    """Empty (k, v) caches [L, B, S, K, H] in the compute dtype."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)
+
+
+def frequencies(cfg: LlamaConfig, length: int) -> tuple[tuple[np.ndarray, ...], float]:
+    """(turn parts of inv_freq, attention factor) at `length`, exact (float64 on the host)."""
+    inv_freq, factor = rope_lib.frequencies(cfg.rope, length, dtype=np.float64)
+    return rope_lib.turn_parts(inv_freq), float(factor)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def step(cfg: LlamaConfig, params: Any, cache: Any, tokens: jax.Array, start: jax.Array, freqs: Any,
+         last: jax.Array | int = -1) -> tuple[jax.Array, Any]:
+    """tokens [B, t] at positions start..start+t-1 -> (logits [B, V] float32 of token `last`, new cache).
+    Prefills pad `tokens` to the cache length (one compilation for every prompt length): causal
+    attention keeps the padding from touching the real tokens, whose logits `last` selects."""
+    b, t = tokens.shape
+    positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    ones = jnp.ones((b, t), jnp.int32)
+    net = model(cfg)
+    hidden, cache = net.apply({"params": params}, tokens, positions, ones, positions, None, cache, start, freqs)
+    return net.apply({"params": params}, jnp.take(hidden, last, axis=1), method=Llama.unembed), cache
+
+
+def _prefill(cfg, params, cache, seq: np.ndarray, freqs) -> tuple[jax.Array, Any]:
+    padded = np.zeros((seq.shape[0], cache[0].shape[2]), np.int32)
+    padded[:, :seq.shape[1]] = seq
+    return step(cfg, params, cache, jnp.asarray(padded), jnp.int32(0), freqs, jnp.int32(seq.shape[1] - 1))
+
+
+def generate(cfg: LlamaConfig, params: Any, prompt: np.ndarray, max_new: int, *, temperature: float = 0.0,
+             key: jax.Array | None = None, eos_id: int | None = None, dynamic_bucket: int = 1) -> np.ndarray:
+    """prompt [B, T0] -> [B, T0 + max_new] tokens (greedy when temperature == 0). Rows that emitted
+    `eos_id` keep emitting it. See the module docstring for `dynamic_bucket`."""
+    prompt = np.asarray(prompt, np.int32)
+    b, t0 = prompt.shape
+    scale_len = lambda n: -(-n // dynamic_bucket) * dynamic_bucket  # noqa: E731
+    cache = init_cache(cfg, b, t0 + max_new)
+    freqs = frequencies(cfg, scale_len(t0))
+    logits, cache = _prefill(cfg, params, cache, prompt, freqs)
+    out, done = [prompt], np.zeros(b, bool)
+    key = jax.random.key(0) if key is None else key
+    for i in range(max_new):
+        if temperature > 0:
+            key, sub = jax.random.split(key)
+            nxt = np.asarray(jax.random.categorical(sub, logits / temperature))
+        else:
+            nxt = np.asarray(jnp.argmax(logits, axis=-1))
+        if eos_id is not None:
+            nxt = np.where(done, eos_id, nxt)
+            done |= nxt == eos_id
+        out.append(nxt[:, None].astype(np.int32))
+        if i + 1 == max_new:
+            break
+        new = frequencies(cfg, scale_len(t0 + i + 1))
+        if _same(new, freqs):
+            logits, cache = step(cfg, params, cache, jnp.asarray(out[-1]), jnp.int32(t0 + i), freqs)
+        else:  # the frequencies moved: rebuild the whole cache with them
+            freqs = new
+            logits, cache = _prefill(cfg, params, cache, np.concatenate(out, axis=1), freqs)
+    return np.concatenate(out, axis=1)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return a[1] == b[1] and all(np.array_equal(x, y) for x, y in zip(a[0], b[0], strict=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from yarn_jax import checkpoint, convert, data
+
+    p = argparse.ArgumentParser(prog="python -m yarn_jax.generate", description=__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint")
+    src.add_argument("--hf")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: HF_DIR/tokenizer.model)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16")
+    a = p.parse_args(argv)
+    try:
+        if a.checkpoint:
+            cfg, params = checkpoint.load_checkpoint(a.checkpoint, dtype=a.dtype)
+        else:
+            cfg, params = convert.load_hf(a.hf, dtype=a.dtype)
+        tok = data.load_tokenizer(a.tokenizer or f"{a.hf}/tokenizer.model")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ids = np.asarray([[tok.bos_id(), *tok.encode(a.prompt)]])
+    out = generate(cfg, params, ids, a.max_new, temperature=a.temperature, key=jax.random.key(a.seed),
+                   eos_id=tok.eos_id())
+    print(tok.decode([int(x) for x in out[0, ids.shape[1]:] if x != tok.eos_id()]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
