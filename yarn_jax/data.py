@@ -270,3 +270,10 @@ def stdlib_corpus() -> list[str]:
 
     root = Path(sysconfig.get_paths()["stdlib"])
     return sorted(str(p) for p in root.glob("*.py") if p.stat().st_size > 2000)
+
+
+def read_documents(sources: tuple[str, ...], format: str = "text", field: str = "text") -> list[str]:  # noqa: A002
+    """The texts of every document in `sources` (evaluation reads whole documents, in order)."""
+    cfg = DataConfig(sources=sources, tokenizer="", seq_len=1, batch_size=1, format=format, field=field,
+                     shuffle=False)
+    return [_to_text(cfg, doc) for doc in documents(cfg)]

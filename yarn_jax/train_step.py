@@ -97,9 +97,13 @@ def chunked_nll(cfg: LlamaConfig, params: Any, hidden: jax.Array, tgt: jax.Array
 def loss_fn(cfg: LlamaConfig, mesh: Mesh | None, loss_chunk: int, segment_mask: bool, params: Any,
             batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """(sum of NLL, number of target tokens) for one micro-batch. segment_mask: attention stays inside
-    each segment (packed documents); otherwise whole chunks attend causally (the paper's chunks)."""
+    each segment (packed documents); otherwise whole chunks attend causally (the paper's chunks).
+    batch["weights"] [B, T] (optional) further weights the prediction made at each position (evaluation
+    scores only the tokens a sliding window has not scored yet)."""
     tokens, positions, segment_ids = batch["tokens"], batch["positions"], batch["segment_ids"]
     tgt, w = targets(tokens, segment_ids)
+    if "weights" in batch:
+        w = w * batch["weights"]
     b, t = tokens.shape
     index = None
     if mesh is not None and mesh.shape["seq"] > 1:

@@ -1,0 +1,178 @@
+"""python -m yarn_jax.eval {perplexity,passkey} ... (see --help of each)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COMMON_HELP = "model sources: any number of --checkpoint and --hf; each --rope spec adds a variant of each"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m yarn_jax.eval", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("perplexity", "passkey"):
+        s = sub.add_parser(name, description=COMMON_HELP)
+        s.add_argument("--checkpoint", action="append", default=[])
+        s.add_argument("--hf", action="append", default=[])
+        s.add_argument("--rope", action="append", default=[],
+                       help="e.g. yarn:factor=8,original_max_position_embeddings=512 (max_position_embeddings "
+                            "and rope_theta allowed too); 'none' keeps the model's own")
+        s.add_argument("--tokenizer", help="SentencePiece model (default: the first --hf dir's tokenizer.model)")
+        s.add_argument("--lengths", required=True, help="comma-separated context lengths in tokens")
+        s.add_argument("--out", required=True)
+        s.add_argument("--dtype", default="bfloat16")
+        s.add_argument("--mesh", default="", help="e.g. seq=4 or data=2,seq=4 (default: one device)")
+        s.add_argument("--batch-size", type=int, default=1)
+    ppl = sub.choices["perplexity"]
+    ppl.add_argument("--data", action="append", required=True, help="files or globs")
+    ppl.add_argument("--format", default="text", choices=["text", "jsonl", "parquet", "arrayrecord"])
+    ppl.add_argument("--field", default="text")
+    ppl.add_argument("--sliding-window", type=int, default=256, help="stride S of the sliding window")
+    ppl.add_argument("--truncate", action="store_true", help="score each document cut to the length instead")
+    ppl.add_argument("--docs", type=int, default=0, help="use the first N documents (0: all)")
+    ppl.add_argument("--min-doc-tokens", type=int, default=0)
+    pk = sub.choices["passkey"]
+    pk.add_argument("--trials", type=int, default=10)
+    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--depth-bins", type=int, default=5)
+    return p
+
+
+def _rope(spec: str) -> dict[str, Any]:
+    if spec == "none":
+        return {}
+    kind, _, rest = spec.partition(":")
+    out: dict[str, Any] = {"rope_type": kind}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        out[key] = value.lower() == "true" if value.lower() in ("true", "false") else float(value)
+    return out
+
+
+def models(args) -> tuple[list[tuple[str, Any, Any]], Any]:
+    """([(label, cfg, params) for every source x rope variant], mesh or None)."""
+    from yarn_jax import checkpoint, convert, sharding
+    from yarn_jax.config import LlamaConfig
+    from yarn_jax.convert import apply_rope_overrides
+
+    mesh = sharding.make_mesh(**{k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(",") if kv)}) \
+        if args.mesh else None
+    bases = []
+    for path in args.checkpoint:
+        cfg, params = checkpoint.load_checkpoint(path, mesh, dtype=args.dtype)
+        bases.append((Path(path).name, cfg, params))
+    for path in args.hf:
+        cfg, params = convert.load_hf(path, dtype=args.dtype)
+        bases.append((Path(path).name, cfg, params))
+    if not bases:
+        raise ValueError("give at least one --checkpoint or --hf")
+    out = []
+    for label, cfg, params in bases:
+        for spec in args.rope or ["none"]:
+            hf = apply_rope_overrides(cfg.to_hf(), _rope(spec))
+            variant = LlamaConfig.from_hf(hf, dtype=cfg.dtype, param_dtype=cfg.param_dtype, attention=cfg.attention)
+            out.append((label if spec == "none" else f"{label} {spec}", variant, params))
+    return out, mesh
+
+
+def _tokenizer(args, cfgs):
+    from yarn_jax import data
+
+    path = args.tokenizer or (f"{args.hf[0]}/tokenizer.model" if args.hf else None)
+    if path is None:
+        raise ValueError("--tokenizer: required when no --hf directory provides tokenizer.model")
+    tok = data.load_tokenizer(path)
+    for cfg in cfgs:
+        if tok.get_piece_size() > cfg.vocab_size:
+            raise ValueError(f"--tokenizer: {path} has {tok.get_piece_size()} pieces but the model's vocab_size "
+                             f"is {cfg.vocab_size}: not this model's tokenizer")
+    return tok
+
+
+def _write(out: Path, name: str, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
+
+
+def run_perplexity(args) -> list[dict]:
+    from tqdm import tqdm
+
+    from yarn_jax import data
+    from yarn_jax.eval import perplexity, plots
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    if args.sliding_window < 1:
+        raise ValueError(f"--sliding-window: expected a positive stride, got {args.sliding_window}")
+    variants, mesh = models(args)
+    tok = _tokenizer(args, [c for _, c, _ in variants])
+    texts = data.read_documents(tuple(args.data), args.format, args.field)
+    texts = texts[:args.docs] if args.docs else texts
+    docs = [np.asarray([tok.bos_id(), *tok.encode(t)], np.int32) for t in texts]
+    stride = None if args.truncate else args.sliding_window
+    for n in lengths:  # fail before any model runs
+        perplexity.plan(docs, n, stride, args.min_doc_tokens)
+    rows = []
+    total = sum(len(perplexity.plan(docs, n, stride, args.min_doc_tokens)) for n in lengths) * len(variants)
+    with tqdm(total=total, desc="windows", dynamic_ncols=True) as bar:
+        for label, cfg, params in variants:
+            for n in lengths:
+                r = perplexity.evaluate(cfg, params, docs, n, stride=stride, min_doc_tokens=args.min_doc_tokens,
+                                        batch_size=args.batch_size, mesh=mesh, progress=bar)
+                rows.append({"model": label, "length": n, **r})
+                bar.write(f"{label} @ {n}: perplexity {r['perplexity']:.4f} over {int(r['tokens'])} tokens")
+    out = Path(args.out)
+    _write(out, "perplexity", rows)
+    plots.perplexity(rows, out / "perplexity.png", "truncated" if args.truncate else f"stride {args.sliding_window}")
+    return rows
+
+
+def run_passkey(args) -> list[dict]:
+    from tqdm import tqdm
+
+    from yarn_jax import generate
+    from yarn_jax.eval import passkey, plots
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    variants, _ = models(args)
+    tok = _tokenizer(args, [c for _, c, _ in variants])
+    trial_list = passkey.trials(tok.encode, tok.bos_id(), lengths, args.trials, args.seed)
+    rows = []
+    with tqdm(total=len(trial_list) * len(variants), desc="passkey", dynamic_ncols=True) as bar:
+        for label, cfg, params in variants:
+            def answer(prompt, cfg=cfg, params=params):
+                out = generate.generate(cfg, params, prompt[None], 8, eos_id=tok.eos_id())
+                return tok.decode([int(x) for x in out[0, len(prompt):]])
+
+            rows += [{"model": label, **r} for r in passkey.score(trial_list, answer, bar)]
+    out = Path(args.out)
+    _write(out, "passkey", rows)
+    plots.passkey(rows, out / "passkey.png", args.depth_bins)
+    for label in dict.fromkeys(r["model"] for r in rows):
+        per_length, _, _ = passkey.accuracy([r for r in rows if r["model"] == label], args.depth_bins)
+        print(label, {n: f"{a:.0%}" for n, a in per_length.items()})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        (run_perplexity if args.command == "perplexity" else run_passkey)(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
