@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reas
 def _topology_mesh(shape):
     from jax.experimental import topologies
 
-    devices = topologies.get_topology_desc(topology_name="v4:2x2x1", platform="tpu").devices
+    devices = topologies.get_topology_desc(topology_name="v4:2x2x1", platform="tpu",
+                                           chip_config_name="megacore").devices
     return Mesh(np.asarray(devices[: int(np.prod(shape))]).reshape(shape), sharding.AXES)
 
 

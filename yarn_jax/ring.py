@@ -1,7 +1,8 @@
 """Ring attention over the mesh's 'seq' axis (Liu et al. 2023), causal and load-balanced.
 
 Each device holds one query block; key/value blocks travel around the ring with `ppermute` while the
-current block is computed, and partial results merge through their log-sum-exp (online softmax). The
+current block is computed, and partial results merge through their log-sum-exp (online softmax); within
+a block, keys are taken 512 at a time the same way (a blockwise XLA loop, flash-attention style). The
 backward pass is a `custom_vjp` that sends K/V around the ring again together with their gradient
 accumulators, so memory is O(S / ring) per device: no device ever holds the full sequence's K/V or
 scores. Blocks whose every (query, key) pair is masked are skipped with `lax.cond`.
@@ -15,6 +16,7 @@ true global positions and the causal mask compares true token indices.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +61,33 @@ def _merge(acc, m_acc, l_acc, out, m, l_blk):
     return acc * scale(a) + out * scale(b), m_new, l_acc * a + l_blk * b
 
 
+_KV_CHUNK = 512  # keys per inner step: scores [B, K, G, T_block, 512] float32 at a time
+
+
+def _chunks(s: int) -> int:
+    return math.gcd(s, _KV_CHUNK)
+
+
+def _split(x: jax.Array, c: int) -> jax.Array:
+    """[B, S, ...] -> [S / c, B, c, ...]."""
+    return jnp.moveaxis(x.reshape(x.shape[0], x.shape[1] // c, c, *x.shape[2:]), 1, 0)
+
+
+def _block_forward(q, k, v, q_seg, kv_seg, q_idx, kv_idx, acc, m, l_):
+    """Merges one K/V block into (acc, m, l), flash-style over sub-chunks of `_KV_CHUNK` keys; chunks
+    with no visible key are skipped."""
+    c = _chunks(k.shape[1])
+
+    def chunk(carry, xs):
+        kc, vc, seg, idx = xs
+        allowed = reference.mask(q_seg, seg, q_idx, idx)
+        return jax.lax.cond(jnp.any(allowed), lambda: _merge(*carry, *_block_stats(q, kc, vc, allowed)),
+                            lambda: carry), None
+
+    (acc, m, l_), _ = jax.lax.scan(chunk, (acc, m, l_), tuple(_split(x, c) for x in (k, v, kv_seg, kv_idx)))
+    return acc, m, l_
+
+
 # ----------------------------------------------------------------------------- the ring
 
 
@@ -77,11 +106,7 @@ def _forward(axis, ring, q, k, v, q_seg, kv_seg, q_idx, kv_idx):
 
     def step(carry, _):
         acc, m, l_, k, v, kv_seg, kv_idx = carry
-        allowed = reference.mask(q_seg, kv_seg, q_idx, kv_idx)
-        acc, m, l_ = jax.lax.cond(
-            jnp.any(allowed),
-            lambda: _merge(acc, m, l_, *_block_stats(q, k, v, allowed)),
-            lambda: (acc, m, l_))
+        acc, m, l_ = _block_forward(q, k, v, q_seg, kv_seg, q_idx, kv_idx, acc, m, l_)
         k, v, kv_seg, kv_idx = _shift(axis, ring, k, v, kv_seg, kv_idx)
         return (acc, m, l_, k, v, kv_seg, kv_idx), None
 
@@ -111,9 +136,9 @@ def _ring_bwd(axis, ring, res, d_out):
     delta = jnp.einsum("BTKGH,BTKGH->BKGT", do, grouped(out))  # rowsum(dO * O)
     hi = jax.lax.Precision.HIGHEST
 
-    def block_grads(k, v, allowed):
+    def chunk_grads(k, v, allowed):  # one sub-chunk of keys: k, v [B, c, K, H]
         s, v32 = reference.logits_and_values(q, k, v, allowed)
-        p = jnp.exp(s - lse[..., None])  # [B, K, G, T, S], exact softmax from the saved lse
+        p = jnp.exp(s - lse[..., None])  # [B, K, G, T, c], exact softmax from the saved lse
         dv = jnp.einsum("BKGTS,BTKGH->BSKH", p, do, precision=hi)
         dp = jnp.einsum("BTKGH,BSKH->BKGTS", do, v32, precision=hi)
         ds = p * (dp - delta[..., None]) * h**-0.5
@@ -121,11 +146,24 @@ def _ring_bwd(axis, ring, res, d_out):
         dk = jnp.einsum("BKGTS,BTKGH->BSKH", ds, q32, precision=hi)
         return dq, dk, dv
 
+    def block_grads(k, v, kv_seg, kv_idx):
+        """(dq, dk, dv) of one K/V block, over sub-chunks of keys (skipped where nothing is visible)."""
+        c = _chunks(k.shape[1])
+
+        def chunk(dq, xs):
+            kc, vc, seg, idx = xs
+            allowed = reference.mask(q_seg, seg, q_idx, idx)
+            zeros = (jnp.zeros_like(dq), jnp.zeros(kc.shape, jnp.float32), jnp.zeros(vc.shape, jnp.float32))
+            g_q, g_k, g_v = jax.lax.cond(jnp.any(allowed), lambda: chunk_grads(kc, vc, allowed), lambda: zeros)
+            return dq + g_q, (g_k, g_v)
+
+        dq, (dk, dv) = jax.lax.scan(chunk, jnp.zeros_like(q32), tuple(_split(x, c) for x in (k, v, kv_seg, kv_idx)))
+        merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(k.shape)  # noqa: E731  [S/c, B, c, K, H] -> [B, S, K, H]
+        return dq, merge(dk), merge(dv)
+
     def step(carry, _):
         dq, k, v, dk, dv, kv_seg, kv_idx = carry
-        allowed = reference.mask(q_seg, kv_seg, q_idx, kv_idx)
-        zeros = (jnp.zeros_like(dq), jnp.zeros_like(dk), jnp.zeros_like(dv))
-        g_q, g_k, g_v = jax.lax.cond(jnp.any(allowed), lambda: block_grads(k, v, allowed), lambda: zeros)
+        g_q, g_k, g_v = block_grads(k, v, kv_seg, kv_idx)
         k, v, dk, dv, kv_seg, kv_idx = _shift(axis, ring, k, v, dk + g_k, dv + g_v, kv_seg, kv_idx)
         return (dq + g_q, k, v, dk, dv, kv_seg, kv_idx), None
 

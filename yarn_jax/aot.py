@@ -1,0 +1,208 @@
+"""Compile the exact train step for a real TPU topology on a CPU host and say whether it fits.
+
+    python -m yarn_jax.aot --config configs/v4_128k.py --topology v4-128 [--num-slices 1]
+
+libtpu + jax.experimental.topologies give the topology's devices without any TPU; the full step (forward,
+backward, AdamW update, with the config's model, sequence length, batch, accumulation, remat and mesh)
+is lowered and compiled for them. Prints per-chip memory (parameters + optimizer state, temporaries,
+total) against HBM, the compiler's FLOPs against the analytic count, and a roofline step time and MFU.
+Exit status 1 when it does not fit, naming the part that is too big and what to change.
+
+MFU convention: model FLOPs = (6N + 6 L d S) per token (causal attention, remat recompute not counted),
+over the chips' peak bf16 FLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from yarn_jax import sharding, train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    kind: str
+    peak_flops: float  # bf16 FLOP/s per chip
+    hbm_bytes: float
+    hbm_bandwidth: float  # bytes/s
+    cores_in_name: bool  # Cloud names count TensorCores (v4-8 = 4 chips) rather than chips
+
+
+CHIPS = {
+    "v4": Chip("v4", 275e12, 32 * 2**30, 1.2e12, True),
+    "v5p": Chip("v5p", 459e12, 95 * 2**30, 2.76e12, True),
+    "v5e": Chip("v5e", 197e12, 16 * 2**30, 0.82e12, False),
+    "v6e": Chip("v6e", 918e12, 32 * 2**30, 1.64e12, False),
+}
+_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8"}
+_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+
+
+def parse_topology(name: str) -> tuple[Chip, int, str]:
+    """'v4-128' -> (chip, number of chips, jax topology name 'v4:4x4x4')."""
+    kind, _, count = name.replace("v5litepod", "v5e").partition("-")
+    if kind not in CHIPS or not count.isdigit():
+        raise ValueError(f"--topology: expected one of {sorted(CHIPS)} followed by -N (e.g. v4-64, v5e-16), "
+                         f"got {name!r}")
+    chip = CHIPS[kind]
+    chips = int(count) // 2 if chip.cores_in_name else int(count)
+    shapes = _3D if chip.cores_in_name else _2D
+    if chips not in shapes:
+        sizes = sorted(n * 2 if chip.cores_in_name else n for n in shapes)
+        raise ValueError(f"--topology: {name} is not a {kind} slice this tool knows; sizes: {sizes}")
+    return chip, chips, f"{kind}:{shapes[chips]}"
+
+
+def topology_devices(name: str, num_slices: int = 1) -> tuple[Chip, int, list[Any]]:
+    from jax.experimental import topologies
+
+    chip, chips, topo = parse_topology(name)
+    # v4/v5p run megacore (one JAX device per chip, its two TensorCores fused), as on real slices
+    desc = topologies.get_topology_desc(topology_name=topo, platform="tpu", num_slices=num_slices,
+                                        chip_config_name="megacore" if chip.cores_in_name else "default")
+    return chip, chips * num_slices, list(desc.devices)
+
+
+def compile_step(config: Any, mesh: Mesh):
+    """The compiled train step for `config` on `mesh` (abstract inputs only: nothing is allocated)."""
+    from yarn_jax import train
+
+    cfg, _ = train.model_config(config)
+    tx = train_step.optimizer(train_step.OptimConfig(**{**config.optim.to_dict(), "total_steps": config.train.steps}))
+    abstract, shardings = train_step.state_shardings(cfg, mesh, tx)
+    micro = config.data.batch_size // config.train.grad_accum
+    sharding.check_batch(mesh, micro, config.data.seq_len)
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len), jnp.int32,
+                                     sharding=batch_sharding) for k in ("tokens", "positions", "segment_ids")}
+    step = train_step.make_step(cfg, mesh, tx, grad_accum=config.train.grad_accum,
+                                loss_chunk=config.train.loss_chunk,
+                                segment_mask=config.data.positions == "document")
+    jitted = jax.jit(step, in_shardings=(shardings, batch_sharding, None), out_shardings=(shardings, None),
+                     donate_argnums=(0,))
+    return cfg, jitted.lower(abstract, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+
+
+def report(config: Any, topology: str, num_slices: int = 1) -> tuple[dict[str, float], list[str]]:
+    """(figures, lines to print). Memory is per chip (devices of a chip summed), FLOPs per step."""
+    chip, chips, devices = topology_devices(topology, num_slices)
+    mesh_cfg = dict(config.mesh)
+    mesh = sharding.make_mesh(**mesh_cfg, devices=devices)
+    try:
+        cfg, compiled = compile_step(config, mesh)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001  XLA refuses steps far over HBM while compiling
+        first = str(e).splitlines()[0][:300]
+        if "RESOURCE_EXHAUSTED" not in first:
+            raise
+        raise DoesNotFit(f"{topology}: {first}; "
+                         f"{advice({'state_gib': 0.0, 'hbm_gib': chip.hbm_bytes / 2**30})}") from None
+    per_chip = len(devices) // chips
+    mem = compiled.memory_analysis()
+    state = mem.argument_size_in_bytes * per_chip
+    temp = mem.temp_size_in_bytes * per_chip
+    total = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+             - mem.alias_size_in_bytes) * per_chip
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", 0.0)) * len(devices)  # per-device module x devices
+    bytes_accessed = float(cost.get("bytes accessed", 0.0)) * len(devices)
+    tokens = config.data.batch_size * config.data.seq_len
+    model_flops = tokens * train_step.flops_per_token(cfg, config.data.seq_len)
+    recompute = 1.0 + (1 / 3 if cfg.remat.value != "none" else 0.0)  # full remat: one more forward
+    step_s = max(flops / (chip.peak_flops * chips), bytes_accessed / (chip.hbm_bandwidth * chips))
+    figures = {"chips": chips, "devices": len(devices), "state_gib": state / 2**30, "temp_gib": temp / 2**30,
+               "total_gib": total / 2**30, "hbm_gib": chip.hbm_bytes / 2**30, "flops": flops,
+               "analytic_flops": model_flops * recompute, "step_s": step_s,
+               "mfu": model_flops / (step_s * chip.peak_flops * chips), "tokens_per_s": tokens / step_s}
+    lines = [
+        f"{topology} ({chips} chips, {len(devices)} devices, mesh {dict(mesh.shape)}): {cfg.num_params():,} "
+        f"parameters, {config.data.batch_size} x {config.data.seq_len} tokens per step, grad_accum "
+        f"{config.train.grad_accum}, remat {cfg.remat.value}",
+        "| per chip | GiB |", "|---|---|",
+        f"| parameters + optimizer state (arguments) | {figures['state_gib']:.2f} |",
+        f"| activations / temporaries | {figures['temp_gib']:.2f} |",
+        f"| total (arguments + temporaries + outputs - donated) | {figures['total_gib']:.2f} |",
+        f"| HBM | {figures['hbm_gib']:.0f} ({figures['total_gib'] / figures['hbm_gib']:.0%} used) |",
+        f"FLOPs per step: compiler {flops:.3e}, analytic (6N + 6LdS) x {recompute:.2f} remat = "
+        f"{figures['analytic_flops']:.3e} (ratio {flops / figures['analytic_flops']:.2f})",
+        f"roofline: {step_s:.2f} s/step, {figures['tokens_per_s']:,.0f} tokens/s for the slice, MFU "
+        f"{figures['mfu']:.1%} (6N + 6LdS per token over {chip.peak_flops / 1e12:.0f} TFLOP/s per chip)",
+    ]
+    return figures, lines
+
+
+class DoesNotFit(ValueError):
+    """The step needs more memory than the chips have."""
+
+
+def advice(figures: dict[str, float]) -> str:
+    if figures["state_gib"] > 0.6 * figures["hbm_gib"]:
+        return ("parameters + optimizer state are too big for this slice: shard them over more chips (a larger "
+                "fsdp axis or slice) or keep parameters in bfloat16 (model.param_dtype)")
+    return ("activations are too big: use a larger ring (mesh.seq), more gradient accumulation (smaller "
+            "micro-batches), remat='full', or a smaller train.loss_chunk")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m yarn_jax.aot", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--topology", required=True, help="e.g. v4-8 .. v4-512, v5e-16, v5p-64, v6e-32")
+    p.add_argument("--num-slices", type=int, default=1)
+    p.add_argument("--set", action="append", default=[], help="override, e.g. --set mesh.seq=8")
+    a = p.parse_args(argv)
+    try:
+        config = load_config(a.config, a.set)
+        figures, lines = report(config, a.topology, a.num_slices)
+    except DoesNotFit as e:
+        print(f"DOES NOT FIT: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    if figures["total_gib"] > figures["hbm_gib"]:
+        print(f"DOES NOT FIT: {figures['total_gib']:.1f} GiB per chip > {figures['hbm_gib']:.0f} GiB HBM; "
+              f"{advice(figures)}", file=sys.stderr)
+        return 1
+    print(f"fits with {1 - figures['total_gib'] / figures['hbm_gib']:.0%} HBM headroom")
+    return 0
+
+
+def load_config(path: str, overrides: list[str]) -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_config_file", path)
+    if spec is None or not path.endswith(".py"):
+        raise ValueError(f"--config: {path} is not a Python config file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for item in overrides:
+        key, _, value = item.partition("=")
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        if leaf not in node and parents != ["model"]:  # model.* may name any LlamaConfig field of the preset
+            raise ValueError(f"--set: unknown config key {key!r}")
+        try:
+            node[leaf] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            node[leaf] = value
+    return config
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
