@@ -104,7 +104,7 @@ def report(config: Any, topology: str, num_slices: int = 1) -> tuple[dict[str, f
         first = str(e).splitlines()[0][:300]
         if "RESOURCE_EXHAUSTED" not in first:
             raise
-        raise DoesNotFit(f"{topology}: {first}; "
+        raise DoesNotFitError(f"{topology}: {first}; "
                          f"{advice({'state_gib': 0.0, 'hbm_gib': chip.hbm_bytes / 2**30})}") from None
     per_chip = len(devices) // chips
     mem = compiled.memory_analysis()
@@ -141,7 +141,7 @@ def report(config: Any, topology: str, num_slices: int = 1) -> tuple[dict[str, f
     return figures, lines
 
 
-class DoesNotFit(ValueError):
+class DoesNotFitError(ValueError):
     """The step needs more memory than the chips have."""
 
 
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(a.config, a.set)
         figures, lines = report(config, a.topology, a.num_slices)
-    except DoesNotFit as e:
+    except DoesNotFitError as e:
         print(f"DOES NOT FIT: {e}", file=sys.stderr)
         return 1
     except ValueError as e:
