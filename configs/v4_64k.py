@@ -9,6 +9,9 @@ no weight decay, 20 warm-up steps, AdamW(0.9, 0.95), PG19 chunked into 64k piece
 
 Mesh (TPU v4-128, 64 chips): fsdp 16 x seq 4 (ring attention over 4 chips, 16k tokens each);
 gradient accumulation 4 (16 sequences per micro-batch, one per fsdp group).
+
+AOT status: `python -m yarn_jax.aot --config <this file> --topology v4-128` does not yet report a fit
+(see README, "Not built yet / known limits"); the mesh is the intended one, not a verified one.
 """
 
 from yarn_jax.run_config import base

@@ -73,9 +73,9 @@ def topology_devices(name: str, num_slices: int = 1) -> tuple[Chip, int, list[An
 
 def compile_step(config: Any, mesh: Mesh):
     """The compiled train step for `config` on `mesh` (abstract inputs only: nothing is allocated)."""
-    from yarn_jax import train
+    from yarn_jax.run_config import model_config
 
-    cfg, _ = train.model_config(config)
+    cfg, _ = model_config(config)
     tx = train_step.optimizer(train_step.OptimConfig(**{**config.optim.to_dict(), "total_steps": config.train.steps}))
     abstract, shardings = train_step.state_shardings(cfg, mesh, tx)
     micro = config.data.batch_size // config.train.grad_accum
@@ -88,7 +88,8 @@ def compile_step(config: Any, mesh: Mesh):
                                 segment_mask=config.data.positions == "document")
     jitted = jax.jit(step, in_shardings=(shardings, batch_sharding, None), out_shardings=(shardings, None),
                      donate_argnums=(0,))
-    return cfg, jitted.lower(abstract, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+    with sharding.rules_context(mesh):
+        return cfg, jitted.lower(abstract, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
 
 
 def report(config: Any, topology: str, num_slices: int = 1) -> tuple[dict[str, float], list[str]]:

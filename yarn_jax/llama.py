@@ -235,5 +235,5 @@ def forward(cfg: LlamaConfig, params: Any, tokens: jax.Array, positions: jax.Arr
     if mesh is None:
         return _forward(cfg, params, tokens, positions, segment_ids, seq_len, None)
     sharding.check_batch(mesh, *tokens.shape)
-    with mesh, nn.logical_axis_rules(sharding.RULES):
+    with sharding.rules_context(mesh):
         return _forward(cfg, params, tokens, positions, segment_ids, seq_len, mesh)

@@ -3,6 +3,9 @@
 
 import ml_collections
 
+from yarn_jax import checkpoint
+from yarn_jax import config as config_lib
+
 
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -22,3 +25,21 @@ def base() -> ml_collections.ConfigDict:
                                              inject_nan_at=-1))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, seq=1, tensor=1))
     return c
+
+
+def model_config(config: ml_collections.ConfigDict) -> tuple[config_lib.LlamaConfig, str | None]:
+    """(LlamaConfig, checkpoint to initialise from or None) from the run config."""
+    execution = {k: config.model[k] for k in ("dtype", "param_dtype", "remat", "attention", "ring_layout")
+                 if k in config.model}
+    if config.init_from:
+        base = checkpoint.Reader(config.init_from).cfg.to_hf()
+    else:
+        shape = {k: v for k, v in config.model.items() if k not in execution and k != "preset"}
+        base = config_lib.PRESETS[config.model.preset](**shape).to_hf()
+    rope = dict(config.get("rope", {}) or {})
+    for key in ("max_position_embeddings", "rope_theta"):
+        if key in rope:
+            base[key] = rope.pop(key)
+    if rope:
+        base["rope_scaling"] = rope
+    return config_lib.LlamaConfig.from_hf(base, **execution), config.init_from or None

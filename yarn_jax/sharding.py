@@ -59,6 +59,17 @@ def make_mesh(data: int = 1, fsdp: int = 1, seq: int = 1, tensor: int = 1, *,
     return Mesh(grid, AXES)
 
 
+def rules_context(mesh: Mesh):
+    """The context in which the model's logical activation constraints resolve on `mesh` (enter it
+    around tracing: jit, lower, or the first call of a jitted function)."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(mesh)
+    stack.enter_context(nn.logical_axis_rules(RULES))
+    return stack
+
+
 def logical_sharding(mesh: Mesh, axes: tuple[str | None, ...] | PartitionSpec) -> NamedSharding:
     return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(axes), RULES))
 

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,6 +28,7 @@ import orbax.checkpoint as ocp
 from yarn_jax import checkpoint, data, sharding
 from yarn_jax import config as config_lib
 from yarn_jax import train_step as ts
+from yarn_jax.run_config import model_config
 
 
 class TrainError(RuntimeError):
@@ -44,24 +44,6 @@ def maybe_initialize_distributed() -> None:
                                    int(env["JAX_PROCESS_ID"]))
     elif int(env.get("SLURM_NTASKS", "1")) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", ""):
         jax.distributed.initialize()
-
-
-def model_config(config: ml_collections.ConfigDict) -> tuple[config_lib.LlamaConfig, str | None]:
-    """(LlamaConfig, checkpoint to initialise from or None) from the run config."""
-    execution = {k: config.model[k] for k in ("dtype", "param_dtype", "remat", "attention", "ring_layout")
-                 if k in config.model}
-    if config.init_from:
-        base = checkpoint.Reader(config.init_from).cfg.to_hf()
-    else:
-        shape = {k: v for k, v in config.model.items() if k not in execution and k != "preset"}
-        base = config_lib.PRESETS[config.model.preset](**shape).to_hf()
-    rope = dict(config.get("rope", {}) or {})
-    for key in ("max_position_embeddings", "rope_theta"):
-        if key in rope:
-            base[key] = rope.pop(key)
-    if rope:
-        base["rope_scaling"] = rope
-    return config_lib.LlamaConfig.from_hf(base, **execution), config.init_from or None
 
 
 def data_config(config: ml_collections.ConfigDict) -> data.DataConfig:
@@ -132,7 +114,7 @@ class Run:
 
             init = jax.jit(lambda k: init_params(self.cfg, k), out_shardings=self.shardings.params)
             params = init(jax.random.key(self.config.seed))
-        with self.mesh, nn.logical_axis_rules(sharding.RULES):
+        with sharding.rules_context(self.mesh):
             opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
         return jax.device_put(ts.TrainState(params, opt_state, jnp.zeros((), jnp.int32)), self.shardings)
 
@@ -181,7 +163,8 @@ class Run:
                 local = next(self.batches)
                 t1 = time.perf_counter()
                 scale = jnp.float32(np.nan if step == tcfg.get("inject_nan_at", -1) else 1.0)
-                self.state, m = self.step_fn(self.state, self._global_batch(local), scale)
+                with sharding.rules_context(self.mesh):
+                    self.state, m = self.step_fn(self.state, self._global_batch(local), scale)
                 loss, grad_norm = float(m["loss"]), float(m["grad_norm"])  # the step's only host sync
                 t2 = time.perf_counter()
                 if not (np.isfinite(loss) and np.isfinite(grad_norm)):

@@ -78,7 +78,10 @@ def chunked_nll(cfg: LlamaConfig, params: Any, hidden: jax.Array, tgt: jax.Array
     chunk = min(chunk, t)
     if t % chunk:
         raise ValueError(f"train.loss_chunk: expected a divisor of seq_len ({t}), got {chunk}")
-    split = lambda x: jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
+    n = t // chunk
+    # chunk i holds positions i, i + n, i + 2n, ...: each chunk spans every 'seq' shard, so the scan runs
+    # over an unsharded axis and no device waits for another's chunk (the sum does not care about order)
+    split = lambda x: jnp.moveaxis(x.reshape(b, chunk, n, *x.shape[2:]), 2, 0)  # noqa: E731
 
     @jax.checkpoint
     def one(h, y, w):  # [B, c, D], [B, c], [B, c]
@@ -125,7 +128,10 @@ def make_step(cfg: LlamaConfig, mesh: Mesh | None, tx: optax.GradientTransformat
         return nll, count, g
 
     def step(state: TrainState, batch: dict[str, jax.Array], loss_scale: jax.Array):
-        micro = {k: v.reshape(grad_accum, v.shape[0] // grad_accum, *v.shape[1:]) for k, v in batch.items()}
+        # micro-batch j takes rows j, j + A, j + 2A, ...: every device holds its share of each micro-batch
+        micro = {k: nn.with_logical_constraint(
+            jnp.swapaxes(v.reshape(v.shape[0] // grad_accum, grad_accum, *v.shape[1:]), 0, 1),
+            (None, "batch", "seq")) for k, v in batch.items()}
 
         def acc(carry, mb):
             nll, count, g = carry
@@ -152,7 +158,7 @@ def state_shardings(cfg: LlamaConfig, mesh: Mesh, tx: optax.GradientTransformati
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))), p_shard)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    with mesh, nn.logical_axis_rules(sharding.RULES):  # moments follow their parameters; counts replicate
+    with sharding.rules_context(mesh):  # moments follow their parameters; counts replicate
         opt_shard = jax.jit(tx.init).lower(params).compile().output_shardings
     opt_shard = jax.tree.map(lambda sh: sh if isinstance(sh, jax.sharding.NamedSharding) else replicated, opt_shard)
     opt_abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),

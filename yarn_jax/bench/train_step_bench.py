@@ -1,0 +1,134 @@
+"""The real train step on one accelerator, side by side with transformers + PyTorch.
+
+    python -m yarn_jax.bench train-step --config configs/h200_1b.py --seq 8192,32768 [--peer hf-torch]
+
+Ours: the trainer's jitted step (forward, backward, AdamW update, donated state) on random tokens; the
+median of `--steps` device-synchronised steps after 2 warm-ups. Peer (separate process, same model shape,
+bf16, SDPA attention, fused AdamW, with and without gradient checkpointing): the same timing. MFU uses
+(6N + 6 L d S) FLOPs per token over the device's peak bf16 FLOP/s (989 TFLOP/s for H100/H200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PEER = r'''
+import json, statistics, sys, time, torch, transformers
+shape, seq, remat, steps = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
+cfg = transformers.LlamaConfig(**shape, attn_implementation="sdpa", torch_dtype="bfloat16")
+torch.manual_seed(0)
+model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+if remat:
+    model.gradient_checkpointing_enable()
+opt = torch.optim.AdamW(model.parameters(), lr=2e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+x = torch.randint(0, shape["vocab_size"], (1, seq), device="cuda")
+times = []
+torch.cuda.reset_peak_memory_stats()
+for i in range(steps + 2):
+    torch.cuda.synchronize(); t = time.perf_counter()
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    if i >= 2: times.append(time.perf_counter() - t)
+print(json.dumps({"step_s": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}))
+'''
+
+
+def ours(config, seq: int, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from yarn_jax import sharding, train_step
+    from yarn_jax.run_config import model_config
+
+    config.data.seq_len = seq
+    config.model.max_position_embeddings = max(seq, config.model.max_position_embeddings)
+    cfg, _ = model_config(config)
+    mesh = sharding.make_mesh(data=1, fsdp=1, seq=1, tensor=1, devices=jax.devices()[:1])
+    tx = train_step.optimizer(train_step.OptimConfig(**{**config.optim.to_dict(), "total_steps": 100}))
+    _, shardings = train_step.state_shardings(cfg, mesh, tx)
+    step = jax.jit(train_step.make_step(cfg, mesh, tx, loss_chunk=config.train.loss_chunk, segment_mask=False),
+                   in_shardings=(shardings, None, None), out_shardings=(shardings, None), donate_argnums=(0,))
+    from yarn_jax.llama import init_params
+
+    with sharding.rules_context(mesh):
+        params = jax.jit(lambda k: init_params(cfg, k), out_shardings=shardings.params)(jax.random.key(0))
+        state = train_step.TrainState(params, jax.jit(tx.init)(params), jnp.zeros((), jnp.int32))
+        tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, seq)), jnp.int32)
+        batch = {"tokens": tokens, "positions": jnp.arange(seq, dtype=jnp.int32)[None],
+                 "segment_ids": jnp.ones((1, seq), jnp.int32)}
+        times = []
+        for i in range(steps + 2):
+            t = time.perf_counter()
+            state, m = step(state, batch, jnp.float32(1.0))
+            float(m["loss"])
+            if i >= 2:
+                times.append(time.perf_counter() - t)
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"step_s": statistics.median(times), "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+            "loss": float(m["loss"]), "flops_per_token": train_step.flops_per_token(cfg, seq),
+            "remat": cfg.remat.value}
+
+
+def peer(config, seq: int, steps: int, remat: bool) -> dict | None:
+    m = config.model
+    shape = dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                 num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+                 head_dim=m.head_dim, max_position_embeddings=max(seq, m.max_position_embeddings))
+    r = subprocess.run([sys.executable, "-c", PEER, json.dumps(shape), str(seq), "1" if remat else "0", str(steps)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str]) -> int:
+    from yarn_jax import aot
+
+    p = argparse.ArgumentParser(prog="python -m yarn_jax.bench train-step")
+    p.add_argument("--config", default="configs/h200_1b.py")
+    p.add_argument("--seq", default="8192")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--peer", choices=["hf-torch"], default=None)
+    p.add_argument("--remat", default="", help="comma list of remat policies to time (default: the config's)")
+    p.add_argument("--out", default="bench_results/train_step.json")
+    a = p.parse_args(argv)
+    import jax
+
+    peak = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12}.get(jax.devices()[0].device_kind)
+    rows = []
+    for seq in [int(s) for s in a.seq.split(",")]:
+        for remat in a.remat.split(",") if a.remat else [""]:
+            config = aot.load_config(a.config, [f"model.remat={remat}"] if remat else [])
+            try:
+                r = ours(config, seq, a.steps)
+            except Exception as e:  # noqa: BLE001  out of memory is a result here
+                r = {"error": str(e).splitlines()[0][:200]}
+            rows.append({"impl": "yarn_jax", "seq": seq, "remat": remat or config.model.remat, **r})
+            print(json.dumps(rows[-1]), flush=True)
+        if a.peer:
+            for remat in (False, True):
+                r = peer(config, seq, a.steps, remat)
+                rows.append({"impl": "hf-torch", "seq": seq, "remat": "full" if remat else "none", **r})
+                print(json.dumps(rows[-1]), flush=True)
+    flops = {r["seq"]: r["flops_per_token"] for r in rows if "flops_per_token" in r}
+    print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, batch 1, bf16")
+    print("| impl | seq | remat | tokens/s | MFU | peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['impl']} | {r['seq']} | {r['remat']} | {r['error']} | | |")
+            continue
+        tps = r["seq"] / r["step_s"]
+        mfu = f"{tps * flops.get(r['seq'], 0) / peak:.1%}" if peak and r["seq"] in flops else "-"
+        print(f"| {r['impl']} | {r['seq']} | {r['remat']} | {tps:,.0f} | {mfu} | {r['peak_gib']:.1f} |")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(rows, indent=2))
+    return 0
