@@ -67,6 +67,8 @@ def test_ring_errors():
         ring.permutation(10, 4, RingLayout.STRIPED)
     with pytest.raises(ValueError, match="data\\*fsdp\\*seq\\*tensor = 4 but there are 8"):
         sharding.make_mesh(seq=4)
+    with pytest.raises(ValueError, match="mesh: unknown axis \\['pipeline'\\]"):
+        sharding.make_mesh(pipeline=2)
     with pytest.raises(ValueError, match="at most one axis may be -1"):
         sharding.make_mesh(seq=-1, data=-1)
     with pytest.raises(ValueError, match="batch: expected a multiple of data\\*fsdp = 4"):

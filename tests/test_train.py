@@ -29,6 +29,8 @@ def test_resume_is_bit_identical(cache, straight, tmp_path):
     assert train.Run(tiny_run_config(cache), str(tmp_path)).train() == 6
     assert losses(tmp_path) == straight  # same losses bit for bit, same batch hashes
     assert len({h for _, _, h in straight}) == 6
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and sum(e.stat().st_size for e in events) > 500  # TensorBoard scalars were written
 
 
 def _cli(workdir, cache, *overrides, env=None):

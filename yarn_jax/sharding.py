@@ -31,11 +31,14 @@ RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, seq: int = 1, tensor: int = 1, *,
-              devices: list[Any] | None = None) -> Mesh:
-    """A mesh over `devices` (default: all, of every process). One axis may be -1: "the rest"."""
+def make_mesh(*, devices: list[Any] | None = None, **axes: int) -> Mesh:
+    """A mesh over `devices` (default: all, of every process) with axis sizes `axes` (data, fsdp, seq,
+    tensor; missing ones are 1). One axis may be -1: "the rest"."""
+    unknown = sorted(set(axes) - set(AXES))
+    if unknown:
+        raise ValueError(f"mesh: unknown axis {unknown}; the mesh axes are {list(AXES)}")
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {"data": data, "fsdp": fsdp, "seq": seq, "tensor": tensor}
+    sizes = {name: axes.get(name, 1) for name in AXES}
     for name, n in sizes.items():
         if not isinstance(n, int) or isinstance(n, bool) or (n < 1 and n != -1):
             raise ValueError(f"mesh.{name}: expected a positive integer or -1, got {n!r}")

@@ -156,6 +156,7 @@ class Run:
         start = int(self.state.step)
         primary = jax.process_index() == 0
         metrics_file = open(self.workdir / ("metrics.jsonl" if primary else os.devnull), "a")  # noqa: SIM115
+        board = _tensorboard(self.workdir) if primary else None
         bar = _progress(start, tcfg.steps)
         try:
             for step in range(start, tcfg.steps):
@@ -178,6 +179,10 @@ class Run:
                     record["mfu"] = tokens_per_s * flops / (peak * jax.device_count())
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+                if board is not None:
+                    for key, value in record.items():
+                        if key not in ("step", "batch_hash"):
+                            board.add_scalar(f"train/{key}", value, step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}",
                                 **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
@@ -192,6 +197,8 @@ class Run:
         finally:
             bar.close()
             metrics_file.close()
+            if board is not None:
+                board.close()
             signal.signal(signal.SIGTERM, previous)
             self.manager.wait_until_finished()
         self.manager.check_for_errors()
@@ -202,6 +209,13 @@ class Run:
 def _execution(cfg: config_lib.LlamaConfig) -> dict[str, Any]:
     return {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "remat": cfg.remat, "attention": cfg.attention,
             "ring_layout": cfg.ring_layout}
+
+
+def _tensorboard(workdir: Path):
+    """TensorBoard event files in WORKDIR/tensorboard (`tensorboard --logdir WORKDIR`)."""
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(workdir / "tensorboard"), flush_secs=10)
 
 
 def _progress(start: int, total: int):
