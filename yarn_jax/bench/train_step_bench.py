@@ -100,11 +100,19 @@ def main(argv: list[str]) -> int:
     p.add_argument("--remat", default="", help="comma list of remat policies to time (default: the config's)")
     p.add_argument("--out", default="bench_results/train_step.json")
     a = p.parse_args(argv)
+    seqs = [int(s) for s in a.seq.split(",")]
+    rows = []
+    if a.peer:  # first, while this process holds no GPU memory (JAX preallocates most of it once started)
+        config = aot.load_config(a.config, [])
+        for seq in seqs:
+            for remat in (False, True):
+                r = peer(config, seq, a.steps, remat)
+                rows.append({"impl": "hf-torch", "seq": seq, "remat": "full" if remat else "none", **r})
+                print(json.dumps(rows[-1]), flush=True)
     import jax
 
     peak = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12}.get(jax.devices()[0].device_kind)
-    rows = []
-    for seq in [int(s) for s in a.seq.split(",")]:
+    for seq in seqs:
         for remat in a.remat.split(",") if a.remat else [""]:
             config = aot.load_config(a.config, [f"model.remat={remat}"] if remat else [])
             try:
@@ -113,11 +121,6 @@ def main(argv: list[str]) -> int:
                 r = {"error": str(e).splitlines()[0][:200]}
             rows.append({"impl": "yarn_jax", "seq": seq, "remat": remat or config.model.remat, **r})
             print(json.dumps(rows[-1]), flush=True)
-        if a.peer:
-            for remat in (False, True):
-                r = peer(config, seq, a.steps, remat)
-                rows.append({"impl": "hf-torch", "seq": seq, "remat": "full" if remat else "none", **r})
-                print(json.dumps(rows[-1]), flush=True)
     flops = {r["seq"]: r["flops_per_token"] for r in rows if "flops_per_token" in r}
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, batch 1, bf16")
     print("| impl | seq | remat | tokens/s | MFU | peak GiB |")
