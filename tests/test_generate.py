@@ -71,3 +71,16 @@ def test_sampling_is_seeded_and_stops_at_eos():
     eos = int(a[0, 6])
     c = generate.generate(cfg, params, prompt, 8, temperature=1.0, key=jax.random.key(7), eos_id=eos)
     assert (c[0, 6:] == eos).all()
+
+
+@pytest.mark.parametrize("mesh_shape", [dict(data=2, fsdp=2, tensor=2), dict(fsdp=4, tensor=2)])
+def test_generation_on_a_mesh_equals_one_device(mesh_shape):
+    from yarn_jax import sharding
+
+    cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(rope_scaling=ROPES["dynamic_yarn"], max_pos=24)
+                                       .to_dict(), dtype="float32")
+    params = jax.tree.map(lambda x: x * 4, yarn_jax.init_params(cfg, jax.random.key(1)))
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 12))
+    want = generate.generate(cfg, params, prompt, 16)
+    got = generate.generate(cfg, params, prompt, 16, mesh=sharding.make_mesh(**mesh_shape))
+    np.testing.assert_array_equal(got, want)

@@ -14,6 +14,7 @@ that dynamic methods scale to up to a multiple of the bucket, so rebuilds happen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import sys
 from typing import Any
@@ -21,7 +22,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from yarn_jax import attention, sharding
 from yarn_jax import rope as rope_lib
 from yarn_jax.config import LlamaConfig
 from yarn_jax.llama import Llama, model
@@ -39,36 +42,53 @@ def frequencies(cfg: LlamaConfig, length: int) -> tuple[tuple[np.ndarray, ...], 
     return rope_lib.turn_parts(inv_freq), float(factor)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"), donate_argnames=("cache",))
 def step(cfg: LlamaConfig, params: Any, cache: Any, tokens: jax.Array, start: jax.Array, freqs: Any,
-         last: jax.Array | int = -1) -> tuple[jax.Array, Any]:
+         last: jax.Array | int = -1, mesh: Mesh | None = None) -> tuple[jax.Array, Any]:
     """tokens [B, t] at positions start..start+t-1 -> (logits [B, V] float32 of token `last`, new cache).
     Prefills pad `tokens` to the cache length (one compilation for every prompt length): causal
     attention keeps the padding from touching the real tokens, whose logits `last` selects."""
     b, t = tokens.shape
     positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     ones = jnp.ones((b, t), jnp.int32)
-    net = model(cfg)
+    net = model(cfg, attention.for_mesh(cfg, mesh))
     hidden, cache = net.apply({"params": params}, tokens, positions, ones, positions, None, cache, start, freqs)
     return net.apply({"params": params}, jnp.take(hidden, last, axis=1), method=Llama.unembed), cache
 
 
-def _prefill(cfg, params, cache, seq: np.ndarray, freqs) -> tuple[jax.Array, Any]:
+def _prefill(cfg, params, cache, seq: np.ndarray, freqs, mesh) -> tuple[jax.Array, Any]:
     padded = np.zeros((seq.shape[0], cache[0].shape[2]), np.int32)
     padded[:, :seq.shape[1]] = seq
-    return step(cfg, params, cache, jnp.asarray(padded), jnp.int32(0), freqs, jnp.int32(seq.shape[1] - 1))
+    return step(cfg, params, cache, jnp.asarray(padded), jnp.int32(0), freqs, jnp.int32(seq.shape[1] - 1), mesh)
 
 
 def generate(cfg: LlamaConfig, params: Any, prompt: np.ndarray, max_new: int, *, temperature: float = 0.0,
-             key: jax.Array | None = None, eos_id: int | None = None, dynamic_bucket: int = 1) -> np.ndarray:
+             key: jax.Array | None = None, eos_id: int | None = None, dynamic_bucket: int = 1,
+             mesh: Mesh | None = None) -> np.ndarray:
     """prompt [B, T0] -> [B, T0 + max_new] tokens (greedy when temperature == 0). Rows that emitted
-    `eos_id` keep emitting it. See the module docstring for `dynamic_bucket`."""
+    `eos_id` keep emitting it. See the module docstring for `dynamic_bucket`. With `mesh` (its seq axis 1)
+    parameters and the cache are sharded by the training rules (batch over data x fsdp, heads over tensor)."""
     prompt = np.asarray(prompt, np.int32)
     b, t0 = prompt.shape
     scale_len = lambda n: -(-n // dynamic_bucket) * dynamic_bucket  # noqa: E731
     cache = init_cache(cfg, b, t0 + max_new)
+    context = contextlib.nullcontext()
+    if mesh is not None:
+        if mesh.shape["seq"] != 1:
+            raise ValueError("mesh.seq: generation decodes one token at a time; use a mesh whose seq axis is 1")
+        sharding.check_batch(mesh, b, 1)
+        params = jax.device_put(params, sharding.param_shardings(cfg, mesh))
+        kv = sharding.logical_sharding(mesh, ("layers", "batch", None, "kv_heads", "head_dim"))
+        cache = jax.device_put(cache, (kv, kv))
+        context = sharding.rules_context(mesh)
+    with context:
+        return _decode(cfg, params, cache, prompt, max_new, temperature, key, eos_id, scale_len, mesh)
+
+
+def _decode(cfg, params, cache, prompt, max_new, temperature, key, eos_id, scale_len, mesh) -> np.ndarray:
+    b, t0 = prompt.shape
     freqs = frequencies(cfg, scale_len(t0))
-    logits, cache = _prefill(cfg, params, cache, prompt, freqs)
+    logits, cache = _prefill(cfg, params, cache, prompt, freqs, mesh)
     out, done = [prompt], np.zeros(b, bool)
     key = jax.random.key(0) if key is None else key
     for i in range(max_new):
@@ -85,10 +105,10 @@ def generate(cfg: LlamaConfig, params: Any, prompt: np.ndarray, max_new: int, *,
             break
         new = frequencies(cfg, scale_len(t0 + i + 1))
         if _same(new, freqs):
-            logits, cache = step(cfg, params, cache, jnp.asarray(out[-1]), jnp.int32(t0 + i), freqs)
+            logits, cache = step(cfg, params, cache, jnp.asarray(out[-1]), jnp.int32(t0 + i), freqs, -1, mesh)
         else:  # the frequencies moved: rebuild the whole cache with them
             freqs = new
-            logits, cache = _prefill(cfg, params, cache, np.concatenate(out, axis=1), freqs)
+            logits, cache = _prefill(cfg, params, cache, np.concatenate(out, axis=1), freqs, mesh)
     return np.concatenate(out, axis=1)
 
 

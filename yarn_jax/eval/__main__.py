@@ -144,14 +144,14 @@ def run_passkey(args) -> list[dict]:
     from yarn_jax.eval import passkey, plots
 
     lengths = [int(x) for x in args.lengths.split(",")]
-    variants, _ = models(args)
+    variants, mesh = models(args)
     tok = _tokenizer(args, [c for _, c, _ in variants])
     trial_list = passkey.trials(tok.encode, tok.bos_id(), lengths, args.trials, args.seed)
     rows = []
     with tqdm(total=len(trial_list) * len(variants), desc="passkey", dynamic_ncols=True) as bar:
         for label, cfg, params in variants:
             def answer(prompt, cfg=cfg, params=params):
-                out = generate.generate(cfg, params, prompt[None], 8, eos_id=tok.eos_id())
+                out = generate.generate(cfg, params, prompt[None], 8, eos_id=tok.eos_id(), mesh=mesh)
                 return tok.decode([int(x) for x in out[0, len(prompt):]])
 
             rows += [{"model": label, **r} for r in passkey.score(trial_list, answer, bar)]
