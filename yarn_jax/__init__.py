@@ -7,11 +7,20 @@ Dimension alphabet, used in einsums, shape comments and docstrings throughout:
 
 from yarn_jax.checkpoint import load_checkpoint
 from yarn_jax.config import AttentionImpl, LlamaConfig, Remat, RingLayout
-from yarn_jax.convert import load_hf, save_hf
 from yarn_jax.llama import forward, hidden_states, init_params, logical_axes, unembed
 from yarn_jax.rope import apply_rope, cos_sin
 from yarn_jax.rope import frequencies as rope_frequencies
 from yarn_jax.sharding import make_mesh
+
+
+def __getattr__(name: str):
+    """load_hf / save_hf load yarn_jax.convert lazily, so `python -m yarn_jax.convert` runs it only once."""
+    if name in ("load_hf", "save_hf"):
+        from yarn_jax import convert
+
+        return getattr(convert, name)
+    raise AttributeError(f"module 'yarn_jax' has no attribute {name!r}")
+
 
 __all__ = [
     "AttentionImpl",
