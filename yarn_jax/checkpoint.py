@@ -87,12 +87,8 @@ class Reader:
     def leaves(self, tree: Any, shardings: Any = None) -> Any:
         """Restores the leaves named by `tree` (any values; structure only) as numpy arrays, or as
         jax.Arrays on `shardings` (a matching tree of Shardings)."""
-        if shardings is None:  # host arrays: a CPU jax.Array views as numpy without another copy
-            cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-            args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=cpu), tree)
-            placeholders = jax.tree.map(lambda _: 0, tree)  # stored dtypes, not the item's
-            restore = ocp.args.PyTreeRestore(item=placeholders, restore_args=args, partial_restore=True)
-            return jax.tree.map(np.asarray, self._checkpointer.restore(self.params_dir, args=restore))
+        if shardings is None:
+            args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         else:
             args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
             tree = shardings
