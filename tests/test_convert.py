@@ -94,6 +94,12 @@ def test_load_checkpoint_onto_a_mesh(tmp_path):
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     _, host = checkpoint.load_checkpoint(tmp_path / "ckpt")
     np.testing.assert_array_equal(np.asarray(q), host["layers"]["attn"]["q"])
+    # a bf16 checkpoint restores onto a mesh as float32 master weights (cfg.param_dtype), values unchanged
+    convert.from_hf(tmp_path / "hf", tmp_path / "bf16", dtype="bfloat16")
+    _, masters = checkpoint.load_checkpoint(tmp_path / "bf16", mesh)
+    _, stored = checkpoint.load_checkpoint(tmp_path / "bf16")
+    assert masters["embedding"].dtype == np.float32 and stored["embedding"].dtype == jax.numpy.bfloat16
+    np.testing.assert_array_equal(np.asarray(masters["embedding"]), stored["embedding"].astype(np.float32))
 
 
 def test_cli_both_ways(tmp_path):

@@ -85,12 +85,13 @@ class Reader:
         return self._checkpointer.metadata(self.params_dir).item_metadata.tree
 
     def leaves(self, tree: Any, shardings: Any = None) -> Any:
-        """Restores the leaves named by `tree` (any values; structure only) as numpy arrays, or as
-        jax.Arrays on `shardings` (a matching tree of Shardings)."""
+        """Restores the leaves named by `tree` as numpy arrays in their stored dtype (tree: structure
+        only), or, with `shardings` (a matching tree of Shardings; tree: ShapeDtypeStructs), as
+        jax.Arrays on those shardings cast to the tree's dtypes (e.g. bf16 weights -> float32 masters)."""
         if shardings is None:
             args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         else:
-            args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
+            args = jax.tree.map(lambda t, s: ocp.ArrayRestoreArgs(sharding=s, dtype=t.dtype), tree, shardings)
             tree = shardings
         restore = ocp.args.PyTreeRestore(item=tree, restore_args=args, partial_restore=True)
         return self._checkpointer.restore(self.params_dir, args=restore)
@@ -104,7 +105,8 @@ def load_checkpoint(path: str | Path, mesh: Mesh | None = None, *, step: int | N
                     **execution: Any) -> tuple[LlamaConfig, Any]:
     """(cfg, params) from a checkpoint of `convert from-hf` or of the trainer (newest step by default).
 
-    With `mesh`, parameters restore straight onto their shardings (sharding.RULES); without, as numpy.
+    With `mesh`, parameters restore straight onto their shardings (sharding.RULES) in cfg.param_dtype;
+    without, as numpy in the stored dtype.
     `execution` overrides execution fields of the config (dtype, remat, attention).
     """
     from yarn_jax import sharding
