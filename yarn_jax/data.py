@@ -148,6 +148,7 @@ def train_tokenizer(files: list[str], vocab_size: int, cache_dir: str | Path) ->
     model.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = model.with_name(f".{model.stem}.{os.getpid()}")
     text = (line for f in files for line in _read_text(f).splitlines() if line.strip())
+    spm.set_random_generator_seed(0)  # the line sample, hence the model, depends only on the files
     spm.SentencePieceTrainer.train(sentence_iterator=text, model_prefix=str(tmp_prefix), vocab_size=vocab_size,
                                    model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
                                    input_sentence_size=200_000, shuffle_input_sentence=True,
@@ -210,7 +211,10 @@ def dataset(cfg: DataConfig, process_index: int = 0, process_count: int = 1) -> 
                                                            length_struct={"tokens": cfg.seq_len})
     batches = packed.map(_Fields(cfg.positions, cfg.seq_len)).batch(cfg.batch_size, drop_remainder=True)
     rows = cfg.batch_size // process_count
-    return batches.map(_Rows(process_index * rows, rows))
+    # a background thread keeps two batches ready while the device computes (the state saved with a
+    # checkpoint is that of the last batch handed out, not of the prefetched ones)
+    return grain.experimental.ThreadPrefetchIterDataset(batches.map(_Rows(process_index * rows, rows)),
+                                                        prefetch_buffer_size=2)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,8 @@ from yarn_jax import rope as rope_lib
 from yarn_jax.config import LlamaConfig
 from yarn_jax.llama import Llama, model
 
+CACHE_BUCKET = 256  # cache lengths round up to a multiple: prompts of similar length share compilations
+
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> tuple[jax.Array, jax.Array]:
     """Empty (k, v) caches [L, B, S, K, H] in the compute dtype."""
@@ -71,7 +73,10 @@ def generate(cfg: LlamaConfig, params: Any, prompt: np.ndarray, max_new: int, *,
     prompt = np.asarray(prompt, np.int32)
     b, t0 = prompt.shape
     scale_len = lambda n: -(-n // dynamic_bucket) * dynamic_bucket  # noqa: E731
-    cache = init_cache(cfg, b, t0 + max_new)
+    cache = init_cache(cfg, b, -(-(t0 + max_new) // CACHE_BUCKET) * CACHE_BUCKET)
+    # `step` takes the frequencies as an argument, so the scaling method need not key its compilation:
+    # every RoPE variant of one model shape shares the compiled prefill and decode steps.
+    net_cfg = cfg.replace(rope_scaling=rope_lib.Default())
     context = contextlib.nullcontext()
     if mesh is not None:
         if mesh.shape["seq"] != 1:
@@ -82,13 +87,13 @@ def generate(cfg: LlamaConfig, params: Any, prompt: np.ndarray, max_new: int, *,
         cache = jax.device_put(cache, (kv, kv))
         context = sharding.rules_context(mesh)
     with context:
-        return _decode(cfg, params, cache, prompt, max_new, temperature, key, eos_id, scale_len, mesh)
+        return _decode(cfg, net_cfg, params, cache, prompt, max_new, temperature, key, eos_id, scale_len, mesh)
 
 
-def _decode(cfg, params, cache, prompt, max_new, temperature, key, eos_id, scale_len, mesh) -> np.ndarray:
+def _decode(cfg, net_cfg, params, cache, prompt, max_new, temperature, key, eos_id, scale_len, mesh) -> np.ndarray:
     b, t0 = prompt.shape
     freqs = frequencies(cfg, scale_len(t0))
-    logits, cache = _prefill(cfg, params, cache, prompt, freqs, mesh)
+    logits, cache = _prefill(net_cfg, params, cache, prompt, freqs, mesh)
     out, done = [prompt], np.zeros(b, bool)
     key = jax.random.key(0) if key is None else key
     for i in range(max_new):
@@ -105,10 +110,10 @@ def _decode(cfg, params, cache, prompt, max_new, temperature, key, eos_id, scale
             break
         new = frequencies(cfg, scale_len(t0 + i + 1))
         if _same(new, freqs):
-            logits, cache = step(cfg, params, cache, jnp.asarray(out[-1]), jnp.int32(t0 + i), freqs, -1, mesh)
+            logits, cache = step(net_cfg, params, cache, jnp.asarray(out[-1]), jnp.int32(t0 + i), freqs, -1, mesh)
         else:  # the frequencies moved: rebuild the whole cache with them
             freqs = new
-            logits, cache = _prefill(cfg, params, cache, np.concatenate(out, axis=1), freqs, mesh)
+            logits, cache = _prefill(net_cfg, params, cache, np.concatenate(out, axis=1), freqs, mesh)
     return np.concatenate(out, axis=1)
 
 

@@ -1,10 +1,10 @@
-"""python -m yarn_jax.bench {convert,ring-memory,attention,train-step} [options]"""
+"""python -m yarn_jax.bench {convert,ring-memory,attention,train-step,reproduce} [options]"""
 
 import importlib
 import sys
 
 COMMANDS = {"convert": "convert_bench", "ring-memory": "ring_memory", "attention": "attention_bench",
-            "train-step": "train_step_bench"}
+            "train-step": "train_step_bench", "reproduce": "reproduce"}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

@@ -19,8 +19,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("perplexity", "passkey"):
         s = sub.add_parser(name, description=COMMON_HELP)
-        s.add_argument("--checkpoint", action="append", default=[])
-        s.add_argument("--hf", action="append", default=[])
+        s.add_argument("--checkpoint", action="append", default=[],
+                       help="[LABEL=]PATH[@STEP]: an Orbax checkpoint (newest step unless @STEP)")
+        s.add_argument("--hf", action="append", default=[], help="[LABEL=]PATH: a Hugging Face directory")
         s.add_argument("--rope", action="append", default=[],
                        help="e.g. yarn:factor=8,original_max_position_embeddings=512 (max_position_embeddings "
                             "and rope_theta allowed too); 'none' keeps the model's own")
@@ -65,16 +66,25 @@ def models(args) -> tuple[list[tuple[str, Any, Any]], Any]:
     mesh = sharding.make_mesh(**{k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(",") if kv)}) \
         if args.mesh else None
     bases = []
-    for path in args.checkpoint:
-        cfg, params = checkpoint.load_checkpoint(path, mesh, dtype=args.dtype)
-        bases.append((Path(path).name, cfg, params))
-    for path in args.hf:
+    for spec in args.checkpoint:
+        label, path = _source(spec)
+        path, _, step = path.rpartition("@") if "@" in Path(path).name else (path, "", "")
+        if step and not step.isdigit():
+            raise ValueError(f"--checkpoint {spec}: expected PATH@STEP with an integer step, got {step!r}")
+        cfg, params = checkpoint.load_checkpoint(path, mesh, step=int(step) if step else None, dtype=args.dtype)
+        bases.append((label or Path(path).name + (f"@{step}" if step else ""), cfg, params))
+    for spec in args.hf:
+        label, path = _source(spec)
         cfg, params = convert.load_hf(path, dtype=args.dtype)
-        bases.append((Path(path).name, cfg, params))
+        bases.append((label or Path(path).name, cfg, params))
     if not bases:
         raise ValueError("give at least one --checkpoint or --hf")
     out = []
     for label, cfg, params in bases:
+        if mesh is None:  # onto the default device once, not at every call
+            import jax
+
+            params = jax.device_put(params)
         for spec in args.rope or ["none"]:
             hf = apply_rope_overrides(cfg.to_hf(), _rope(spec))
             variant = LlamaConfig.from_hf(hf, dtype=cfg.dtype, param_dtype=cfg.param_dtype, attention=cfg.attention)
@@ -82,10 +92,16 @@ def models(args) -> tuple[list[tuple[str, Any, Any]], Any]:
     return out, mesh
 
 
+def _source(spec: str) -> tuple[str, str]:
+    """'LABEL=PATH' -> (LABEL, PATH); 'PATH' -> ('', PATH)."""
+    label, sep, path = spec.partition("=")
+    return (label, path) if sep and "/" not in label else ("", spec)
+
+
 def _tokenizer(args, cfgs):
     from yarn_jax import data
 
-    path = args.tokenizer or (f"{args.hf[0]}/tokenizer.model" if args.hf else None)
+    path = args.tokenizer or (f"{_source(args.hf[0])[1]}/tokenizer.model" if args.hf else None)
     if path is None:
         raise ValueError("--tokenizer: required when no --hf directory provides tokenizer.model")
     tok = data.load_tokenizer(path)
