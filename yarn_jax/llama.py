@@ -83,7 +83,10 @@ class Attention(nn.Module):
             kv_segment_ids, kv_index, start = kv
             cache = tuple(jax.lax.dynamic_update_slice_in_dim(c_, new.astype(c_.dtype), start, axis=1)
                           for c_, new in zip(cache, (k_, v), strict=True))
-            out = self.attend(q, cache[0], cache[1], segment_ids, kv_segment_ids, index, kv_index)
+            if q.shape[1] == cache[0].shape[1]:  # a prefill of the whole cache (start is 0): the model's kernel
+                out = self.attend(q, k_, v, None, None, index, index)
+            else:  # a few new tokens against the cache slots: masks by slot, which fused kernels do not take
+                out = reference.attention(q, cache[0], cache[1], segment_ids, kv_segment_ids, index, kv_index)
         out = checkpoint_name(out, "attn_out")
         return jnp.einsum("BTNH,NHD->BTD", out, wo), cache
 

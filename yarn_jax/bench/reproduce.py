@@ -225,7 +225,7 @@ def run_seed(out: Path, seed: int, tokenizer: str, smoke: bool, steps_scale: flo
     return results
 
 
-EVAL = {"stride": 512, "docs": 0, "batch_size": 8, "trials": 10, "passkey_min_length": 512}
+EVAL = {"stride": 512, "docs": 8, "batch_size": 8, "trials": 10, "passkey_min_length": 512}
 EVAL_SMOKE = {"stride": 512, "docs": 1, "batch_size": 2, "trials": 2, "passkey_min_length": 256}
 
 
