@@ -19,6 +19,6 @@ def get_config():
                         tie_word_embeddings=False, remat="none"))
     c.data.update(dict(sources=tuple(reproduce.corpus()[0]), tokenizer_vocab=8192, seq_len=512, batch_size=64))
     c.optim.update(dict(lr=1e-3, warmup_steps=100, schedule="cosine", weight_decay=0.1))
-    c.train.update(dict(steps=2000, loss_chunk=512, save_every=500, keep=1))
+    c.train.update(dict(steps=1000, loss_chunk=512, save_every=500, keep=1))
     c.mesh.update(dict(data=-1, fsdp=1, seq=1, tensor=1))
     return c

@@ -4,7 +4,8 @@
 
 Per seed (a separate process each; `--jobs` of them at once share the device):
   1. pretrain configs/repro/pretrain.py (32.5M parameters, GQA, theta 10000, 512 tokens) on the training
-     split of the running Python's standard library source (`corpus`);
+     split of the running Python's standard library source (`corpus`) plus short synthetic passkey
+     documents (`passkey_documents`: the task at most 512 tokens long, so retrieval is learnt short);
   2. fine-tune it by s = 8 (512 -> 4096) with PI, NTK-aware and YaRN under one budget
      (configs/repro/finetune.py, checkpoints every 25 steps);
   3. evaluate with `python -m yarn_jax.eval`: sliding-window perplexity at 512 .. 8192 (2x the extended
@@ -48,6 +49,41 @@ def corpus(root: str | None = None) -> tuple[list[str], list[str]]:
             and zlib.crc32(str(p.relative_to(base)).encode()) % 8 == 0]
     held_set = set(held)
     return [str(p) for p in files if p not in held_set], [str(p) for p in held]
+
+
+PASSKEY_DOCS = 3000  # synthetic passkey documents added to the training data, each within the trained length
+
+
+def passkey_documents(directory: Path, tokenizer: str, max_tokens: int, n: int = PASSKEY_DOCS) -> list[str]:
+    """Writes n short passkey documents (the evaluation's task text, filler, key line at a random depth,
+    question, then the answer) of at most `max_tokens` tokens, so that the base model can retrieve a key
+    at its own length; evaluation then asks it to do so at up to 16x that length (train short, test long).
+    Keys come from a fixed generator, so every seed trains on the same documents; returns their paths."""
+    import numpy as np
+
+    from yarn_jax import data
+    from yarn_jax.eval import passkey
+
+    sp = data.load_tokenizer(tokenizer)
+    fixed = len(sp.encode(" ".join([passkey.TASK, passkey.key_line(99999), passkey.QUESTION, "99999."]))) + 2
+    most = (max_tokens - fixed) // len(sp.encode(passkey.FILLER + " "))
+    if most < 1:
+        raise ValueError(f"data.seq_len: {max_tokens} tokens cannot hold a passkey document")
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1234)
+    paths = []
+    for i in range(n):
+        fill, key = int(rng.integers(1, most + 1)), int(rng.integers(10000, 100000))
+        at = int(rng.integers(0, fill + 1))
+        parts = [passkey.TASK, *[passkey.FILLER] * at, passkey.key_line(key), *[passkey.FILLER] * (fill - at),
+                 f"{passkey.QUESTION} {key}."]
+        path = directory / f"{i:05d}.txt"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(" ".join(parts))
+            tmp.replace(path)
+        paths.append(str(path))
+    return paths
 
 
 def finetune_rope(method: str, original: int, factor: float) -> dict[str, Any]:
@@ -96,12 +132,14 @@ def _scale_steps(config, scale: float) -> None:
     config.optim.warmup_steps = min(config.optim.warmup_steps, t.steps // 2)
 
 
-def configs(seed: int, tokenizer: str, smoke: bool, steps_scale: float = 1.0) -> tuple[Any, dict[str, Any]]:
+def configs(seed: int, tokenizer: str, smoke: bool, steps_scale: float = 1.0,
+            extra_sources: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any]]:
     """(pretraining config, {method: fine-tuning config}) for one seed; `steps_scale` shortens both
-    stages (a quick look at a new machine, not the experiment)."""
+    stages (a quick look at a new machine, not the experiment); `extra_sources` join the training data."""
     pre = _load_config("pretrain")
     pre.seed = pre.data.seed = seed
     pre.data.tokenizer = tokenizer
+    pre.data.sources = tuple(pre.data.sources) + tuple(extra_sources)
     if smoke:
         s = SMOKE["pretrain"]
         pre.model.update({**SMOKE["model"], "max_position_embeddings": s["seq_len"]})
@@ -114,6 +152,7 @@ def configs(seed: int, tokenizer: str, smoke: bool, steps_scale: float = 1.0) ->
         ft = _load_config("finetune", method)
         ft.seed = ft.data.seed = seed
         ft.data.tokenizer = tokenizer
+        ft.data.sources = tuple(ft.data.sources) + tuple(extra_sources)
         ft.rope = finetune_rope(method, original, FACTOR)
         ft.data.seq_len = original * FACTOR
         ft.model.dtype = pre.model.dtype
@@ -155,9 +194,9 @@ def _eval(kind: str, out: Path, args: list[str]) -> list[dict]:
 
 
 def run_seed(out: Path, seed: int, tokenizer: str, smoke: bool, steps_scale: float = 1.0,
-             eval_docs: int | None = None) -> dict:
+             eval_docs: int | None = None, synthetic: tuple[str, ...] = ()) -> dict:
     """Every stage for one seed under OUT/seed<N>; returns (and writes) its results."""
-    pre_cfg, ft_cfgs = configs(seed, tokenizer, smoke, steps_scale)
+    pre_cfg, ft_cfgs = configs(seed, tokenizer, smoke, steps_scale, synthetic)
     root = out / f"seed{seed}"
     results_file = root / "results.json"
     if results_file.exists():
@@ -225,7 +264,7 @@ def run_seed(out: Path, seed: int, tokenizer: str, smoke: bool, steps_scale: flo
     return results
 
 
-EVAL = {"stride": 512, "docs": 8, "batch_size": 8, "trials": 10, "passkey_min_length": 512}
+EVAL = {"stride": 512, "docs": 0, "batch_size": 8, "trials": 20, "passkey_min_length": 512}
 EVAL_SMOKE = {"stride": 512, "docs": 1, "batch_size": 2, "trials": 2, "passkey_min_length": 256}
 
 
@@ -362,8 +401,10 @@ def main(argv: list[str]) -> int:
         return 2
     vocab = 512 if a.smoke else _load_config("pretrain").data.tokenizer_vocab
     tokenizer = data.train_tokenizer(train_files, vocab, out / "tokenizer")
+    trained = EVAL_SMOKE["passkey_min_length"] if a.smoke else _load_config("pretrain").data.seq_len
+    synthetic = passkey_documents(out / "passkey_train", tokenizer, trained, PASSKEY_DOCS // (30 if a.smoke else 1))
     if a.worker:
-        run_seed(out, seeds[0], tokenizer, a.smoke, a.steps_scale, a.eval_docs)
+        run_seed(out, seeds[0], tokenizer, a.smoke, a.steps_scale, a.eval_docs, tuple(synthetic))
         return 0
     cmd = [sys.executable, "-m", "yarn_jax.bench", "reproduce", "--out", str(out), "--worker",
            "--steps-scale", str(a.steps_scale), *(["--smoke"] if a.smoke else []),
