@@ -22,6 +22,7 @@ The held-out documents (the same for every seed) are never trained on.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -125,6 +126,24 @@ SMOKE = {  # a CPU-sized run of the same pipeline, for the test suite
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How a run departs from the experiment: `smoke` shrinks it to CPU size, `steps_scale` shortens both
+    training stages (quick looks), `eval_docs` limits the held-out documents (0: all), `deterministic`
+    trains with the reference attention kernel (cuDNN's flash-attention backward is not bit-reproducible)
+    and full remat to keep its scores out of memory."""
+
+    smoke: bool = False
+    steps_scale: float = 1.0
+    eval_docs: int | None = None
+    deterministic: bool = False
+
+    def flags(self) -> list[str]:
+        return [*(["--smoke"] if self.smoke else []), "--steps-scale", str(self.steps_scale),
+                *([] if self.eval_docs is None else ["--eval-docs", str(self.eval_docs)]),
+                *(["--deterministic"] if self.deterministic else [])]
+
+
 def _scale_steps(config, scale: float) -> None:
     t = config.train
     t.save_every = max(1, round(t.save_every * scale))
@@ -132,10 +151,10 @@ def _scale_steps(config, scale: float) -> None:
     config.optim.warmup_steps = min(config.optim.warmup_steps, t.steps // 2)
 
 
-def configs(seed: int, tokenizer: str, smoke: bool, steps_scale: float = 1.0,
+def configs(seed: int, tokenizer: str, opts: Options = Options(),
             extra_sources: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any]]:
-    """(pretraining config, {method: fine-tuning config}) for one seed; `steps_scale` shortens both
-    stages (a quick look at a new machine, not the experiment); `extra_sources` join the training data."""
+    """(pretraining config, {method: fine-tuning config}) for one seed; `extra_sources` join the training data."""
+    smoke = opts.smoke
     pre = _load_config("pretrain")
     pre.seed = pre.data.seed = seed
     pre.data.tokenizer = tokenizer
@@ -145,7 +164,9 @@ def configs(seed: int, tokenizer: str, smoke: bool, steps_scale: float = 1.0,
         pre.model.update({**SMOKE["model"], "max_position_embeddings": s["seq_len"]})
         pre.data.update(dict(seq_len=s["seq_len"], batch_size=s["batch_size"], tokenizer_vocab=512))
         pre.train.update(dict(steps=s["steps"], save_every=s["save_every"], loss_chunk=s["seq_len"]))
-    _scale_steps(pre, steps_scale)
+    _scale_steps(pre, opts.steps_scale)
+    if opts.deterministic:
+        pre.model.attention = "reference"
     original = pre.data.seq_len
     fts = {}
     for method in METHODS:
@@ -160,7 +181,9 @@ def configs(seed: int, tokenizer: str, smoke: bool, steps_scale: float = 1.0,
             s = SMOKE["finetune"]
             ft.data.update(dict(batch_size=s["batch_size"], tokenizer_vocab=512))
             ft.train.update(dict(steps=s["steps"], save_every=s["save_every"], loss_chunk=original))
-        _scale_steps(ft, steps_scale)
+        _scale_steps(ft, opts.steps_scale)
+        if opts.deterministic:
+            ft.model.update(dict(attention="reference", remat="full"))
         fts[method] = ft
     return pre, fts
 
@@ -193,10 +216,10 @@ def _eval(kind: str, out: Path, args: list[str]) -> list[dict]:
     return json.loads(result.read_text())
 
 
-def run_seed(out: Path, seed: int, tokenizer: str, smoke: bool, steps_scale: float = 1.0,
-             eval_docs: int | None = None, synthetic: tuple[str, ...] = ()) -> dict:
+def run_seed(out: Path, seed: int, tokenizer: str, opts: Options = Options(), synthetic: tuple[str, ...] = ()) -> dict:
     """Every stage for one seed under OUT/seed<N>; returns (and writes) its results."""
-    pre_cfg, ft_cfgs = configs(seed, tokenizer, smoke, steps_scale, synthetic)
+    smoke = opts.smoke
+    pre_cfg, ft_cfgs = configs(seed, tokenizer, opts, synthetic)
     root = out / f"seed{seed}"
     results_file = root / "results.json"
     if results_file.exists():
@@ -211,7 +234,7 @@ def run_seed(out: Path, seed: int, tokenizer: str, smoke: bool, steps_scale: flo
         ft.init_from = str(pre)
         train[method] = _train(ft, root / f"finetune_{method}")
     heldout = corpus()[1]
-    ev = {**(EVAL_SMOKE if smoke else EVAL), **({} if eval_docs is None else {"docs": eval_docs})}
+    ev = {**(EVAL_SMOKE if smoke else EVAL), **({} if opts.eval_docs is None else {"docs": opts.eval_docs})}
     common = ["--tokenizer", tokenizer, "--dtype", pre_cfg.model.dtype]
     data = [*[a for f in heldout for a in ("--data", f)], "--docs", str(ev["docs"])]
     static = {m: _spec(finetune_rope(m, original, FACTOR)) for m in METHODS}
@@ -398,9 +421,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--smoke", action="store_true", help="a CPU-sized run of the whole pipeline")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (quick looks)")
     p.add_argument("--eval-docs", type=int, help="evaluate on the first N held-out documents (default: all)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="bit-reproducible training on GPUs: reference attention kernel and full remat (slower)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     out = Path(a.out)
+    opts = Options(a.smoke, a.steps_scale, a.eval_docs, a.deterministic)
     try:
         seeds = [int(s) for s in a.seeds.split(",")]
     except ValueError:
@@ -417,11 +443,9 @@ def main(argv: list[str]) -> int:
     trained = EVAL_SMOKE["passkey_min_length"] if a.smoke else _load_config("pretrain").data.seq_len
     synthetic = passkey_documents(out / "passkey_train", tokenizer, trained, PASSKEY_DOCS // (30 if a.smoke else 1))
     if a.worker:
-        run_seed(out, seeds[0], tokenizer, a.smoke, a.steps_scale, a.eval_docs, tuple(synthetic))
+        run_seed(out, seeds[0], tokenizer, opts, tuple(synthetic))
         return 0
-    cmd = [sys.executable, "-m", "yarn_jax.bench", "reproduce", "--out", str(out), "--worker",
-           "--steps-scale", str(a.steps_scale), *(["--smoke"] if a.smoke else []),
-           *([] if a.eval_docs is None else ["--eval-docs", str(a.eval_docs)])]
+    cmd = [sys.executable, "-m", "yarn_jax.bench", "reproduce", "--out", str(out), "--worker", *opts.flags()]
     pending, running, failed = list(seeds), [], []
     while pending or running:
         while pending and len(running) < max(1, a.jobs):
