@@ -46,6 +46,7 @@ def save_params_streamed(directory: Path, cfg: LlamaConfig, subtrees: Iterator[A
     target = Path(directory).absolute() / str(step) / PARAMS
     for subtree in subtrees:
         ocp_v1.partial.save(target, subtree)
+        del subtree  # before the generator builds the next one: one subtree alive at a time
     ocp_v1.partial.finalize(target)
 
 

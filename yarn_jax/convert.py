@@ -123,6 +123,7 @@ def from_hf(hf_dir: str | Path, ckpt_dir: str | Path, *, dtype: str | None = Non
             tree: dict[str, Any] = {}
             hf_layout.set_path(tree, t.path, leaf)
             yield tree
+            del tree, leaf  # freed before the next leaf is filled
 
     with atomic_dir(ckpt_dir, overwrite) as out:
         checkpoint.save_params_streamed(out, cfg, subtrees())
@@ -147,7 +148,7 @@ def to_hf(ckpt_dir: str | Path, hf_dir: str | Path, *, step: int | None = None, 
             leaf = hf_layout.get_path(reader.leaves(_subtree(t.path)), t.path)
             for w in (leaf if t.per_layer else [leaf]):
                 yield t.to_hf(w).astype(target or w.dtype, copy=False)
-            del leaf
+            del leaf, w  # `w` is a view: both must go before the next leaf is restored
 
     with atomic_dir(hf_dir, overwrite) as out:
         hf_files.write_weights(out, specs, arrays(), max_bytes)

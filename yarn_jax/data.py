@@ -152,7 +152,7 @@ def train_tokenizer(files: list[str], vocab_size: int, cache_dir: str | Path) ->
     spm.SentencePieceTrainer.train(sentence_iterator=text, model_prefix=str(tmp_prefix), vocab_size=vocab_size,
                                    model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
                                    input_sentence_size=200_000, shuffle_input_sentence=True,
-                                   byte_fallback=True, character_coverage=0.98, num_threads=2, minloglevel=2)
+                                   byte_fallback=True, character_coverage=0.98, num_threads=1, minloglevel=2)
     os.replace(f"{tmp_prefix}.model", model)
     os.remove(f"{tmp_prefix}.vocab")
     return str(model)
@@ -257,6 +257,11 @@ class Batches:
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._it.set_state(_tuples(state))
+
+    def close(self) -> None:
+        """Stops the prefetch thread now (grain's own clean-up at interpreter exit fails noisily)."""
+        self._it.close()
+        self._it = None  # the iterator's __del__ runs here, while the modules it needs still exist
 
 
 def _tuples(x: Any) -> Any:

@@ -169,7 +169,7 @@ def write_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...], Any]],
         for (name, shape, dtype), a in zip(specs, arrays, strict=True):
             if tuple(a.shape) != tuple(shape) or np.dtype(a.dtype) != np.dtype(dtype):
                 raise ValueError(f"tensor {name}: expected {shape} {np.dtype(dtype)}, got {a.shape} {a.dtype}")
-            f.write(np.ascontiguousarray(a).tobytes())
+            np.ascontiguousarray(a).tofile(f)  # straight from the buffer, no bytes copy
 
 
 def write_weights(directory: Path, specs: list[tuple[str, tuple[int, ...], Any]], arrays: Iterator[np.ndarray],

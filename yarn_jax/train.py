@@ -201,6 +201,7 @@ class Run:
                 board.close()
             signal.signal(signal.SIGTERM, previous)
             self.manager.wait_until_finished()
+            self.batches.close()
         self.manager.check_for_errors()
         self.manager.close()
         return int(self.state.step)

@@ -130,8 +130,8 @@ SMOKE = {  # a CPU-sized run of the same pipeline, for the test suite
 class Options:
     """How a run departs from the experiment: `smoke` shrinks it to CPU size, `steps_scale` shortens both
     training stages (quick looks), `eval_docs` limits the held-out documents (0: all), `deterministic`
-    trains with the reference attention kernel (cuDNN's flash-attention backward is not bit-reproducible)
-    and full remat to keep its scores out of memory."""
+    trains with the reference attention kernel and full remat (cuDNN's flash-attention backward may
+    accumulate in any order) and turns XLA's per-process GEMM autotuning off (see `_worker_env`)."""
 
     smoke: bool = False
     steps_scale: float = 1.0
@@ -404,9 +404,13 @@ def report(out: Path, seeds: list[int]) -> str:
 
 # ----------------------------------------------------------------------------------- entry point
 
-def _worker_env(jobs: int) -> dict[str, str]:
+def _worker_env(jobs: int, deterministic: bool) -> dict[str, str]:
+    """The workers' environment: deterministic XLA GPU reductions; with `deterministic`, no autotuning
+    either (XLA times candidate GEMM algorithms in each process and may pick different ones, so two
+    processes can differ from the first step's forward pass on)."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()
+    flags = ["--xla_gpu_deterministic_ops=true", *(["--xla_gpu_autotune_level=0"] if deterministic else [])]
+    env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), *flags]).strip()
     if jobs > 1:
         env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / jobs:.2f}"
     return env
@@ -451,8 +455,9 @@ def main(argv: list[str]) -> int:
         while pending and len(running) < max(1, a.jobs):
             seed = pending.pop(0)
             log = open(out / f"seed{seed}.log", "a")  # noqa: SIM115
-            running.append((seed, subprocess.Popen([*cmd, "--seeds", str(seed)], env=_worker_env(a.jobs),
-                                                   stdout=log, stderr=subprocess.STDOUT), log))
+            proc = subprocess.Popen([*cmd, "--seeds", str(seed)], env=_worker_env(a.jobs, a.deterministic),
+                                    stdout=log, stderr=subprocess.STDOUT)
+            running.append((seed, proc, log))
         time.sleep(1)
         for item in [r for r in running if r[1].poll() is not None]:
             running.remove(item)
