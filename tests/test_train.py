@@ -141,3 +141,19 @@ def test_two_processes_agree_with_one(cache, straight, tmp_path):
     got = [loss for _, loss, _ in losses(tmp_path)]
     want = [loss for _, loss, _ in straight[:4]]
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_trainer_checkpoint_exports_to_hugging_face(cache, tmp_path):
+    """to-hf reads the trainer's checkpoints (parameters taken out of the train state, sharded on a mesh)."""
+    import numpy as np
+
+    from yarn_jax import checkpoint, convert, hf_files, hf_layout
+
+    train.Run(tiny_run_config(cache, steps=2, save_every=2), str(tmp_path / "run")).train()
+    cfg, params = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoints")
+    convert.to_hf(tmp_path / "run" / "checkpoints", tmp_path / "hf")
+    weights = hf_files.HfWeights(tmp_path / "hf")
+    for t in hf_layout.layout(cfg):
+        leaf = hf_layout.get_path(params, t.path)
+        for i, name in enumerate(hf_layout.names_of(t, cfg)):
+            np.testing.assert_array_equal(weights.get(name), t.to_hf(leaf[i] if t.per_layer else leaf))

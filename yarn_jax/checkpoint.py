@@ -1,8 +1,9 @@
 """Orbax checkpoints: one layout for the converter and the trainer.
 
-    CKPT_DIR/<step>/params   Orbax PyTree of the parameter tree (natural axes, layers stacked); written
-                             leaf by leaf (Orbax partial save, the tree then sits in params/state) by the
-                             converter, in one save by the trainer
+    CKPT_DIR/<step>/params   Orbax PyTree of the parameter tree (natural axes, layers stacked); the
+                             converter writes it leaf by leaf (Orbax partial saves, the tree then sits in
+                             params/state), stored one layer per chunk and filled layer by layer through
+                             TensorStore; the trainer writes it in one save
     CKPT_DIR/<step>/config   JSON: the model config in Hugging Face keys (LlamaConfig.to_hf)
     CKPT_DIR/<step>/...      the trainer adds opt_state, data iterator state, run config
 
@@ -12,7 +13,8 @@ streams through a small machine, and straight onto a mesh's shardings (each host
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from yarn_jax import hf_layout
 from yarn_jax.config import LlamaConfig
 
 PARAMS, CONFIG = "params", "config"
@@ -33,9 +36,59 @@ def manager(directory: str | Path, *, max_to_keep: int | None = None, save_inter
     return ocp.CheckpointManager(str(Path(directory).absolute()), options=options)
 
 
-def save_params_streamed(directory: Path, cfg: LlamaConfig, subtrees: Iterator[Any], step: int = 0) -> None:
-    """Writes the model config, then the parameters one subtree at a time (Orbax partial save), so only
-    one subtree is in memory at once; the tree becomes readable when the last one is finalised."""
+def release_freed_memory() -> None:
+    """Hands memory that Orbax/TensorStore freed back to the OS (glibc malloc_trim). Their many small
+    buffers, freed across threads, otherwise stay in malloc's arenas, and a leaf-by-leaf conversion
+    grows by most of a leaf per leaf (measured: 3.7 -> 2.1 GiB peak for an 8-layer 7B-shaped model)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:  # glibc only; elsewhere nothing to do
+        trim(0)
+
+
+def _per_layer_chunks(leading: int, shape: tuple[int, ...], dtype: Any) -> Any:
+    """Orbax array options whose storage chunk is one slice of the leading axis (one layer of a stacked
+    parameter), so a layer is written or read without touching the others."""
+    from orbax.checkpoint.experimental.v1._src.context import options
+
+    storage = options.ArrayOptions.Saving.StorageOptions
+    size = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize if leading > 1 else None
+    return options.ArrayOptions(saving=options.ArrayOptions.Saving(
+        storage_options=storage(chunk_byte_size=size, shard_axes=(0,) if size else None)))
+
+
+def _array_store(params_dir: Path, path: tuple[str, ...], *, write: bool = False) -> Any:
+    """The TensorStore of one stored parameter (Orbax's OCDBT + zarr3 layout)."""
+    import tensorstore as ts
+
+    spec = {"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": f"file://{params_dir}/",
+                                           "path": ".".join(path) + "/"}}
+    if write:
+        spec["store_data_equal_to_fill_value"] = True  # Orbax reads a missing chunk as an error
+    return ts.open(spec, open=True).result()
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSource:
+    """One parameter to write: where, its stored shape and dtype, and how to produce its data: fill(i) is
+    layer i of a stacked parameter (leading axis = layers), fill(None) the whole of an unstacked one."""
+
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: Any
+    stacked: bool
+    fill: Callable[[int | None], np.ndarray]
+
+
+def save_params_streamed(directory: Path, cfg: LlamaConfig, leaves: list[LeafSource], step: int = 0) -> None:
+    """Writes the model config, then the parameters with about one stacked parameter's worth of memory.
+
+    Each parameter is first saved by Orbax as a zero placeholder stored one layer per chunk (one parameter
+    at a time, partial saves), then filled in through TensorStore layer by layer: no whole stacked
+    parameter is ever built on the host."""
     from orbax.checkpoint.experimental import v1 as ocp_v1
 
     mgr = manager(directory)
@@ -44,10 +97,24 @@ def save_params_streamed(directory: Path, cfg: LlamaConfig, subtrees: Iterator[A
     mgr.check_for_errors()
     mgr.close()
     target = Path(directory).absolute() / str(step) / PARAMS
-    for subtree in subtrees:
-        ocp_v1.partial.save(target, subtree)
-        del subtree  # before the generator builds the next one: one subtree alive at a time
+    for leaf in leaves:
+        tree: dict[str, Any] = {}
+        hf_layout.set_path(tree, leaf.path, np.broadcast_to(np.zeros((), leaf.dtype), leaf.shape))
+        with ocp_v1.Context(array_options=_per_layer_chunks(leaf.shape[0] if leaf.stacked else 1, leaf.shape,
+                                                            leaf.dtype)):
+            ocp_v1.partial.save(target, tree)
+        del tree
+        release_freed_memory()
     ocp_v1.partial.finalize(target)
+    params_dir = _params_dir(target.parent)
+    for leaf in leaves:
+        store = _array_store(params_dir, leaf.path, write=True)
+        if leaf.stacked:
+            for i in range(leaf.shape[0]):
+                store[i].write(leaf.fill(i)).result()
+        else:
+            store.write(leaf.fill(None)).result()
+        release_freed_memory()
 
 
 def _params_dir(step_dir: Path) -> Path:
@@ -96,6 +163,25 @@ class Reader:
             tree = shardings
         restore = ocp.args.PyTreeRestore(item=tree, restore_args=args, partial_restore=True)
         return self._checkpointer.restore(self.params_dir, args=restore)
+
+    def slices(self, path: tuple[str, ...], stacked: bool) -> Iterator[np.ndarray]:
+        """The parameter at `path` as numpy, one layer at a time when `stacked`. A parameter stored one
+        layer per chunk (as `convert from-hf` writes it) is read layer by layer through TensorStore;
+        otherwise (e.g. the trainer's checkpoints) the whole parameter is restored once."""
+        store = None
+        if stacked:
+            try:
+                store = _array_store(self.params_dir, path)
+            except ValueError:  # not OCDBT + zarr3: Orbax restores it below
+                store = None
+        if store is not None and store.chunk_layout.read_chunk.shape[0] == 1:
+            for i in range(store.shape[0]):
+                yield store[i].read().result()
+            return
+        tree: dict[str, Any] = {}
+        hf_layout.set_path(tree, path, 0)
+        leaf = hf_layout.get_path(self.leaves(tree), path)
+        yield from (leaf if stacked else [leaf])
 
     def close(self) -> None:
         self._mgr.close()

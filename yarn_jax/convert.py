@@ -101,32 +101,29 @@ def _check_names(cfg: LlamaConfig, weights: hf_files.HfWeights) -> None:
 
 def from_hf(hf_dir: str | Path, ckpt_dir: str | Path, *, dtype: str | None = None,
             rope: dict[str, Any] | None = None, overwrite: bool = False) -> LlamaConfig:
-    """HF directory -> Orbax checkpoint (step 0), one stacked parameter at a time (Orbax partial saves),
-    so memory stays near the largest stacked parameter plus Orbax's buffers."""
+    """HF directory -> Orbax checkpoint (step 0), written one HF tensor (one layer) at a time into
+    per-layer chunks (checkpoint.save_params_streamed), so memory stays near one stacked parameter."""
     hf_dir = Path(hf_dir)
     cfg = LlamaConfig.from_hf(read_hf_config(hf_dir, rope))
     target = _target_dtype(dtype)
     weights = hf_files.HfWeights(hf_dir)
     _check_names(cfg, weights)
 
-    def subtrees() -> Iterator[dict[str, Any]]:
-        for t in hf_layout.layout(cfg):
-            names = hf_layout.names_of(t, cfg)
-            ws = [weights.get(n) for n in names]
-            for name, w in zip(names, ws, strict=True):
-                hf_layout.check_hf_shape(t, name, w)
-            shape = ((cfg.num_layers,) if t.per_layer else ()) + t.shape
-            leaf = np.empty(shape, target or ws[0].dtype)  # filled one HF tensor at a time
-            for i, w in enumerate(ws):
-                leaf[i if t.per_layer else ...] = t.to_ours(w)
-            del ws
-            tree: dict[str, Any] = {}
-            hf_layout.set_path(tree, t.path, leaf)
-            yield tree
-            del tree, leaf  # freed before the next leaf is filled
+    def source(t: hf_layout.Tensor) -> checkpoint.LeafSource:
+        names = hf_layout.names_of(t, cfg)
+        for name in names:  # every shape checked before anything is written
+            hf_layout.check_hf_shape(t, name, weights.get(name))
+        stored = target or weights.get(names[0]).dtype
 
+        def fill(i: int | None) -> np.ndarray:  # one HF tensor, read from its memory map
+            return np.ascontiguousarray(t.to_ours(weights.get(names[0 if i is None else i])), dtype=stored)
+
+        shape = ((cfg.num_layers,) if t.per_layer else ()) + t.shape
+        return checkpoint.LeafSource(t.path, shape, stored, t.per_layer, fill)
+
+    leaves = [source(t) for t in hf_layout.layout(cfg)]
     with atomic_dir(ckpt_dir, overwrite) as out:
-        checkpoint.save_params_streamed(out, cfg, subtrees())
+        checkpoint.save_params_streamed(out, cfg, leaves)
     return cfg
 
 
@@ -145,22 +142,16 @@ def to_hf(ckpt_dir: str | Path, hf_dir: str | Path, *, step: int | None = None, 
 
     def arrays() -> Iterator[np.ndarray]:
         for t in tensors:
-            leaf = hf_layout.get_path(reader.leaves(_subtree(t.path)), t.path)
-            for w in (leaf if t.per_layer else [leaf]):
+            for w in reader.slices(t.path, t.per_layer):  # one layer at a time
                 yield t.to_hf(w).astype(target or w.dtype, copy=False)
-            del leaf, w  # `w` is a view: both must go before the next leaf is restored
+            del w
+            checkpoint.release_freed_memory()
 
     with atomic_dir(hf_dir, overwrite) as out:
         hf_files.write_weights(out, specs, arrays(), max_bytes)
         write_hf_metadata(out, cfg, specs[0][2], tokenizer)
     reader.close()
     return cfg
-
-
-def _subtree(path: tuple[str, ...]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    hf_layout.set_path(tree, path, 0)
-    return tree
 
 
 def transformers_config(cfg: LlamaConfig) -> dict[str, Any]:
