@@ -49,13 +49,13 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-def _per_layer_chunks(leading: int, shape: tuple[int, ...], dtype: Any) -> Any:
-    """Orbax array options whose storage chunk is one slice of the leading axis (one layer of a stacked
-    parameter), so a layer is written or read without touching the others."""
+def _per_layer_chunks(leaf: LeafSource) -> Any:
+    """Orbax array options whose storage chunk is one layer of a stacked parameter, so a layer is written
+    or read without touching the others (unstacked parameters keep Orbax's default chunks)."""
     from orbax.checkpoint.experimental.v1._src.context import options
 
     storage = options.ArrayOptions.Saving.StorageOptions
-    size = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize if leading > 1 else None
+    size = int(np.prod(leaf.shape[1:], dtype=np.int64)) * np.dtype(leaf.dtype).itemsize if leaf.stacked else None
     return options.ArrayOptions(saving=options.ArrayOptions.Saving(
         storage_options=storage(chunk_byte_size=size, shard_axes=(0,) if size else None)))
 
@@ -100,8 +100,7 @@ def save_params_streamed(directory: Path, cfg: LlamaConfig, leaves: list[LeafSou
     for leaf in leaves:
         tree: dict[str, Any] = {}
         hf_layout.set_path(tree, leaf.path, np.broadcast_to(np.zeros((), leaf.dtype), leaf.shape))
-        with ocp_v1.Context(array_options=_per_layer_chunks(leaf.shape[0] if leaf.stacked else 1, leaf.shape,
-                                                            leaf.dtype)):
+        with ocp_v1.Context(array_options=_per_layer_chunks(leaf)):
             ocp_v1.partial.save(target, tree)
         del tree
         release_freed_memory()
@@ -173,7 +172,7 @@ class Reader:
             try:
                 store = _array_store(self.params_dir, path)
             except ValueError:  # not OCDBT + zarr3: Orbax restores it below
-                store = None
+                pass
         if store is not None and store.chunk_layout.read_chunk.shape[0] == 1:
             for i in range(store.shape[0]):
                 yield store[i].read().result()

@@ -152,7 +152,7 @@ def train_tokenizer(files: list[str], vocab_size: int, cache_dir: str | Path) ->
     spm.SentencePieceTrainer.train(sentence_iterator=text, model_prefix=str(tmp_prefix), vocab_size=vocab_size,
                                    model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
                                    input_sentence_size=200_000, shuffle_input_sentence=True,
-                                   byte_fallback=True, character_coverage=0.98, num_threads=1, minloglevel=2)
+                                   byte_fallback=True, character_coverage=0.98, num_threads=2, minloglevel=2)
     os.replace(f"{tmp_prefix}.model", model)
     os.remove(f"{tmp_prefix}.vocab")
     return str(model)

@@ -305,11 +305,12 @@ def _plots(root: Path, results: dict) -> None:
 
 # ----------------------------------------------------------------------------------- report
 
-def _ppl_table(results: dict) -> tuple[list[str], dict[str, dict[int, float]]]:
+def _ppl_table(results: dict) -> dict[str, dict[int, float]]:
+    """{model: {length: perplexity}}, models in their order of appearance."""
     table: dict[str, dict[int, float]] = {}
     for r in results["perplexity"]:
         table.setdefault(r["model"], {})[r["length"]] = r["perplexity"]
-    return list(table), table
+    return table
 
 
 def _passkey_table(results: dict) -> dict[str, dict[int, float]]:
@@ -323,7 +324,7 @@ def _passkey_table(results: dict) -> dict[str, dict[int, float]]:
 
 def claims(results: dict) -> dict[str, tuple[bool, str]]:
     """The paper's claims, each (held at this seed, the numbers behind it)."""
-    _, ppl = _ppl_table(results)
+    ppl = _ppl_table(results)
     ext, lengths = results["extended"], results["lengths"]
     past = lengths[-1]
     ft = {m: ppl[f"{METHODS[m]} s=8 (fine-tuned)"] for m in METHODS}
@@ -347,11 +348,9 @@ def claims(results: dict) -> dict[str, tuple[bool, str]]:
         all(yarn_pk[n] >= 0.8 for n in yarn_pk if n <= ext),
         ", ".join(f"{n}: {a:.0%}" for n, a in yarn_pk.items()))
     steps = results["steps_to_target"]
-    never = 10 ** 9
+    by = {m: float("inf") if s is None else s for m, s in steps.items()}  # never reached: last
     out["YaRN reaches the target perplexity in fewer fine-tuning steps than PI (and no more than NTK)"] = (
-        (steps["yarn"] if steps["yarn"] is not None else never) < (steps["pi"] if steps["pi"] is not None else never)
-        and (steps["yarn"] if steps["yarn"] is not None else never)
-        <= (steps["ntk"] if steps["ntk"] is not None else never),
+        by["yarn"] < by["pi"] and by["yarn"] <= by["ntk"],
         ", ".join(f"{METHODS[m]} {'never' if s is None else s}" for m, s in steps.items())
         + f" (target {results['target']:.3f})")
     return out
@@ -368,11 +367,11 @@ def report(out: Path, seeds: list[int]) -> str:
         lines += ["Machine: " + ", ".join(f"{k} {v}" for k, v in first["machine"].items()), ""]
     verdicts: dict[str, list[bool]] = {}
     for seed, res in per_seed.items():
-        labels, ppl = _ppl_table(res)
+        ppl = _ppl_table(res)
         lines += [f"## Seed {seed}", "", f"Sliding-window perplexity (stride {res['stride']}):", "",
                   "| model | " + " | ".join(map(str, res["lengths"])) + " |",
                   "|---|" + "---|" * len(res["lengths"])]
-        lines += [f"| {m} | " + " | ".join(f"{ppl[m][n]:.3f}" for n in res["lengths"]) + " |" for m in labels]
+        lines += [f"| {m} | " + " | ".join(f"{ppl[m][n]:.3f}" for n in res["lengths"]) + " |" for m in ppl]
         pk = _passkey_table(res)
         pk_lengths = sorted({n for v in pk.values() for n in v})
         lines += ["", "Passkey accuracy:", "", "| model | " + " | ".join(map(str, pk_lengths)) + " |",
@@ -442,9 +441,10 @@ def main(argv: list[str]) -> int:
     if not heldout:
         print("error: the standard library has no held-out document of 48 kB or more", file=sys.stderr)
         return 2
-    vocab = 512 if a.smoke else _load_config("pretrain").data.tokenizer_vocab
+    pretrain = _load_config("pretrain").data
+    vocab = 512 if a.smoke else pretrain.tokenizer_vocab
     tokenizer = data.train_tokenizer(train_files, vocab, out / "tokenizer")
-    trained = EVAL_SMOKE["passkey_min_length"] if a.smoke else _load_config("pretrain").data.seq_len
+    trained = EVAL_SMOKE["passkey_min_length"] if a.smoke else pretrain.seq_len
     synthetic = passkey_documents(out / "passkey_train", tokenizer, trained, PASSKEY_DOCS // (30 if a.smoke else 1))
     if a.worker:
         run_seed(out, seeds[0], tokenizer, opts, tuple(synthetic))
