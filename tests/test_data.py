@@ -96,3 +96,19 @@ def test_errors(tokenizer):
         _cfg(tokenizer, format="csv")
     with pytest.raises(ValueError, match="data.tokenizer: /nope.model does not exist"):
         data.load_tokenizer("/nope.model")
+
+
+def test_tokenizer_is_the_same_in_every_process(tmp_path):
+    """Trained twice, each in a fresh process and on a line sample (SentencePiece's own sampler gave
+    other pieces in every process): the same pieces and scores."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from tests.train_helpers import corpus; from yarn_jax import data; "
+              "data.TOKENIZER_LINES = 1500; "
+              "from sentencepiece import sentencepiece_model_pb2 as pb; m = pb.ModelProto(); "
+              "m.ParseFromString(open(data.train_tokenizer(corpus(), 400, sys.argv[1]), 'rb').read()); "
+              "print([(p.piece, p.score) for p in m.pieces])")
+    pieces = [subprocess.run([sys.executable, "-c", script, str(tmp_path / str(i))], check=True,
+                             capture_output=True, text=True).stdout for i in range(2)]
+    assert pieces[0] and pieces[0] == pieces[1]

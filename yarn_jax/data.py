@@ -137,6 +137,9 @@ def load_tokenizer(path: str):
     return spm.SentencePieceProcessor(model_file=path)
 
 
+TOKENIZER_LINES = 200_000  # lines the tokenizer is trained on
+
+
 def train_tokenizer(files: list[str], vocab_size: int, cache_dir: str | Path) -> str:
     """Trains a SentencePiece BPE model on `files` once and caches it by content of the file list."""
     import sentencepiece as spm
@@ -147,11 +150,15 @@ def train_tokenizer(files: list[str], vocab_size: int, cache_dir: str | Path) ->
         return str(model)
     model.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = model.with_name(f".{model.stem}.{os.getpid()}")
-    text = (line for f in files for line in _read_text(f).splitlines() if line.strip())
-    spm.set_random_generator_seed(0)  # the line sample, hence the model, depends only on the files
-    spm.SentencePieceTrainer.train(sentence_iterator=text, model_prefix=str(tmp_prefix), vocab_size=vocab_size,
-                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-                                   input_sentence_size=200_000, shuffle_input_sentence=True,
+    lines = [line for f in files for line in _read_text(f).splitlines() if line.strip()]
+    # SentencePiece's own line sampling differs between processes even when seeded, so the sample is ours:
+    # at most TOKENIZER_LINES lines, chosen by a fixed generator, kept in corpus order.
+    if len(lines) > TOKENIZER_LINES:
+        keep = np.sort(np.random.default_rng(0).choice(len(lines), TOKENIZER_LINES, replace=False))
+        lines = [lines[i] for i in keep]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_prefix),
+                                   vocab_size=vocab_size, model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   input_sentence_size=0, shuffle_input_sentence=False,
                                    byte_fallback=True, character_coverage=0.98, num_threads=2, minloglevel=2)
     os.replace(f"{tmp_prefix}.model", model)
     os.remove(f"{tmp_prefix}.vocab")
