@@ -98,6 +98,10 @@ def _shift(axis: str, ring: int, *xs):
 
 
 def _forward(axis, ring, q, k, v, q_seg, kv_seg, q_idx, kv_idx):
+    # One barrier over all inputs: inside a scan over layers JAX would otherwise hoist out of the loop
+    # whatever is computed from layer-invariant inputs alone (the ids), i.e. every chunk's mask broadcast
+    # over heads at once: O(T x S x heads) memory.
+    q, k, v, q_seg, kv_seg, q_idx, kv_idx = jax.lax.optimization_barrier((q, k, v, q_seg, kv_seg, q_idx, kv_idx))
     b, t, n, h = q.shape
     kh = k.shape[2]
     acc = jnp.zeros((b, t, kh, n // kh, h), jnp.float32)

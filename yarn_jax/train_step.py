@@ -158,11 +158,11 @@ def state_shardings(cfg: LlamaConfig, mesh: Mesh, tx: optax.GradientTransformati
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))), p_shard)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    with sharding.rules_context(mesh):  # moments follow their parameters; counts replicate
-        opt_shard = jax.jit(tx.init).lower(params).compile().output_shardings
-    opt_shard = jax.tree.map(lambda sh: sh if isinstance(sh, jax.sharding.NamedSharding) else replicated, opt_shard)
-    opt_abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                jax.eval_shape(tx.init, params), opt_shard)
+    # moments take their parameter's sharding, everything else (counts) is replicated. (Asking the
+    # compiler for tx.init's output shardings instead gave replicated moments on TPU topologies.)
+    opt_abstract = optax.tree_map_params(
+        tx, lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p.sharding), jax.eval_shape(tx.init, params),
+        params, transform_non_params=lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated))
     abstract = TrainState(params, opt_abstract, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
     return abstract, jax.tree.map(lambda x: x.sharding, abstract)
 
