@@ -26,7 +26,7 @@ def test_tiny_config_compiles_and_fits_on_v4_8(capsys):
     rc = aot.main(["--config", str(ROOT / "configs/tiny.py"), "--topology", "v4-8"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "v4-8 (4 chips, 4 devices" in out and "fits with" in out and "FLOPs per step: compiler" in out
+    assert "v4-8 (4 chips, 4 devices" in out and "fits with" in out and "FLOPs per step: program" in out
 
 
 def test_config_that_cannot_fit_fails_with_a_clear_message(capsys):

@@ -1,8 +1,9 @@
 """The device mesh ('data', 'fsdp', 'seq', 'tensor') and the one table mapping logical axes onto it.
 
 Modules name logical axes only (llama.py); `RULES` decides where each goes. Flax resolves rules in order
-and skips a mesh axis already used by an earlier dimension of the same array, so 'embed' shards
-parameters over 'fsdp' while activations, whose batch already took 'fsdp', keep D whole.
+and skips mesh axes already used by an earlier dimension of the same array, so 'embed' shards
+parameters over fsdp x seq (ZeRO-3 over every chip that holds the same weights: the ring's chips too)
+while activations, whose batch already took 'fsdp' and sequence 'seq', keep D whole.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
     ("seq", "seq"),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "seq")),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
