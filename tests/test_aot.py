@@ -84,3 +84,52 @@ def test_ring_inside_a_layer_scan_stays_linear_in_memory():
 
     small, big = temp_gib(8192), temp_gib(16384)
     assert big < 2.5 * small and big < 1.5, (small, big)
+
+
+def test_program_flops_counts_loops_devices_and_conditionals():
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from yarn_jax import sharding
+
+    mesh = sharding.make_mesh(data=4, devices=jax.devices()[:4])
+
+    def per_device(x, w):  # x [2, 16], w [16, 32] on each device
+        def body(c, _):
+            y = jax.lax.cond(c.sum() > 0, lambda: x @ w, lambda: jnp.zeros((2, 32)))  # 2*2*16*32 in a cond
+            return c + (x @ w).sum(), y  # and once outside
+        return jax.lax.scan(body, jnp.float32(0), None, length=3)[1]
+
+    f = jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"), P()), out_specs=P(None, "data"), check_vma=False)
+    jaxpr = jax.make_jaxpr(f)(jnp.ones((8, 16)), jnp.ones((16, 32))).jaxpr
+    one = 2 * 2 * 16 * 32
+    assert aot.program_flops(jaxpr) == (4 * 3 * 2 * one, 4 * 3 * one)
+
+
+def test_visible_fraction_matches_the_mask(monkeypatch):
+    import numpy as np
+
+    from yarn_jax import ring
+    from yarn_jax.config import RingLayout
+
+    monkeypatch.setattr(ring, "_Q_CHUNK", 4)
+    monkeypatch.setattr(ring, "_KV_CHUNK", 2)
+    for layout in RingLayout:
+        blocks = ring.permutation(64, 4, layout).reshape(4, 16)
+        pairs = [(q[:, None] >= k[None, :]).any() for d in range(4) for s in range(4)
+                 for q in blocks[d].reshape(4, 4) for k in blocks[s].reshape(8, 2)]
+        assert ring.visible_fraction(64, 4, layout) == np.mean(pairs)
+    monkeypatch.setattr(ring, "_Q_CHUNK", 1024)
+    monkeypatch.setattr(ring, "_KV_CHUNK", 512)
+    assert 0.5 < ring.visible_fraction(65536, 8, RingLayout.ZIGZAG) < 0.53  # causal: half, plus the diagonal
+
+
+@pytest.mark.parametrize("name,topology", [("v4_64k", "v4-32"), ("v4_128k", "v4-32")])
+def test_paper_configs_step_flops_agree_with_the_analytic_count(name, topology):
+    from yarn_jax import sharding
+
+    config = aot.load_config(str(ROOT / f"configs/{name}.py"), [])
+    mesh = sharding.make_mesh(**config.mesh, devices=aot.topology_devices(topology)[2])
+    cfg, traced = aot.trace_step(config, mesh)
+    fl = aot.step_flops(config, mesh, cfg, traced)
+    assert 0.85 < fl["flops"] / fl["analytic_flops"] < 1.15, fl

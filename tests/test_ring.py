@@ -21,11 +21,12 @@ def _inputs(seed, b=2, t=64, n=4, k=2, h=8, segments=True):
     return q, kk, v, jnp.asarray(seg, jnp.int32)
 
 
-@pytest.mark.parametrize("kv_chunk", [512, 4], ids=["block", "sub-chunks"])
+@pytest.mark.parametrize("chunks", [(1024, 512), (4, 2), (2, 4)], ids=["block", "sub-chunks", "wide-kv"])
 @pytest.mark.parametrize("layout", list(RingLayout))
 @pytest.mark.parametrize("ring_size", [2, 4, 8])
-def test_ring_forward_and_grad_equal_reference(ring_size, layout, kv_chunk, monkeypatch):
-    monkeypatch.setattr(ring, "_KV_CHUNK", kv_chunk)
+def test_ring_forward_and_grad_equal_reference(ring_size, layout, chunks, monkeypatch):
+    monkeypatch.setattr(ring, "_Q_CHUNK", chunks[0])
+    monkeypatch.setattr(ring, "_KV_CHUNK", chunks[1])
     q, k, v, seg = _inputs(ring_size)
     b, t = seg.shape
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))

@@ -31,7 +31,8 @@ import jax.extend.core
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from yarn_jax import sharding, train_step
+from yarn_jax import ring, sharding, train_step
+from yarn_jax.config import LlamaConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,40 +79,40 @@ def topology_devices(name: str, num_slices: int = 1) -> tuple[Chip, int, list[An
     return chip, chips * num_slices, list(desc.devices)
 
 
-def program_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
-    """Matmul FLOPs of a traced program (see the module docstring for what is counted how)."""
-    total = 0.0
+def program_flops(jaxpr: jax.extend.core.Jaxpr) -> tuple[float, float]:
+    """(matmul FLOPs of a traced program, the part inside conditionals); see the module docstring."""
+    total = conditional = 0.0
     for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
+        name, n, sub = eqn.primitive.name, 1.0, []
         if name == "dot_general":
             (contracting, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
             total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contracting)
-        elif name == "scan":
-            total += eqn.params["length"] * program_flops(eqn.params["jaxpr"].jaxpr)
         elif name == "cond":
-            total += max(program_flops(b.jaxpr) for b in eqn.params["branches"])
-        elif name == "shard_map":  # the body sees one device's block
-            mesh = eqn.params["mesh"]
-            devices = math.prod(mesh.shape[a] for a in eqn.params["newly_manual_axes"])
-            total += devices * program_flops(eqn.params["jaxpr"])
-        elif name == "pallas_call":
-            total += math.prod(eqn.params["grid_mapping"].grid) * program_flops(eqn.params["jaxpr"])
+            branch = max(program_flops(b.jaxpr)[0] for b in eqn.params["branches"])
+            total, conditional = total + branch, conditional + branch
         elif name == "while":
             raise ValueError("program_flops: a while loop has no static trip count")
-        else:  # jit, remat, custom_jvp/vjp calls, ...: their sub-programs run once
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, tuple | list) else (value,):
-                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                        total += program_flops(sub.jaxpr)
-                    elif isinstance(sub, jax.extend.core.Jaxpr):
-                        total += program_flops(sub)
-    return total
+        else:
+            if name == "scan":
+                n, sub = eqn.params["length"], [eqn.params["jaxpr"]]
+            elif name == "shard_map":  # the body sees one device's block
+                mesh = eqn.params["mesh"]
+                n, sub = math.prod(mesh.shape[a] for a in eqn.params["newly_manual_axes"]), [eqn.params["jaxpr"]]
+            elif name == "pallas_call":
+                n, sub = math.prod(eqn.params["grid_mapping"].grid), [eqn.params["jaxpr"]]
+            else:  # jit, remat, custom_jvp/vjp calls, ...: their sub-programs run once
+                sub = [x for v in eqn.params.values() for x in (v if isinstance(v, tuple | list) else (v,))]
+            for x in sub:
+                if isinstance(x, jax.extend.core.ClosedJaxpr | jax.extend.core.Jaxpr):
+                    t, c = program_flops(x.jaxpr if isinstance(x, jax.extend.core.ClosedJaxpr) else x)
+                    total, conditional = total + n * t, conditional + n * c
+    return total, conditional
 
 
-def compile_step(config: Any, mesh: Mesh):
-    """(model config, the traced and the compiled train step) for `config` on `mesh` (abstract inputs
-    only: nothing is allocated)."""
+def trace_step(config: Any, mesh: Mesh):
+    """(model config, the traced train step) for `config` on `mesh` (abstract inputs only: nothing is
+    allocated); `.lower().compile()` it inside `sharding.rules_context(mesh)`."""
     from yarn_jax.run_config import model_config
 
     cfg, _ = model_config(config)
@@ -128,8 +129,22 @@ def compile_step(config: Any, mesh: Mesh):
     jitted = jax.jit(step, in_shardings=(shardings, batch_sharding, None), out_shardings=(shardings, None),
                      donate_argnums=(0,))
     with sharding.rules_context(mesh):
-        traced = jitted.trace(abstract, batch, jax.ShapeDtypeStruct((), jnp.float32))
-        return cfg, traced, traced.lower().compile()
+        return cfg, jitted.trace(abstract, batch, jax.ShapeDtypeStruct((), jnp.float32))
+
+
+def step_flops(config: Any, mesh: Mesh, cfg: LlamaConfig, traced: Any) -> dict[str, float]:
+    """FLOPs per step: `flops` (the traced program's, the ring's skipped chunk pairs taken out),
+    `flops_upper` (every conditional branch run) and `analytic_flops` ((6N + 6LdS) per token, x 4/3 with
+    remat: one more forward)."""
+    upper, conditional = program_flops(traced.jaxpr.jaxpr)
+    ring_size = mesh.shape["seq"]
+    # the ring's conditionals run for the visible chunk pairs only; other kernels' skips are not modelled
+    visible = ring.visible_fraction(config.data.seq_len, ring_size, cfg.ring_layout) if ring_size > 1 else 1.0
+    recompute = 1.0 + (1 / 3 if cfg.remat.value != "none" else 0.0)
+    tokens = config.data.batch_size * config.data.seq_len
+    return {"flops": upper - (1.0 - visible) * conditional, "flops_upper": upper, "visible": visible,
+            "model_flops": tokens * train_step.flops_per_token(cfg, config.data.seq_len),
+            "analytic_flops": tokens * train_step.flops_per_token(cfg, config.data.seq_len) * recompute}
 
 
 def report(config: Any, topology: str, num_slices: int = 1) -> tuple[dict[str, float], list[str]]:
@@ -138,7 +153,9 @@ def report(config: Any, topology: str, num_slices: int = 1) -> tuple[dict[str, f
     mesh_cfg = dict(config.mesh)
     mesh = sharding.make_mesh(**mesh_cfg, devices=devices)
     try:
-        cfg, traced, compiled = compile_step(config, mesh)
+        cfg, traced = trace_step(config, mesh)
+        with sharding.rules_context(mesh):
+            compiled = traced.lower().compile()
     except Exception as e:  # noqa: BLE001  XLA refuses steps far over HBM while compiling
         first = str(e).splitlines()[0][:300]
         if "RESOURCE_EXHAUSTED" not in first:  # config errors (ValueError) and other failures pass through
@@ -151,18 +168,17 @@ def report(config: Any, topology: str, num_slices: int = 1) -> tuple[dict[str, f
     temp = mem.temp_size_in_bytes * per_chip
     total = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
              - mem.alias_size_in_bytes) * per_chip
-    flops = program_flops(traced.jaxpr.jaxpr)
+    fl = step_flops(config, mesh, cfg, traced)
+    flops = fl["flops"]
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     xla_flops = float(cost.get("flops", 0.0)) * len(devices)  # per-device module x devices, loops once
     tokens = config.data.batch_size * config.data.seq_len
-    model_flops = tokens * train_step.flops_per_token(cfg, config.data.seq_len)
-    recompute = 1.0 + (1 / 3 if cfg.remat.value != "none" else 0.0)  # full remat: one more forward
     step_s = flops / (chip.peak_flops * chips)  # compute-bound roofline (XLA's byte count also counts loops once)
     figures = {"chips": chips, "devices": len(devices), "state_gib": state / 2**30, "temp_gib": temp / 2**30,
-               "total_gib": total / 2**30, "hbm_gib": chip.hbm_bytes / 2**30, "flops": flops,
-               "analytic_flops": model_flops * recompute, "step_s": step_s,
-               "mfu": model_flops / (step_s * chip.peak_flops * chips), "tokens_per_s": tokens / step_s}
+               "total_gib": total / 2**30, "hbm_gib": chip.hbm_bytes / 2**30, **fl, "xla_flops": xla_flops,
+               "step_s": step_s, "mfu": fl["model_flops"] / (step_s * chip.peak_flops * chips),
+               "tokens_per_s": tokens / step_s}
     lines = [
         f"{topology} ({chips} chips, {len(devices)} devices, mesh {dict(mesh.shape)}): {cfg.num_params():,} "
         f"parameters, {config.data.batch_size} x {config.data.seq_len} tokens per step, grad_accum "
@@ -172,9 +188,10 @@ def report(config: Any, topology: str, num_slices: int = 1) -> tuple[dict[str, f
         f"| activations / temporaries | {figures['temp_gib']:.2f} |",
         f"| total (arguments + temporaries + outputs - donated) | {figures['total_gib']:.2f} |",
         f"| HBM | {figures['hbm_gib']:.0f} ({figures['total_gib'] / figures['hbm_gib']:.0%} used) |",
-        f"FLOPs per step: program {flops:.3e} (upper bound), analytic (6N + 6LdS) x {recompute:.2f} remat = "
-        f"{figures['analytic_flops']:.3e} (ratio {flops / figures['analytic_flops']:.2f}); XLA cost analysis "
-        f"{xla_flops:.3e} (loop bodies once)",
+        f"FLOPs per step: program {flops:.3e} ({fl['visible']:.0%} of ring chunk pairs run; all: "
+        f"{fl['flops_upper']:.3e}), analytic (6N + 6LdS) x {fl['analytic_flops'] / fl['model_flops']:.2f} remat = "
+        f"{fl['analytic_flops']:.3e} (ratio "
+        f"{flops / figures['analytic_flops']:.2f}); XLA cost analysis {xla_flops:.3e} (loop bodies once)",
         f"roofline: {step_s:.2f} s/step, {figures['tokens_per_s']:,.0f} tokens/s for the slice, MFU "
         f"{figures['mfu']:.1%} (6N + 6LdS per token over {chip.peak_flops / 1e12:.0f} TFLOP/s per chip)",
     ]

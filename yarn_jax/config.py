@@ -25,7 +25,7 @@ class Remat(enum.Enum):
     NONE = "none"  # keep everything: fastest, most memory
     FULL = "full"  # keep only the layer input
     DOTS = "dots"  # keep matmul outputs without batch dims (projections), recompute attention & elementwise
-    ATTENTION = "attention"  # keep the attention output and its projections' inputs; recompute the MLP
+    ATTENTION = "attention"  # keep q, k, v, the attention output (and cuDNN's softmax statistics); recompute the MLP
 
 
 class AttentionImpl(enum.Enum):

@@ -26,10 +26,19 @@ from yarn_jax.attention import reference
 from yarn_jax.config import LlamaConfig, Remat
 
 _INIT = nn.initializers.normal(0.02)  # transformers' initializer_range
+
+
+def _attention_kernel_outputs(prim, *_, **__) -> bool:
+    """cuDNN's forward kernel's outputs: the attention output and its softmax statistics, which its
+    backward needs (naming the output alone would re-run the forward kernel for the statistics)."""
+    return prim.name.startswith("dot_product_attention_fwd")
+
+
 _REMAT_POLICIES = {
     Remat.FULL: jax.checkpoint_policies.nothing_saveable,
     Remat.DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    Remat.ATTENTION: jax.checkpoint_policies.save_only_these_names("q", "k", "v", "attn_out"),
+    Remat.ATTENTION: jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_only_these_names("q", "k", "v", "attn_out"), _attention_kernel_outputs),
 }
 
 

@@ -2,10 +2,11 @@
 
 Each device holds one query block; key/value blocks travel around the ring with `ppermute` while the
 current block is computed, and partial results merge through their log-sum-exp (online softmax); within
-a block, keys are taken 512 at a time the same way (a blockwise XLA loop, flash-attention style). The
-backward pass is a `custom_vjp` that sends K/V around the ring again together with their gradient
+a block, 1024 queries meet 512 keys at a time the same way (a blockwise XLA loop, flash-attention style).
+The backward pass is a `custom_vjp` that sends K/V around the ring again together with their gradient
 accumulators, so memory is O(S / ring) per device: no device ever holds the full sequence's K/V or
-scores. Blocks whose every (query, key) pair is masked are skipped with `lax.cond`.
+scores. Chunk pairs whose every (query, key) pair is masked are skipped with `lax.cond`
+(`visible_fraction` says how many run).
 
 Causal load balancing: the sequence is permuted before the model (`permutation`), so every device gets
 the same amount of causal work. 'zigzag' gives device i chunks i and 2R-1-i of 2R; 'striped' gives it
@@ -40,6 +41,18 @@ def permutation(seq_len: int, ring: int, layout: RingLayout) -> np.ndarray:
     return np.arange(seq_len).reshape(seq_len // ring, ring).T.reshape(-1)
 
 
+def visible_fraction(seq_len: int, ring: int, layout: RingLayout) -> float:
+    """The fraction of (query chunk, key chunk) pairs that the ring computes, over every device and ring
+    step, with one document per row (causal mask only; packed documents skip more): the rest are
+    skipped. About half, plus the diagonal."""
+    blocks = permutation(seq_len, ring, layout).reshape(ring, -1)  # [R, T]: token indices per device
+    t = blocks.shape[1]
+    cq, ck = _chunk(t, _Q_CHUNK), _chunk(t, _KV_CHUNK)
+    q_last = blocks.reshape(ring, t // cq, cq).max(-1)  # [R, T / cq]
+    k_first = blocks.reshape(ring, t // ck, ck).min(-1)  # [R, T / ck]
+    return float(np.mean(q_last[:, :, None, None] >= k_first[None, None, :, :]))
+
+
 # ----------------------------------------------------------------------------- one block
 
 
@@ -61,31 +74,45 @@ def _merge(acc, m_acc, l_acc, out, m, l_blk):
     return acc * scale(a) + out * scale(b), m_new, l_acc * a + l_blk * b
 
 
-_KV_CHUNK = 512  # keys per inner step: scores [B, K, G, T_block, 512] float32 at a time
+_Q_CHUNK, _KV_CHUNK = 1024, 512  # one inner step: scores [B, K, G, 1024, 512] float32
 
 
-def _chunks(s: int) -> int:
-    return math.gcd(s, _KV_CHUNK)
+def _chunk(n: int, size: int) -> int:
+    return math.gcd(n, size)
 
 
-def _split(x: jax.Array, c: int) -> jax.Array:
-    """[B, S, ...] -> [S / c, B, c, ...]."""
-    return jnp.moveaxis(x.reshape(x.shape[0], x.shape[1] // c, c, *x.shape[2:]), 1, 0)
+def _split(x: jax.Array, c: int, axis: int = 1) -> jax.Array:
+    """Chunks of `c` along `axis` to a new leading axis: [B, S, ...] -> [S / c, B, c, ...] (axis 1)."""
+    x = x.reshape(*x.shape[:axis], x.shape[axis] // c, c, *x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _unsplit(x: jax.Array, axis: int = 1) -> jax.Array:
+    """Inverse of `_split`."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(*x.shape[:axis], x.shape[axis] * x.shape[axis + 1], *x.shape[axis + 2:])
 
 
 def _block_forward(q, k, v, q_seg, kv_seg, q_idx, kv_idx, acc, m, l_):
-    """Merges one K/V block into (acc, m, l), flash-style over sub-chunks of `_KV_CHUNK` keys; chunks
-    with no visible key are skipped."""
-    c = _chunks(k.shape[1])
+    """Merges one K/V block into (acc, m, l), flash-style: chunks of `_Q_CHUNK` queries against chunks of
+    `_KV_CHUNK` keys; pairs with no visible key are skipped (about half of them under a causal mask)."""
+    cq, ck = _chunk(q.shape[1], _Q_CHUNK), _chunk(k.shape[1], _KV_CHUNK)
+    kv = tuple(_split(x, ck) for x in (k, v, kv_seg, kv_idx))
 
-    def chunk(carry, xs):
-        kc, vc, seg, idx = xs
-        allowed = reference.mask(q_seg, seg, q_idx, idx)
-        return jax.lax.cond(jnp.any(allowed), lambda: _merge(*carry, *_block_stats(q, kc, vc, allowed)),
-                            lambda: carry), None
+    def q_chunk(_, xs):
+        qc, seg_q, idx_q, *stats = xs
 
-    (acc, m, l_), _ = jax.lax.scan(chunk, (acc, m, l_), tuple(_split(x, c) for x in (k, v, kv_seg, kv_idx)))
-    return acc, m, l_
+        def kv_chunk(carry, ys):
+            kc, vc, seg, idx = ys
+            allowed = reference.mask(seg_q, seg, idx_q, idx)
+            return jax.lax.cond(jnp.any(allowed), lambda: _merge(*carry, *_block_stats(qc, kc, vc, allowed)),
+                                lambda: carry), None
+
+        return None, jax.lax.scan(kv_chunk, tuple(stats), kv)[0]
+
+    xs = (*(_split(x, cq) for x in (q, q_seg, q_idx, acc)), _split(m, cq, 3), _split(l_, cq, 3))
+    _, (acc, m, l_) = jax.lax.scan(q_chunk, None, xs)
+    return _unsplit(acc), _unsplit(m, 3), _unsplit(l_, 3)
 
 
 # ----------------------------------------------------------------------------- the ring
@@ -140,9 +167,9 @@ def _ring_bwd(axis, ring, res, d_out):
     delta = jnp.einsum("BTKGH,BTKGH->BKGT", do, grouped(out))  # rowsum(dO * O)
     hi = jax.lax.Precision.HIGHEST
 
-    def chunk_grads(k, v, allowed):  # one sub-chunk of keys: k, v [B, c, K, H]
+    def chunk_grads(q, q32, do, delta, lse, k, v, allowed):  # one (query chunk, key chunk) pair
         s, v32 = reference.logits_and_values(q, k, v, allowed)
-        p = jnp.exp(s - lse[..., None])  # [B, K, G, T, c], exact softmax from the saved lse
+        p = jnp.exp(s - lse[..., None])  # [B, K, G, Tc, Sc], exact softmax from the saved lse
         dv = jnp.einsum("BKGTS,BTKGH->BSKH", p, do, precision=hi)
         dp = jnp.einsum("BTKGH,BSKH->BKGTS", do, v32, precision=hi)
         ds = p * (dp - delta[..., None]) * h**-0.5
@@ -151,19 +178,28 @@ def _ring_bwd(axis, ring, res, d_out):
         return dq, dk, dv
 
     def block_grads(k, v, kv_seg, kv_idx):
-        """(dq, dk, dv) of one K/V block, over sub-chunks of keys (skipped where nothing is visible)."""
-        c = _chunks(k.shape[1])
+        """(dq, dk, dv) of one K/V block over (query chunk, key chunk) pairs, skipping invisible ones."""
+        cq, ck = _chunk(t, _Q_CHUNK), _chunk(k.shape[1], _KV_CHUNK)
+        kv = tuple(_split(x, ck) for x in (k, v, kv_seg, kv_idx))
 
-        def chunk(dq, xs):
-            kc, vc, seg, idx = xs
-            allowed = reference.mask(q_seg, seg, q_idx, idx)
-            zeros = (jnp.zeros_like(dq), jnp.zeros(kc.shape, jnp.float32), jnp.zeros(vc.shape, jnp.float32))
-            g_q, g_k, g_v = jax.lax.cond(jnp.any(allowed), lambda: chunk_grads(kc, vc, allowed), lambda: zeros)
-            return dq + g_q, (g_k, g_v)
+        def q_chunk(dkv, xs):
+            qc, q32c, doc, deltac, lsec, seg_q, idx_q = xs
 
-        dq, (dk, dv) = jax.lax.scan(chunk, jnp.zeros_like(q32), tuple(_split(x, c) for x in (k, v, kv_seg, kv_idx)))
-        merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(k.shape)  # noqa: E731  [S/c, B, c, K, H] -> [B, S, K, H]
-        return dq, merge(dk), merge(dv)
+            def kv_chunk(dq, ys):
+                kc, vc, seg, idx = ys
+                allowed = reference.mask(seg_q, seg, idx_q, idx)
+                zeros = (jnp.zeros_like(dq), jnp.zeros(kc.shape, jnp.float32), jnp.zeros(vc.shape, jnp.float32))
+                g_q, g_k, g_v = jax.lax.cond(
+                    jnp.any(allowed), lambda: chunk_grads(qc, q32c, doc, deltac, lsec, kc, vc, allowed), lambda: zeros)
+                return dq + g_q, (g_k, g_v)
+
+            dq, (dk, dv) = jax.lax.scan(kv_chunk, jnp.zeros_like(q32c), kv)
+            return (dkv[0] + _unsplit(dk), dkv[1] + _unsplit(dv)), dq
+
+        xs = (*(_split(x, cq) for x in (q, q32, do)), _split(delta, cq, 3), _split(lse, cq, 3),
+              _split(q_seg, cq), _split(q_idx, cq))
+        (dk, dv), dq = jax.lax.scan(q_chunk, (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)), xs)
+        return _unsplit(dq), dk, dv
 
     def step(carry, _):
         dq, k, v, dk, dv, kv_seg, kv_idx = carry
