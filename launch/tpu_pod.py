@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run yarn_jax on a Cloud TPU pod slice: create -> install -> train -> logs -> copy -> delete.
 
-    python launch/tpu_pod.py up --name yarn --zone us-central2-b --project P --accelerator v4-128 \
+    python launch/tpu_pod.py up --name yarn --zone us-central2-b --project P --accelerator v4-32 \
         --bucket gs://B --config configs/v4_64k.py --workdir gs://B/runs/yarn_64k -- --config.init_from=gs://B/ckpt
     python launch/tpu_pod.py logs|copy|delete ... [--dry-run]
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", required=True)
     p.add_argument("--zone", required=True)
     p.add_argument("--project", required=True)
-    p.add_argument("--accelerator", default="v4-128")
+    p.add_argument("--accelerator", default="v4-32")
     p.add_argument("--runtime", default=RUNTIME)
     p.add_argument("--spot", action="store_true")
     p.add_argument("--package", default="yarn_jax[tpu] @ git+https://github.com/OWNER/yarn_jax",

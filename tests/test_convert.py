@@ -91,7 +91,7 @@ def test_load_checkpoint_onto_a_mesh(tmp_path):
     mesh = sharding.make_mesh(fsdp=2, tensor=2, data=-1)
     cfg, params = checkpoint.load_checkpoint(tmp_path / "ckpt", mesh, dtype="float32")
     q = params["layers"]["attn"]["q"]
-    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, ("fsdp", "seq"), "tensor", None)
     _, host = checkpoint.load_checkpoint(tmp_path / "ckpt")
     np.testing.assert_array_equal(np.asarray(q), host["layers"]["attn"]["q"])
     # a bf16 checkpoint restores onto a mesh as float32 master weights (cfg.param_dtype), values unchanged
