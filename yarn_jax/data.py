@@ -144,7 +144,8 @@ def train_tokenizer(files: list[str], vocab_size: int, cache_dir: str | Path) ->
     """Trains a SentencePiece BPE model on `files` once and caches it by content of the file list."""
     import sentencepiece as spm
 
-    key = hashlib.sha256(json.dumps([files, vocab_size]).encode()).hexdigest()[:16]
+    # the sample size is in the key: models cached before the sample was ours (other pieces) are not reused
+    key = hashlib.sha256(json.dumps([files, vocab_size, TOKENIZER_LINES]).encode()).hexdigest()[:16]
     model = Path(cache_dir).expanduser() / f"spm_{vocab_size}_{key}.model"
     if model.exists():
         return str(model)
