@@ -172,9 +172,31 @@ class Llama(nn.Module):
     def unembed(self, x: jax.Array) -> jax.Array:
         """Hidden states [..., D] -> logits [..., V] in float32."""
         c = self.cfg
-        if c.tie_word_embeddings:
-            return jnp.einsum("...D,VD->...V", x, self.embedding.astype(c.dtype), preferred_element_type=jnp.float32)
-        return jnp.einsum("...D,DV->...V", x, self.lm_head.astype(c.dtype), preferred_element_type=jnp.float32)
+        w = self.embedding.T if c.tie_word_embeddings else self.lm_head  # [D, V]
+        return _logits(x, w.astype(c.dtype))
+
+
+@jax.custom_vjp
+def _logits(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., D] @ w [D, V] -> [..., V] float32 (accumulated and returned in float32).
+
+    The backward casts the logits' cotangent to the inputs' dtype, so both backward matmuls run in it
+    (bf16) like every other matmul of the step; plain autodiff would run them in float32, since the
+    cotangent of a float32 result is float32."""
+    return jnp.einsum("...D,DV->...V", x, w, preferred_element_type=jnp.float32)
+
+
+def _logits_fwd(x, w):
+    return _logits(x, w), (x, w)
+
+
+def _logits_bwd(res, g):  # g [..., V] float32
+    x, w = res
+    g = g.astype(x.dtype)
+    return jnp.einsum("...V,DV->...D", g, w), jnp.einsum("...D,...V->DV", x, g).astype(w.dtype)
+
+
+_logits.defvjp(_logits_fwd, _logits_bwd)
 
 
 def model(cfg: LlamaConfig, attend: Callable[..., jax.Array] | None = None) -> Llama:

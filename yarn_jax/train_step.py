@@ -138,8 +138,12 @@ def make_step(cfg: LlamaConfig, mesh: Mesh | None, tx: optax.GradientTransformat
             n, c, gi = grads_of(state.params, mb)
             return (nll + n, count + c, jax.tree.map(jnp.add, g, gi)), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        (nll, count, g), _ = jax.lax.scan(acc, (jnp.float32(0), jnp.float32(0), zeros), micro)
+        if grad_accum == 1:  # no zeroed float32 accumulators to fill and add to
+            nll, count, g = grads_of(state.params, jax.tree.map(lambda v: v[0], micro))
+            g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
+        else:
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            (nll, count, g), _ = jax.lax.scan(acc, (jnp.float32(0), jnp.float32(0), zeros), micro)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda x, p: (x / count * loss_scale).astype(p.dtype), g, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -1,11 +1,11 @@
-"""python -m yarn_jax.bench {convert,ring-memory,attention,train-step,reproduce,tpu-aot} [options]"""
+"""python -m yarn_jax.bench {convert,ring-memory,attention,train-step,reproduce,tpu-aot,profile} [options]"""
 
 import importlib
 import sys
 
 COMMANDS = {"convert": "convert_bench", "ring-memory": "ring_memory", "attention": "attention_bench",
             "train-step": "train_step_bench", "reproduce": "reproduce",
-            "tpu-aot": "tpu_aot"}
+            "tpu-aot": "tpu_aot", "profile": "profile_step"}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
