@@ -1,5 +1,7 @@
 """One GPU: a TinyLlama-1.1B-shaped model (22 layers, d 2048, 32 heads, 4 kv heads, F 5632, V 32000)
-with YaRN s = 4 from 2k, 8k tokens per step, cuDNN attention, bf16 compute, float32 master weights.
+with YaRN s = 4 from 2k, 8k tokens per step, cuDNN attention, bf16 compute, float32 master weights,
+layers unrolled without remat (fastest up to 65536 tokens on one H200; 131072 needs
+`--set model.scan_unroll=1 --set model.remat=attention`, 262144 `model.remat=full`).
 
     python -m yarn_jax.train --config configs/h200_1b.py --workdir /tmp/yarn_h200
 
@@ -13,7 +15,7 @@ def get_config():
     c = base()
     c.model.update(dict(preset="llama2_7b", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                         num_layers=22, num_heads=32, num_kv_heads=4, head_dim=64, max_position_embeddings=8192,
-                        remat="none"))
+                        remat="none", scan_unroll=22))
     c.rope.update(dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=2048))
     c.data.update(dict(seq_len=8192, batch_size=1))
     c.train.update(dict(steps=100))

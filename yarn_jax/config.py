@@ -86,6 +86,7 @@ class LlamaConfig:
     remat: Remat = Remat.NONE
     attention: AttentionImpl = AttentionImpl.AUTO
     ring_layout: RingLayout = RingLayout.ZIGZAG
+    scan_unroll: int = 1  # layers per iteration of the scan over layers (num_layers: no loop, only with remat none)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -95,6 +96,7 @@ class LlamaConfig:
         for name in ("bos_token_id", "eos_token_id"):
             set_(name, _number(name, getattr(self, name), integer=True, ge=0))
         set_("rms_norm_eps", _number("rms_norm_eps", self.rms_norm_eps, gt=0.0))
+        set_("scan_unroll", _number("scan_unroll", self.scan_unroll, integer=True, gt=0))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_key_value_heads: expected a divisor of num_attention_heads ({self.num_heads}), "
                              f"got {self.num_kv_heads}")
@@ -104,6 +106,12 @@ class LlamaConfig:
         set_("dtype", _dtype("dtype", self.dtype))
         set_("param_dtype", _dtype("param_dtype", self.param_dtype))
         set_("remat", _enum("remat", Remat, self.remat))
+        if self.remat is not Remat.NONE and self.scan_unroll >= self.num_layers:
+            # straight-line code leaves the compiler free to recompute early: measured, the compiled step
+            # kept every activation (CPU memory analysis; out of memory on the H200 at 131072 tokens)
+            raise ValueError(f"scan_unroll: {self.scan_unroll} unrolls all {self.num_layers} layers, which keeps every "
+                             f"activation whatever remat says ({self.remat.value!r}); use remat 'none' or a smaller "
+                             "scan_unroll")
         set_("attention", _enum("attention", AttentionImpl, self.attention))
         set_("ring_layout", _enum("ring_layout", RingLayout, self.ring_layout))
         _ = self.rope  # validates head_dim parity, theta and the scaling against head_dim

@@ -147,7 +147,7 @@ class Llama(nn.Module):
         if c.remat is not Remat.NONE:
             block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
         self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(nn.broadcast,) * 5 + (0,), length=c.num_layers,
+                              in_axes=(nn.broadcast,) * 5 + (0,), length=c.num_layers, unroll=c.scan_unroll,
                               metadata_params={nn.PARTITION_NAME: "layers"})(c, self.attend)
 
     def __call__(self, tokens, positions, segment_ids, index, seq_len, cache=None, start=None, freqs=None):

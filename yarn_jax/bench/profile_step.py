@@ -57,9 +57,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--hlo", default=None, help="also write the compiled step's HLO text here")
     p.add_argument("--out", default=None, help="JSON results (default bench_results/profile_<seq>.json)")
     a = p.parse_args(argv)
     _, step, state, batch = setup(aot.load_config(a.config, a.set), a.seq)
+    if a.hlo:
+        Path(a.hlo).write_text(step.as_text())
     one = jnp.float32(1.0)
     for _ in range(2):
         state, m = step(state, batch, one)

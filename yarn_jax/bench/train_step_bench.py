@@ -112,12 +112,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--peer", choices=["hf-torch"], default=None)
     p.add_argument("--remat", default="", help="comma list of remat policies to time (default: the config's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--out", default="bench_results/train_step.json")
     a = p.parse_args(argv)
     seqs = [int(s) for s in a.seq.split(",")]
     rows = []
     if a.peer:  # first, while this process holds no GPU memory (JAX preallocates most of it once started)
-        config = aot.load_config(a.config, [])
+        config = aot.load_config(a.config, a.set)
         for seq in seqs:
             for remat in (False, True):
                 r = peer(config, seq, a.steps, remat)
@@ -128,7 +129,7 @@ def main(argv: list[str]) -> int:
     peak = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12}.get(jax.devices()[0].device_kind)
     for seq in seqs:
         for remat in a.remat.split(",") if a.remat else [""]:
-            config = aot.load_config(a.config, [f"model.remat={remat}"] if remat else [])
+            config = aot.load_config(a.config, a.set + ([f"model.remat={remat}"] if remat else []))
             try:
                 r = ours(config, seq, a.steps)
             except Exception as e:  # noqa: BLE001  out of memory is a result here
