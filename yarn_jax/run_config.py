@@ -29,8 +29,8 @@ def base() -> ml_collections.ConfigDict:
 
 def model_config(config: ml_collections.ConfigDict) -> tuple[config_lib.LlamaConfig, str | None]:
     """(LlamaConfig, checkpoint to initialise from or None) from the run config."""
-    execution = {k: config.model[k] for k in ("dtype", "param_dtype", "remat", "attention", "ring_layout", "scan_unroll")
-                 if k in config.model}
+    keys = ("dtype", "param_dtype", "remat", "attention", "ring_layout", "scan_unroll")
+    execution = {k: config.model[k] for k in keys if k in config.model}
     if config.init_from:
         base = checkpoint.Reader(config.init_from).cfg.to_hf()
     else:
