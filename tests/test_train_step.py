@@ -11,6 +11,7 @@ import yarn_jax
 from tests import hf_models
 from tests.tolerances import TOL
 from yarn_jax import train_step
+from yarn_jax.attention import reference
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
 
@@ -22,10 +23,11 @@ def capture_grads() -> optax.GradientTransformation:
         lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
 
 
-def reference_loss(cfg, params, tokens, positions, segment_ids):
+def reference_loss(cfg, params, tokens, positions, segment_ids, packed):
     """Mean next-token NLL over pairs inside one segment, from [B, T, V] logits (plain autodiff throughout,
-    the unembedding included)."""
-    hidden = yarn_jax.hidden_states(cfg, params, tokens, positions, segment_ids)  # [B, T, D]
+    the unembedding included; the reference attention kernel)."""
+    hidden = yarn_jax.hidden_states(cfg, params, tokens, positions, segment_ids if packed else None,
+                                    attend=reference.attention)  # [B, T, D]
     w = params["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]  # [D, V]
     logits = jnp.einsum("BTD,DV->BTV", hidden, w.astype(cfg.dtype), preferred_element_type=jnp.float32)
     logp = jax.nn.log_softmax(logits)
@@ -34,11 +36,23 @@ def reference_loss(cfg, params, tokens, positions, segment_ids):
     return -jnp.sum(picked * w) / jnp.sum(w)
 
 
+GPU = jax.default_backend() == "gpu"  # the step then uses cuDNN attention: bf16 only, no packed segments
+CASES = {  # grad_accum, loss_chunk, tied, remat, scan_unroll (the model has 2 layers), packed
+    "accum1-attention": (1, 16, False, "attention", 1, not GPU),
+    "accum2-tied-full": (2, 8, True, "full", 1, not GPU),
+    "accum4-unrolled": (4, 32, False, "none", 2, False),
+}
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("grad_accum,loss_chunk,tied", [(1, 16, False), (2, 8, True), (4, 32, False)])
-def test_step_loss_and_grads_equal_plain_autodiff(dtype, grad_accum, loss_chunk, tied):
+@pytest.mark.parametrize("case", CASES)
+def test_step_loss_and_grads_equal_plain_autodiff(dtype, case):
+    """Run on CPU by the suite (reference attention); on a GPU (JAX_PLATFORMS=cuda) the step uses cuDNN."""
+    if GPU and dtype == "float32":
+        pytest.skip("cuDNN attention takes bf16/fp16")
+    grad_accum, loss_chunk, tied, remat, unroll, packed = CASES[case]
     cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(rope_scaling=YARN, max_pos=64, tied=tied).to_dict(),
-                                       dtype=dtype, remat="attention")
+                                       dtype=dtype, remat=remat, scan_unroll=unroll)
     rng = np.random.default_rng(grad_accum)
     params = yarn_jax.init_params(cfg, jax.random.key(grad_accum))
     b, t = 4, 32
@@ -46,16 +60,17 @@ def test_step_loss_and_grads_equal_plain_autodiff(dtype, grad_accum, loss_chunk,
     segment_ids = jnp.asarray(np.sort(rng.integers(1, 4, (b, t)), axis=1), jnp.int32)
     positions = jnp.asarray(np.concatenate([np.arange(t)[None]] * 2 + [(np.arange(t) % 11)[None]] * 2), jnp.int32)
     tx = capture_grads()
-    step = jax.jit(train_step.make_step(cfg, None, tx, grad_accum=grad_accum, loss_chunk=loss_chunk))
+    step = jax.jit(train_step.make_step(cfg, None, tx, grad_accum=grad_accum, loss_chunk=loss_chunk,
+                                        segment_mask=packed))
     state = train_step.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
     new, metrics = step(state, {"tokens": tokens, "positions": positions, "segment_ids": segment_ids},
                         jnp.float32(1.0))
 
-    f32 = cfg.replace(dtype=jnp.float32)
-    want_loss, want = jax.value_and_grad(reference_loss, argnums=1)(f32, params, tokens, positions, segment_ids)
+    args = (params, tokens, positions, segment_ids, packed)
+    want_loss, want = jax.value_and_grad(reference_loss, argnums=1)(cfg.replace(dtype=jnp.float32), *args)
     # bf16 compute: within bf16 tolerance of the float32 gradients and within twice the error of plain autodiff
     # of the same bf16 model, per tensor (the logits backward in bf16 adds its rounding)
-    _, plain = jax.value_and_grad(reference_loss, argnums=1)(cfg, params, tokens, positions, segment_ids)
+    _, plain = jax.value_and_grad(reference_loss, argnums=1)(cfg.replace(remat="none", scan_unroll=1), *args)
     rel = lambda a, b_: float(jnp.linalg.norm(a - b_) / jnp.linalg.norm(b_))  # noqa: E731
     rtol, _ = TOL[jnp.dtype(dtype).type]
     np.testing.assert_allclose(metrics["loss"], want_loss, rtol=rtol, atol=0)
