@@ -4,8 +4,9 @@
 
 Ours: the trainer's jitted step (forward, backward, AdamW update, donated state) on random tokens; the
 median of `--steps` device-synchronised steps after 2 warm-ups. Peer (separate process, same model shape,
-bf16, SDPA attention, fused AdamW, with and without gradient checkpointing): the same timing. MFU uses
-(6N + 6 L d S) FLOPs per token over the device's peak bf16 FLOP/s (989 TFLOP/s for H100/H200).
+bf16, SDPA attention, fused AdamW, with and without gradient checkpointing, eager and/or torch.compile):
+the same timing; then each side's best and the ratio. MFU uses (6N + 6 L d S) FLOPs per token over the
+device's peak bf16 FLOP/s (989 TFLOP/s for H100/H200). Runs on CPU too (tests/test_bench.py).
 """
 
 from __future__ import annotations
@@ -20,23 +21,29 @@ from pathlib import Path
 
 PEER = r'''
 import json, statistics, sys, time, torch, transformers
-shape, seq, remat, steps = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
+shape, seq, steps = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[5])
+remat, compiled = sys.argv[3] == "1", sys.argv[4] == "1"
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 cfg = transformers.LlamaConfig(**shape, attn_implementation="sdpa", torch_dtype="bfloat16")
 torch.manual_seed(0)
-model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+model = transformers.LlamaForCausalLM(cfg).to(dev, torch.bfloat16)
 if remat:
     model.gradient_checkpointing_enable()
 opt = torch.optim.AdamW(model.parameters(), lr=2e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
-x = torch.randint(0, shape["vocab_size"], (1, seq), device="cuda")
+forward = torch.compile(model) if compiled else model
+x = torch.randint(0, shape["vocab_size"], (1, seq), device=dev)
 times = []
-torch.cuda.reset_peak_memory_stats()
+if dev == "cuda":
+    torch.cuda.reset_peak_memory_stats()
 for i in range(steps + 2):
-    torch.cuda.synchronize(); t = time.perf_counter()
-    loss = model(input_ids=x, labels=x).loss
+    sync(); t = time.perf_counter()
+    loss = forward(input_ids=x, labels=x).loss
     loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
+    sync()
     if i >= 2: times.append(time.perf_counter() - t)
-print(json.dumps({"step_s": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}))
+peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
+print(json.dumps({"step_s": statistics.median(times), "peak_gib": peak}))
 '''
 
 
@@ -91,12 +98,13 @@ def ours(config, seq: int, steps: int) -> dict:
             "flops_per_token": train_step.flops_per_token(cfg, seq), "remat": cfg.remat.value}
 
 
-def peer(config, seq: int, steps: int, remat: bool) -> dict | None:
+def peer(config, seq: int, steps: int, remat: bool, compiled: bool) -> dict:
     m = config.model
     shape = dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
                  num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
                  head_dim=m.head_dim, max_position_embeddings=max(seq, m.max_position_embeddings))
-    r = subprocess.run([sys.executable, "-c", PEER, json.dumps(shape), str(seq), "1" if remat else "0", str(steps)],
+    flags = ["1" if remat else "0", "1" if compiled else "0"]
+    r = subprocess.run([sys.executable, "-c", PEER, json.dumps(shape), str(seq), *flags, str(steps)],
                        capture_output=True, text=True)
     if r.returncode:
         return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:200]}
@@ -111,6 +119,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seq", default="8192")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--peer", choices=["hf-torch"], default=None)
+    p.add_argument("--peer-modes", default="eager",
+                   help="comma list of eager,compile (torch.compile; slower than eager on the H200 up to 32k and "
+                        "not done compiling 64k after 7 minutes, so not run by default)")
     p.add_argument("--remat", default="", help="comma list of remat policies to time (default: the config's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--out", default="bench_results/train_step.json")
@@ -120,10 +131,14 @@ def main(argv: list[str]) -> int:
     if a.peer:  # first, while this process holds no GPU memory (JAX preallocates most of it once started)
         config = aot.load_config(a.config, a.set)
         for seq in seqs:
-            for remat in (False, True):
-                r = peer(config, seq, a.steps, remat)
-                rows.append({"impl": "hf-torch", "seq": seq, "remat": "full" if remat else "none", **r})
-                print(json.dumps(rows[-1]), flush=True)
+            for mode in a.peer_modes.split(","):
+                if mode not in ("eager", "compile"):
+                    raise SystemExit(f"--peer-modes: expected eager and/or compile, got {mode!r}")
+                for remat in (False, True):
+                    r = peer(config, seq, a.steps, remat, mode == "compile")
+                    impl = "hf-torch" if mode == "eager" else "hf-torch compile"
+                    rows.append({"impl": impl, "seq": seq, "remat": "full" if remat else "none", **r})
+                    print(json.dumps(rows[-1]), flush=True)
     import jax
 
     peak = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12}.get(jax.devices()[0].device_kind)
@@ -148,6 +163,14 @@ def main(argv: list[str]) -> int:
         mfu = f"{tps * flops.get(r['seq'], 0) / peak:.1%}" if peak and r["seq"] in flops else "-"
         program = f"{r['program_gib']:.1f}" if "program_gib" in r else "-"
         print(f"| {r['impl']} | {r['seq']} | {r['remat']} | {tps:,.0f} | {mfu} | {r['peak_gib']:.1f} | {program} |")
+    if a.peer:
+        print("\n| seq | yarn_jax best tokens/s | peer best tokens/s | ours / peer |\n|---|---|---|---|")
+        for seq in seqs:
+            best = {impl: max((r["seq"] / r["step_s"] for r in rows if r["seq"] == seq and "step_s" in r
+                               and r["impl"].startswith(impl)), default=None) for impl in ("yarn_jax", "hf-torch")}
+            ours_, peer_ = best["yarn_jax"], best["hf-torch"]
+            ratio = f"{ours_ / peer_:.2f}x" if ours_ and peer_ else "-"
+            print(f"| {seq} | {ours_ or 0:,.0f} | {peer_ or 0:,.0f} | {ratio} |")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(rows, indent=2))
     return 0
