@@ -93,3 +93,4 @@ def test_unrolled_layers_compute_the_same_gradients_and_refuse_remat():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
     with pytest.raises(ValueError, match="scan_unroll: 4 unrolls all 4 layers.*remat 'none'"):
         cfg.replace(scan_unroll=4, remat="full")
+    assert cfg.replace(num_layers=1, remat="full").scan_unroll == 1  # the default stays valid for one layer

@@ -106,7 +106,7 @@ class LlamaConfig:
         set_("dtype", _dtype("dtype", self.dtype))
         set_("param_dtype", _dtype("param_dtype", self.param_dtype))
         set_("remat", _enum("remat", Remat, self.remat))
-        if self.remat is not Remat.NONE and self.scan_unroll >= self.num_layers:
+        if self.remat is not Remat.NONE and self.scan_unroll > 1 and self.scan_unroll >= self.num_layers:
             # straight-line code leaves the compiler free to recompute early: measured, the compiled step
             # kept every activation (CPU memory analysis; out of memory on the H200 at 131072 tokens)
             raise ValueError(f"scan_unroll: {self.scan_unroll} unrolls all {self.num_layers} layers, which keeps every "
