@@ -111,8 +111,8 @@ def program_flops(jaxpr: jax.extend.core.Jaxpr) -> tuple[float, float]:
 
 
 def trace_step(config: Any, mesh: Mesh):
-    """(model config, the traced train step) for `config` on `mesh` (abstract inputs only: nothing is
-    allocated); `.lower().compile()` it inside `sharding.rules_context(mesh)`."""
+    """(model config, optimizer, the traced train step) for `config` on `mesh` (abstract inputs only:
+    nothing is allocated); `.lower().compile()` it inside `sharding.rules_context(mesh)`."""
     from yarn_jax.run_config import model_config
 
     cfg, _ = model_config(config)
@@ -129,7 +129,13 @@ def trace_step(config: Any, mesh: Mesh):
     jitted = jax.jit(step, in_shardings=(shardings, batch_sharding, None), out_shardings=(shardings, None),
                      donate_argnums=(0,))
     with sharding.rules_context(mesh):
-        return cfg, jitted.trace(abstract, batch, jax.ShapeDtypeStruct((), jnp.float32))
+        return cfg, tx, jitted.trace(abstract, batch, jax.ShapeDtypeStruct((), jnp.float32))
+
+
+def program_bytes(compiled: Any) -> int:
+    """Device memory a compiled program needs (per device): arguments + temporaries + outputs - donated."""
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
 
 
 def step_flops(config: Any, mesh: Mesh, cfg: LlamaConfig, traced: Any) -> dict[str, float]:
@@ -153,7 +159,7 @@ def report(config: Any, topology: str, num_slices: int = 1) -> tuple[dict[str, f
     mesh_cfg = dict(config.mesh)
     mesh = sharding.make_mesh(**mesh_cfg, devices=devices)
     try:
-        cfg, traced = trace_step(config, mesh)
+        cfg, _, traced = trace_step(config, mesh)
         with sharding.rules_context(mesh):
             compiled = traced.lower().compile()
     except Exception as e:  # noqa: BLE001  XLA refuses steps far over HBM while compiling
@@ -166,8 +172,7 @@ def report(config: Any, topology: str, num_slices: int = 1) -> tuple[dict[str, f
     mem = compiled.memory_analysis()
     state = mem.argument_size_in_bytes * per_chip
     temp = mem.temp_size_in_bytes * per_chip
-    total = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
-             - mem.alias_size_in_bytes) * per_chip
+    total = program_bytes(compiled) * per_chip
     fl = step_flops(config, mesh, cfg, traced)
     flops = fl["flops"]
     cost = compiled.cost_analysis()

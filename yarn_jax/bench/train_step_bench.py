@@ -48,39 +48,36 @@ print(json.dumps({"step_s": statistics.median(times), "peak_gib": peak}))
 
 
 def setup(config, seq: int):
-    """(cfg, compiled step, train state, batch): the trainer's step on one device, random tokens of length seq."""
+    """(cfg, compiled step, train state, batch): the trainer's step for `config` on one device, batch 1
+    of `seq` random tokens (one document per row), no accumulation."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from yarn_jax import sharding, train_step
+    from yarn_jax import aot, sharding, train_step
     from yarn_jax.llama import init_params
-    from yarn_jax.run_config import model_config
 
-    config.data.seq_len = seq
+    config.data.update(dict(seq_len=seq, batch_size=1, positions="chunk"))
+    config.train.grad_accum = 1
     config.model.max_position_embeddings = max(seq, config.model.max_position_embeddings)
-    cfg, _ = model_config(config)
     mesh = sharding.make_mesh(data=1, fsdp=1, seq=1, tensor=1, devices=jax.devices()[:1])
-    tx = train_step.optimizer(train_step.OptimConfig(**{**config.optim.to_dict(), "total_steps": 100}))
-    _, shardings = train_step.state_shardings(cfg, mesh, tx)
-    step = jax.jit(train_step.make_step(cfg, mesh, tx, loss_chunk=config.train.loss_chunk, segment_mask=False),
-                   in_shardings=(shardings, None, None), out_shardings=(shardings, None), donate_argnums=(0,))
+    cfg, tx, traced = aot.trace_step(config, mesh)
     with sharding.rules_context(mesh):
+        step = traced.lower().compile()
+        shardings = step.input_shardings[0][0]  # the train state's, as the step expects them
         params = jax.jit(lambda k: init_params(cfg, k), out_shardings=shardings.params)(jax.random.key(0))
         state = train_step.TrainState(params, jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
                                       jnp.zeros((), jnp.int32))
-        tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, seq)), jnp.int32)
-        batch = {"tokens": tokens, "positions": jnp.arange(seq, dtype=jnp.int32)[None],
-                 "segment_ids": jnp.ones((1, seq), jnp.int32)}
-        step = step.lower(state, batch, jnp.float32(1.0)).compile()
-    return cfg, step, state, batch
+    batch = {"tokens": np.random.default_rng(0).integers(0, cfg.vocab_size, (1, seq), dtype=np.int32),
+             "positions": np.arange(seq, dtype=np.int32)[None], "segment_ids": np.ones((1, seq), np.int32)}
+    return cfg, step, state, jax.device_put(batch, sharding.batch_sharding(mesh))
 
 
 def ours(config, seq: int, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from yarn_jax import train_step
+    from yarn_jax import aot, train_step
 
     cfg, step, state, batch = setup(config, seq)
     times = []
@@ -91,8 +88,7 @@ def ours(config, seq: int, steps: int) -> dict:
         if i >= 2:
             times.append(time.perf_counter() - t)
     stats = jax.devices()[0].memory_stats() or {}
-    mem = step.memory_analysis()  # this program's own need (peak_bytes_in_use is the process's maximum)
-    need = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    need = aot.program_bytes(step)  # this program's own need (peak_bytes_in_use is the process's maximum)
     return {"step_s": statistics.median(times), "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
             "program_gib": need / 2**30, "loss": float(m["loss"]),
             "flops_per_token": train_step.flops_per_token(cfg, seq), "remat": cfg.remat.value}
