@@ -1,11 +1,11 @@
-"""python -m yarn_jax.bench {convert,ring-memory,attention,train-step,reproduce,tpu-aot,profile} [options]"""
+"""python -m yarn_jax.bench COMMAND [options]; COMMAND is one of COMMANDS below."""
 
 import importlib
 import sys
 
 COMMANDS = {"convert": "convert_bench", "ring-memory": "ring_memory", "attention": "attention_bench",
             "train-step": "train_step_bench", "reproduce": "reproduce",
-            "tpu-aot": "tpu_aot", "profile": "profile_step"}
+            "tpu-aot": "tpu_aot", "profile": "profile_step", "mosaic-probe": "mosaic_probe"}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

@@ -6,7 +6,13 @@ Ours: the trainer's jitted step (forward, backward, AdamW update, donated state)
 median of `--steps` device-synchronised steps after 2 warm-ups. Peer (separate process, same model shape,
 bf16, SDPA attention, fused AdamW, with and without gradient checkpointing, eager and/or torch.compile):
 the same timing; then each side's best and the ratio. MFU uses (6N + 6 L d S) FLOPs per token over the
-device's peak bf16 FLOP/s (989 TFLOP/s for H100/H200). Runs on CPU too (tests/test_bench.py).
+device's peak bf16 FLOP/s (989 TFLOP/s for H100/H200).
+
+The kernel bound (`--bound`): the step's matmul FLOPs at the measured rate of one of its GEMMs plus L times
+the measured forward+backward of the step's attention kernel at the step's shape, with everything else
+(norms, activations, RoPE, loss, optimizer) free. No step made of these kernels can be faster, so it says
+how far the step is from its kernels and what ratio over the peer is possible at all. Runs on CPU too
+(tests/test_bench.py).
 """
 
 from __future__ import annotations
@@ -73,6 +79,48 @@ def setup(config, seq: int):
     return cfg, step, state, jax.device_put(batch, sharding.batch_sharding(mesh))
 
 
+def _kernel_time(fn, *args, calls: int) -> float:
+    """Seconds per call of `fn`, issued `calls` times back to back (no host round trip between calls, as
+    inside a step), median of 3 such batches after a compile + warm-up call."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    batches = []
+    for _ in range(3):
+        t = time.perf_counter()
+        jax.block_until_ready([fn(*args) for _ in range(calls)])
+        batches.append((time.perf_counter() - t) / calls)
+    return statistics.median(batches)
+
+
+def kernel_bound(cfg, seq: int) -> dict:
+    """Seconds per step if only the step's matmuls and attention kernel took time (see the module doc)."""
+    import jax
+    import jax.numpy as jnp
+
+    from yarn_jax import attention, train_step
+
+    d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    matmul_params = cfg.num_layers * (d * h * (2 * n + 2 * k) + 3 * d * f) + cfg.vocab_size * d  # lm head too
+    rows = min(seq, 16384)  # the MLP up-projection of `rows` tokens: a GEMM of the step's own shape
+    x, w = (jax.random.normal(key, shape, cfg.dtype) for key, shape in zip(jax.random.split(jax.random.key(0)),
+                                                                            ((rows, d), (d, f)), strict=True))
+    matmul_rate = 2 * rows * d * f / _kernel_time(jax.jit(jnp.dot), x, w, calls=20)
+    kernel = attention.select(cfg.attention)
+    index = jnp.arange(seq, dtype=jnp.int32)[None]
+    qs = [jax.random.normal(key, (1, seq, heads, h), cfg.dtype)
+          for key, heads in zip(jax.random.split(jax.random.key(1), 4), (n, k, k, n), strict=True)]
+
+    def fwd_bwd(q, k, v, do):
+        out, vjp = jax.vjp(lambda q, k, v: kernel(q, k, v, None, None, index, index), q, k, v)
+        return vjp(do)
+
+    attention_s = _kernel_time(jax.jit(fwd_bwd), *qs, calls=max(3, min(cfg.num_layers, 2**31 // seq**2)))
+    step_s = seq * 6 * matmul_params / matmul_rate + cfg.num_layers * attention_s
+    return {"step_s": step_s, "matmul_tflops": matmul_rate / 1e12, "attention_layer_s": attention_s,
+            "flops_per_token": train_step.flops_per_token(cfg, seq)}
+
+
 def ours(config, seq: int, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
@@ -107,6 +155,14 @@ def peer(config, seq: int, steps: int, remat: bool, compiled: bool) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _tokens(x: float | None) -> str:
+    return f"{x:,.0f}" if x else "-"
+
+
+def _ratio(x: float | None, y: float | None) -> str:
+    return f"{x / y:.2f}x" if x and y else "-"
+
+
 def main(argv: list[str]) -> int:
     from yarn_jax import aot
 
@@ -120,6 +176,7 @@ def main(argv: list[str]) -> int:
                         "not done compiling 64k after 7 minutes, so not run by default)")
     p.add_argument("--remat", default="", help="comma list of remat policies to time (default: the config's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--bound", action="store_true", help="also time the kernel bound of each length")
     p.add_argument("--out", default="bench_results/train_step.json")
     a = p.parse_args(argv)
     seqs = [int(s) for s in a.seq.split(",")]
@@ -137,7 +194,9 @@ def main(argv: list[str]) -> int:
                     print(json.dumps(rows[-1]), flush=True)
     import jax
 
-    peak = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12}.get(jax.devices()[0].device_kind)
+    from yarn_jax import run_config, train_step
+
+    peak = train_step.peak_flops(jax.devices()[0])
     for seq in seqs:
         for remat in a.remat.split(",") if a.remat else [""]:
             config = aot.load_config(a.config, a.set + ([f"model.remat={remat}"] if remat else []))
@@ -146,6 +205,10 @@ def main(argv: list[str]) -> int:
             except Exception as e:  # noqa: BLE001  out of memory is a result here
                 r = {"error": str(e).splitlines()[0][:200]}
             rows.append({"impl": "yarn_jax", "seq": seq, "remat": remat or config.model.remat, **r})
+            print(json.dumps(rows[-1]), flush=True)
+        if a.bound:
+            cfg, _ = run_config.model_config(aot.load_config(a.config, a.set))
+            rows.append({"impl": "kernel bound", "seq": seq, "remat": "-", "peak_gib": 0.0, **kernel_bound(cfg, seq)})
             print(json.dumps(rows[-1]), flush=True)
     flops = {r["seq"]: r["flops_per_token"] for r in rows if "flops_per_token" in r}
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, batch 1, bf16")
@@ -159,14 +222,16 @@ def main(argv: list[str]) -> int:
         mfu = f"{tps * flops.get(r['seq'], 0) / peak:.1%}" if peak and r["seq"] in flops else "-"
         program = f"{r['program_gib']:.1f}" if "program_gib" in r else "-"
         print(f"| {r['impl']} | {r['seq']} | {r['remat']} | {tps:,.0f} | {mfu} | {r['peak_gib']:.1f} | {program} |")
-    if a.peer:
-        print("\n| seq | yarn_jax best tokens/s | peer best tokens/s | ours / peer |\n|---|---|---|---|")
+    best = {(seq, impl): max((seq / r["step_s"] for r in rows if r["seq"] == seq and "step_s" in r
+                              and r["impl"].startswith(impl)), default=None)
+            for seq in seqs for impl in ("yarn_jax", "hf-torch", "kernel bound")}
+    if a.peer or a.bound:
+        print("\n| seq | yarn_jax best tokens/s | peer best tokens/s | ours / peer | ours / bound | bound / peer |")
+        print("|---|---|---|---|---|---|")
         for seq in seqs:
-            best = {impl: max((r["seq"] / r["step_s"] for r in rows if r["seq"] == seq and "step_s" in r
-                               and r["impl"].startswith(impl)), default=None) for impl in ("yarn_jax", "hf-torch")}
-            ours_, peer_ = best["yarn_jax"], best["hf-torch"]
-            ratio = f"{ours_ / peer_:.2f}x" if ours_ and peer_ else "-"
-            print(f"| {seq} | {ours_ or 0:,.0f} | {peer_ or 0:,.0f} | {ratio} |")
+            ours_, peer_, bound = (best[seq, impl] for impl in ("yarn_jax", "hf-torch", "kernel bound"))
+            print(f"| {seq} | {_tokens(ours_)} | {_tokens(peer_)} | {_ratio(ours_, peer_)} | {_ratio(ours_, bound)} "
+                  f"| {_ratio(bound, peer_)} |")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(rows, indent=2))
     return 0
