@@ -10,9 +10,9 @@ device's peak bf16 FLOP/s (989 TFLOP/s for H100/H200).
 
 The kernel bound (`--bound`): the step's matmul FLOPs at the measured rate of one of its GEMMs plus L times
 the measured forward+backward of the step's attention kernel at the step's shape, with everything else
-(norms, activations, RoPE, loss, optimizer) free. No step made of these kernels can be faster, so it says
-how far the step is from its kernels and what ratio over the peer is possible at all. Runs on CPU too
-(tests/test_bench.py).
+(norms, activations, RoPE, loss, optimizer) free. Up to the GEMM rate being one shape's, no step made of
+these kernels is faster, so it says how far the step is from its kernels and what ratio over the peer is
+possible at all. Runs on CPU too (tests/test_bench.py).
 """
 
 from __future__ import annotations
