@@ -20,3 +20,16 @@ def test_train_step_bench_prints_both_sides_and_the_ratio(tmp_path, capsys):
     ours, peer, bound = (64 / r["step_s"] for r in (rows[2], max(rows[:2], key=lambda r: 64 / r["step_s"]), rows[3]))
     assert (f"| 64 | {ours:,.0f} | {peer:,.0f} | {ours / peer:.2f}x | {ours / bound:.2f}x | {bound / peer:.2f}x |"
             in printed)
+
+
+def test_mosaic_probe_records_every_kernel_it_tries(tmp_path):
+    """On CPU neither cuDNN nor Mosaic GPU exists: every attempt must come back as a row with its error,
+    and the file must be written (on a GPU the same rows carry times)."""
+    from yarn_jax.bench import mosaic_probe
+
+    out = tmp_path / "probe.json"
+    assert mosaic_probe.main(["--seq", "128", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    # per mask: cuDNN fwd and fwd+bwd, Mosaic fwd at 4 block shapes x 2 dtypes; then Mosaic fwd+bwd 2 x 2
+    assert len(rows) == 2 * (2 + 4 * 2) + 2 * 2
+    assert all(("ms" in r) != ("error" in r) for r in rows)

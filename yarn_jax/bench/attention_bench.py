@@ -3,30 +3,18 @@
     python -m yarn_jax.bench attention [--seq 8192,32768] [--impl cudnn]
 
 Causal, 32 heads (8 kv heads for GQA), head dim 128, bfloat16, batch 1. FLOPs of causal fwd+bwd:
-4 * T^2 * N * H * (1 fwd + 2.5 bwd) / 2, the convention of the FlashAttention papers. Timing: median of
-10 device-synchronised runs after 3 warm-ups.
+4 * T^2 * N * H * (1 fwd + 2.5 bwd) / 2, the convention of the FlashAttention papers. Timing:
+`bench.kernel_time` (10 calls back to back, median of 3 batches; before session 5, 10 calls each
+synchronised with the host, which charged each call its dispatch).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
-
-def _time(fn, *args, reps: int = 10) -> float:
-    import jax
-
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from yarn_jax.bench import kernel_time
 
 
 def model_check(impl: str) -> float:
@@ -75,7 +63,7 @@ def main(argv: list[str]) -> int:
             fwd = jax.jit(lambda q, k, v, idx=idx: kernel(q, k, v, None, None, idx, idx))
             both = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
             flops = 4 * t * t * n * h / 2
-            tf, tb = _time(fwd, q, k, v), _time(both, q, k, v)
+            tf, tb = kernel_time(fwd, q, k, v, calls=10), kernel_time(both, q, k, v, calls=10)
             rows.append({"seq": t, "kv_heads": kv_heads, "fwd_tflops": flops / tf / 1e12,
                          "fwd_bwd_tflops": 3.5 * flops / tb / 1e12, "fwd_ms": tf * 1e3, "fwd_bwd_ms": tb * 1e3})
     err = model_check(a.impl)

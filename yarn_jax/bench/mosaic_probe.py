@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from yarn_jax.bench.train_step_bench import _kernel_time
+from yarn_jax.bench import kernel_time
 
 
 def main(argv: list[str]) -> int:
@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
 
     def record(seq, name, fn, args, flops):
         try:
-            s = _kernel_time(jax.jit(fn), *args, calls=5)
+            s = kernel_time(jax.jit(fn), *args, calls=5)
             rows.append({"seq": seq, "kernel": name, "ms": s * 1e3, "tflops": flops / s / 1e12})
         except Exception as e:  # noqa: BLE001  a refusal is a finding here
             rows.append({"seq": seq, "kernel": name, "error": f"{type(e).__name__}: {e}"[:300]})

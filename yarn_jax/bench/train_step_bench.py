@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from yarn_jax.bench import kernel_time
+
 PEER = r'''
 import json, statistics, sys, time, torch, transformers
 shape, seq, steps = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[5])
@@ -79,20 +81,6 @@ def setup(config, seq: int):
     return cfg, step, state, jax.device_put(batch, sharding.batch_sharding(mesh))
 
 
-def _kernel_time(fn, *args, calls: int) -> float:
-    """Seconds per call of `fn`, issued `calls` times back to back (no host round trip between calls, as
-    inside a step), median of 3 such batches after a compile + warm-up call."""
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    batches = []
-    for _ in range(3):
-        t = time.perf_counter()
-        jax.block_until_ready([fn(*args) for _ in range(calls)])
-        batches.append((time.perf_counter() - t) / calls)
-    return statistics.median(batches)
-
-
 def kernel_bound(cfg, seq: int) -> dict:
     """Seconds per step if only the step's matmuls and attention kernel took time (see the module doc)."""
     import jax
@@ -105,7 +93,7 @@ def kernel_bound(cfg, seq: int) -> dict:
     rows = min(seq, 16384)  # the MLP up-projection of `rows` tokens: a GEMM of the step's own shape
     x, w = (jax.random.normal(key, shape, cfg.dtype) for key, shape in zip(jax.random.split(jax.random.key(0)),
                                                                             ((rows, d), (d, f)), strict=True))
-    matmul_rate = 2 * rows * d * f / _kernel_time(jax.jit(jnp.dot), x, w, calls=20)
+    matmul_rate = 2 * rows * d * f / kernel_time(jax.jit(jnp.dot), x, w, calls=20)
     kernel = attention.select(cfg.attention)
     index = jnp.arange(seq, dtype=jnp.int32)[None]
     qs = [jax.random.normal(key, (1, seq, heads, h), cfg.dtype)
@@ -115,7 +103,7 @@ def kernel_bound(cfg, seq: int) -> dict:
         out, vjp = jax.vjp(lambda q, k, v: kernel(q, k, v, None, None, index, index), q, k, v)
         return vjp(do)
 
-    attention_s = _kernel_time(jax.jit(fwd_bwd), *qs, calls=max(3, min(cfg.num_layers, 2**31 // seq**2)))
+    attention_s = kernel_time(jax.jit(fwd_bwd), *qs, calls=max(3, min(cfg.num_layers, 2**31 // seq**2)))
     step_s = seq * 6 * matmul_params / matmul_rate + cfg.num_layers * attention_s
     return {"step_s": step_s, "matmul_tflops": matmul_rate / 1e12, "attention_layer_s": attention_s,
             "flops_per_token": train_step.flops_per_token(cfg, seq)}
