@@ -59,7 +59,9 @@ def test_optimizer_moments_are_sharded_like_their_parameters_on_tpu():
 
 def test_ring_inside_a_layer_scan_stays_linear_in_memory():
     # JAX hoisted the masks (computed from layer-invariant ids) out of the scan over layers, all chunks at
-    # once and broadcast over heads: 7.9 / 30.3 GiB at 16k / 32k here instead of ~1 / ~1.7
+    # once and broadcast over heads: 7.9 / 30.3 GiB at 16k / 32k here instead of 0.77 / 1.46 (bf16 matmul
+    # operands; 0.88 / 1.57 with float32 ones). At 8k each device holds one query chunk, so 16k is the
+    # first size where doubling the tokens doubles the per-device work.
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -82,8 +84,8 @@ def test_ring_inside_a_layer_scan_stays_linear_in_memory():
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x, idx).compile()
         return compiled.memory_analysis().temp_size_in_bytes / 2**30
 
-    small, big = temp_gib(8192), temp_gib(16384)
-    assert big < 2.5 * small and big < 1.5, (small, big)
+    small, big = temp_gib(16384), temp_gib(32768)
+    assert big < 2.5 * small and big < 2.5, (small, big)
 
 
 def test_program_flops_counts_loops_devices_and_conditionals():

@@ -51,6 +51,40 @@ def test_ring_forward_and_grad_equal_reference(ring_size, layout, chunks, monkey
         np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5)
 
 
+
+def test_ring_in_bfloat16_keeps_the_reference_within_bfloat16_error():
+    """bf16 inputs: the ring's matmuls take bf16 operands (p and dS rounded to bf16, as flash kernels do)
+    and accumulate in float32. Output and gradients stay within a few bf16 roundings of the float32
+    reference computed from the same values (the bf16 result itself is one rounding away)."""
+    ring_size, layout = 4, RingLayout.ZIGZAG
+    q, k, v, seg = (x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in _inputs(5, t=128, h=16))
+    b, t = seg.shape
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    mesh = sharding.make_mesh(seq=ring_size, devices=jax.devices()[:ring_size])
+    perm = ring.permutation(t, ring_size, layout)
+    inv = np.argsort(perm)
+    attend = ring.ring_attention(mesh)
+    do = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), jnp.bfloat16)
+
+    def ring_out(q, k, v):
+        s, i = seg[:, perm], idx[:, perm]
+        return attend(q[:, perm], k[:, perm], v[:, perm], s, s, i, i)[:, inv]
+
+    def ref_out(q, k, v):
+        return reference.attention(q, k, v, seg, seg, idx, idx)
+
+    got, vjp = jax.vjp(jax.jit(ring_out), q, k, v)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    want, ref_vjp = jax.vjp(ref_out, *f32)
+    assert got.dtype == jnp.bfloat16
+    for name, a, w in zip(("out", "dq", "dk", "dv"), (got, *vjp(do)), (want, *ref_vjp(do.astype(jnp.float32))),
+                          strict=True):
+        a, w = np.asarray(a, np.float32), np.asarray(w, np.float32)
+        rounding = np.abs(np.asarray(jnp.asarray(w).astype(jnp.bfloat16), np.float32) - w).max()
+        err = np.abs(a - w).max()
+        assert err <= 3 * rounding, (name, err, rounding)  # measured: 1.0-1.5 roundings
+        assert err <= 2e-2 * np.abs(w).max(), (name, err, np.abs(w).max())
+
 def test_layouts_balance_causal_work():
     t, r = 64, 4
     for layout in RingLayout:

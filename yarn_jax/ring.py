@@ -2,7 +2,9 @@
 
 Each device holds one query block; key/value blocks travel around the ring with `ppermute` while the
 current block is computed, and partial results merge through their log-sum-exp (online softmax); within
-a block, 1024 queries meet 512 keys at a time the same way (a blockwise XLA loop, flash-attention style).
+a block, 1024 queries meet 512 keys at a time the same way (a blockwise XLA loop, flash-attention style,
+with a flash kernel's arithmetic: matmul operands in the compute dtype, float32 accumulation, softmax
+and accumulators in float32).
 The backward pass is a `custom_vjp` that sends K/V around the ring again together with their gradient
 accumulators, so memory is O(S / ring) per device: no device ever holds the full sequence's K/V or
 scores. Chunk pairs whose every (query, key) pair is masked are skipped with `lax.cond`
@@ -58,11 +60,12 @@ def visible_fraction(seq_len: int, ring: int, layout: RingLayout) -> float:
 
 def _block_stats(q, k, v, allowed):
     """Unnormalised block attention: out [B, T, K, G, H] (sum_j p_ij v_j with p relative to the row max),
-    row max m and row sum l [B, K, G, T], all float32."""
-    s, v32 = reference.logits_and_values(q, k, v, allowed)  # [B, K, G, T, S]
+    row max m and row sum l [B, K, G, T], all float32. Flash-attention arithmetic: the matmuls take their
+    operands in the compute dtype (p rounded to it) and accumulate in float32; the softmax is float32."""
+    s = reference.logits(q, k, allowed)  # [B, K, G, T, S]
     m = jnp.max(s, axis=-1)
     p = jnp.exp(s - m[..., None])
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", p, v32, precision=jax.lax.Precision.HIGHEST)
+    out = reference.dot("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v)
     return out, m, jnp.sum(p, axis=-1)
 
 
@@ -162,19 +165,17 @@ def _ring_bwd(axis, ring, res, d_out):
     q, k, v, q_seg, kv_seg, q_idx, kv_idx, out, lse = res
     b, t, n, h = q.shape
     kh = k.shape[2]
-    grouped = lambda x: x.reshape(b, t, kh, n // kh, h).astype(jnp.float32)  # noqa: E731
-    q32, do = grouped(q), grouped(d_out)
-    delta = jnp.einsum("BTKGH,BTKGH->BKGT", do, grouped(out))  # rowsum(dO * O)
-    hi = jax.lax.Precision.HIGHEST
+    grouped = lambda x: x.reshape(b, t, kh, n // kh, h)  # noqa: E731  [B, T, K, G, H]
+    qg, do = grouped(q), grouped(d_out.astype(q.dtype))
+    delta = jnp.einsum("BTKGH,BTKGH->BKGT", do.astype(jnp.float32), grouped(out).astype(jnp.float32))  # rowsum(dO*O)
 
-    def chunk_grads(q, q32, do, delta, lse, k, v, allowed):  # one (query chunk, key chunk) pair
-        s, v32 = reference.logits_and_values(q, k, v, allowed)
-        p = jnp.exp(s - lse[..., None])  # [B, K, G, Tc, Sc], exact softmax from the saved lse
-        dv = jnp.einsum("BKGTS,BTKGH->BSKH", p, do, precision=hi)
-        dp = jnp.einsum("BTKGH,BSKH->BKGTS", do, v32, precision=hi)
-        ds = p * (dp - delta[..., None]) * h**-0.5
-        dq = jnp.einsum("BKGTS,BSKH->BTKGH", ds, k.astype(jnp.float32), precision=hi)
-        dk = jnp.einsum("BKGTS,BTKGH->BSKH", ds, q32, precision=hi)
+    def chunk_grads(q, qg, do, delta, lse, k, v, allowed):  # one (query chunk, key chunk) pair
+        p = jnp.exp(reference.logits(q, k, allowed) - lse[..., None])  # [B, K, G, Tc, Sc], softmax from the lse
+        dv = reference.dot("BKGTS,BTKGH->BSKH", p.astype(v.dtype), do)
+        dp = reference.dot("BTKGH,BSKH->BKGTS", do, v)
+        ds = (p * (dp - delta[..., None]) * h**-0.5).astype(q.dtype)  # float32, then the compute dtype
+        dq = reference.dot("BKGTS,BSKH->BTKGH", ds, k)
+        dk = reference.dot("BKGTS,BTKGH->BSKH", ds, qg)
         return dq, dk, dv
 
     def block_grads(k, v, kv_seg, kv_idx):
@@ -183,20 +184,20 @@ def _ring_bwd(axis, ring, res, d_out):
         kv = tuple(_split(x, ck) for x in (k, v, kv_seg, kv_idx))
 
         def q_chunk(dkv, xs):
-            qc, q32c, doc, deltac, lsec, seg_q, idx_q = xs
+            qc, qgc, doc, deltac, lsec, seg_q, idx_q = xs
 
             def kv_chunk(dq, ys):
                 kc, vc, seg, idx = ys
                 allowed = reference.mask(seg_q, seg, idx_q, idx)
                 zeros = (jnp.zeros_like(dq), jnp.zeros(kc.shape, jnp.float32), jnp.zeros(vc.shape, jnp.float32))
                 g_q, g_k, g_v = jax.lax.cond(
-                    jnp.any(allowed), lambda: chunk_grads(qc, q32c, doc, deltac, lsec, kc, vc, allowed), lambda: zeros)
+                    jnp.any(allowed), lambda: chunk_grads(qc, qgc, doc, deltac, lsec, kc, vc, allowed), lambda: zeros)
                 return dq + g_q, (g_k, g_v)
 
-            dq, (dk, dv) = jax.lax.scan(kv_chunk, jnp.zeros_like(q32c), kv)
+            dq, (dk, dv) = jax.lax.scan(kv_chunk, jnp.zeros(qgc.shape, jnp.float32), kv)
             return (dkv[0] + _unsplit(dk), dkv[1] + _unsplit(dv)), dq
 
-        xs = (*(_split(x, cq) for x in (q, q32, do)), _split(delta, cq, 3), _split(lse, cq, 3),
+        xs = (*(_split(x, cq) for x in (q, qg, do)), _split(delta, cq, 3), _split(lse, cq, 3),
               _split(q_seg, cq), _split(q_idx, cq))
         (dk, dv), dq = jax.lax.scan(q_chunk, (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)), xs)
         return _unsplit(dq), dk, dv
@@ -207,8 +208,8 @@ def _ring_bwd(axis, ring, res, d_out):
         k, v, dk, dv, kv_seg, kv_idx = _shift(axis, ring, k, v, dk + g_k, dv + g_v, kv_seg, kv_idx)
         return (dq + g_q, k, v, dk, dv, kv_seg, kv_idx), None
 
-    init = (jnp.zeros_like(q32), k, v, jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32), kv_seg,
-            kv_idx)
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731  float32 gradient accumulators
+    init = (zeros(qg), k, v, zeros(k), zeros(v), kv_seg, kv_idx)
     (dq, _, _, dk, dv, *_), _ = jax.lax.scan(step, init, None, length=ring)
     return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None)
 

@@ -19,26 +19,30 @@ def mask(q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None, q_in
     return causal & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
 
 
-def logits_and_values(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Masked scaled logits [B, K, G, T, S] float32 and v [B, S, K, H] float32; GQA by grouping, no repeat."""
+def dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum with float32 accumulation of operands in their own dtype: bfloat16 products are exact in
+    float32 (the flash-attention kernels' arithmetic); float32 operands keep full float32 precision."""
+    hi = jax.lax.Precision.HIGHEST if jnp.float32 in (a.dtype, b.dtype) else jax.lax.Precision.DEFAULT
+    return jnp.einsum(spec, a, b, precision=hi, preferred_element_type=jnp.float32)
+
+
+def logits(q: jax.Array, k: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Masked scaled logits [B, K, G, T, S] float32 of q [B, T, N, H] and k [B, S, K, H] (GQA by grouping,
+    no repeat), accumulated in float32 from the operands' dtype."""
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h).astype(jnp.float32)  # [B, T, K, G, H]
-    hi = jax.lax.Precision.HIGHEST
-    s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(jnp.float32), precision=hi) * h**-0.5
-    s = jnp.where(allowed[:, None, None], s, MASK_VALUE)
-    return s, v.astype(jnp.float32)
+    s = dot("BTKGH,BSKH->BKGTS", q.reshape(b, t, kv_heads, n // kv_heads, h), k) * h**-0.5
+    return jnp.where(allowed[:, None, None], s, MASK_VALUE)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
               q_index: jax.Array, kv_index: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(H) + mask) v.
+    """softmax(q k^T / sqrt(H) + mask) v, all in float32.
 
     q [B, T, N, H]; k, v [B, S, K, H]; segment ids and token indices [B, T] / [B, S] (a query sees keys
     of its own segment at index <= its own). Returns [B, T, N, H] in q.dtype.
     """
     b, t, n, h = q.shape
-    s, v32 = logits_and_values(q, k, v, mask(q_segment_ids, kv_segment_ids, q_index, kv_index))
-    p = jax.nn.softmax(s, axis=-1)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", p, v32, precision=jax.lax.Precision.HIGHEST)
-    return out.reshape(b, t, n, h).astype(q.dtype)
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+    p = jax.nn.softmax(logits(q32, k32, mask(q_segment_ids, kv_segment_ids, q_index, kv_index)), axis=-1)
+    return dot("BKGTS,BSKH->BTKGH", p, v32).reshape(b, t, n, h).astype(q.dtype)

@@ -1,11 +1,15 @@
-"""Attention kernels: correctness inside the model against the reference, and fwd+bwd TFLOP/s.
+"""Attention kernels: correctness against the reference, and fwd+bwd TFLOP/s.
 
-    python -m yarn_jax.bench attention [--seq 8192,32768] [--impl cudnn]
+    python -m yarn_jax.bench attention [--seq 8192,32768] [--impl cudnn|splash|reference|ring]
+                                       [--heads 32] [--kv-heads 32,8] [--head-dim 128]
 
-Causal, 32 heads (8 kv heads for GQA), head dim 128, bfloat16, batch 1. FLOPs of causal fwd+bwd:
-4 * T^2 * N * H * (1 fwd + 2.5 bwd) / 2, the convention of the FlashAttention papers. Timing:
+Causal, bfloat16, batch 1. `ring` is ring attention over every local device on a 'seq' mesh axis (on
+one device, a ring of one: its per-block kernel alone), inputs in the zigzag order. FLOPs of causal
+fwd+bwd: 4 * T^2 * N * H * (1 fwd + 2.5 bwd) / 2, the convention of the FlashAttention papers. Timing:
 `bench.kernel_time` (10 calls back to back, median of 3 batches; before session 5, 10 calls each
-synchronised with the host, which charged each call its dispatch).
+synchronised with the host, which charged each call its dispatch). Correctness: the kernel's logits in
+a small bf16 model (ring: its output on bf16 inputs, T = 2048) against the float32 reference, relative
+to their maximum.
 """
 
 from __future__ import annotations
@@ -34,46 +38,75 @@ def model_check(impl: str) -> float:
     return float(abs(got - want).max() / abs(want).max())
 
 
+def _inputs(t: int, n: int, kv_heads: int, h: int, impl: str):
+    """(q, k, v, token indices, attention fn): random bf16 inputs, batch 1. For `ring`, the sequence is in
+    the zigzag order over every local device and the function is ring attention over them."""
+    import jax
+    import jax.numpy as jnp
+
+    from yarn_jax import attention, ring, sharding
+    from yarn_jax.config import AttentionImpl, RingLayout
+
+    if impl == "ring":
+        perm = ring.permutation(t, jax.device_count(), RingLayout.ZIGZAG)
+        fn = ring.ring_attention(sharding.make_mesh(seq=jax.device_count()))
+    else:
+        perm, fn = jnp.arange(t), attention.select(AttentionImpl(impl))
+    keys = jax.random.split(jax.random.key(t), 3)
+    q, k, v = (jax.random.normal(key, (1, t, heads, h), jnp.bfloat16)[:, perm]
+               for key, heads in zip(keys, (n, kv_heads, kv_heads), strict=True))
+    return q, k, v, jnp.asarray(perm, jnp.int32)[None], fn
+
+
+def ring_check() -> float:
+    """Max |ring - reference| relative to max |reference| on bf16 inputs, T = 2048, over all local devices."""
+    import jax.numpy as jnp
+
+    from yarn_jax.attention import reference
+
+    q, k, v, idx, attend = _inputs(2048, 8, 2, 64, "ring")
+    want = reference.attention(*(x.astype(jnp.float32) for x in (q, k, v)), None, None, idx, idx)
+    got = attend(q, k, v, None, None, idx, idx).astype(jnp.float32)
+    return float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m yarn_jax.bench attention")
     p.add_argument("--seq", default="8192,32768")
-    p.add_argument("--impl", default="cudnn")
+    p.add_argument("--impl", default="cudnn", help="an attention kernel (cudnn, splash, reference) or ring")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", default="32,8", help="comma list")
+    p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--out", default="bench_results/attention.json")
     a = p.parse_args(argv)
     import jax
     import jax.numpy as jnp
 
-    from yarn_jax import attention
-    from yarn_jax.config import AttentionImpl
-
-    kernel = attention.select(AttentionImpl(a.impl))
     rows = []
+    n, h = a.heads, a.head_dim
     for t in [int(s) for s in a.seq.split(",")]:
-        for kv_heads in (32, 8):
-            n, h = 32, 128
-            key = jax.random.split(jax.random.key(t), 3)
-            q = jax.random.normal(key[0], (1, t, n, h), jnp.bfloat16)
-            k = jax.random.normal(key[1], (1, t, kv_heads, h), jnp.bfloat16)
-            v = jax.random.normal(key[2], (1, t, kv_heads, h), jnp.bfloat16)
-            idx = jnp.arange(t, dtype=jnp.int32)[None]
+        for kv_heads in [int(x) for x in a.kv_heads.split(",")]:
+            q, k, v, idx, fn = _inputs(t, n, kv_heads, h, a.impl)
 
-            def loss(q, k, v, idx=idx):
-                return jnp.sum(kernel(q, k, v, None, None, idx, idx).astype(jnp.float32))
+            def loss(q, k, v, idx=idx, fn=fn):
+                return jnp.sum(fn(q, k, v, None, None, idx, idx).astype(jnp.float32))
 
-            fwd = jax.jit(lambda q, k, v, idx=idx: kernel(q, k, v, None, None, idx, idx))
+            fwd = jax.jit(lambda q, k, v, idx=idx, fn=fn: fn(q, k, v, None, None, idx, idx))
             both = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
             flops = 4 * t * t * n * h / 2
             tf, tb = kernel_time(fwd, q, k, v, calls=10), kernel_time(both, q, k, v, calls=10)
             rows.append({"seq": t, "kv_heads": kv_heads, "fwd_tflops": flops / tf / 1e12,
                          "fwd_bwd_tflops": 3.5 * flops / tb / 1e12, "fwd_ms": tf * 1e3, "fwd_bwd_ms": tb * 1e3})
-    err = model_check(a.impl)
-    print(f"{a.impl} on {jax.devices()[0].device_kind}, jax {jax.__version__}; in-model logits vs reference "
-          f"(bf16, T=2048): max relative difference {err:.2e}")
+    err = ring_check() if a.impl == "ring" else model_check(a.impl)
+    print(f"{a.impl} on {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}; "
+          f"{a.heads} heads, head dim {a.head_dim}; vs the float32 reference (bf16, T=2048): max relative "
+          f"difference {err:.2e}")
     print("| seq | kv heads | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd ms | fwd+bwd ms |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['seq']} | {r['kv_heads']} | {r['fwd_tflops']:.0f} | {r['fwd_bwd_tflops']:.0f} | "
               f"{r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} |")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"impl": a.impl, "model_rel_err": err, "rows": rows}, indent=2))
+    Path(a.out).write_text(json.dumps({"impl": a.impl, "heads": n, "head_dim": h, "devices": jax.device_count(),
+                                       "rel_err": err, "rows": rows}, indent=2))
     return 0 if err < 2e-2 else 1
