@@ -21,6 +21,22 @@ def _inputs(seed, b=2, t=64, n=4, k=2, h=8, segments=True):
     return q, kk, v, jnp.asarray(seg, jnp.int32)
 
 
+def _ring_and_reference(seg, ring_size, layout):
+    """(ring, reference): attention functions of (q, k, v) in sequence order with segment ids `seg`; the
+    ring permutes its inputs to `layout` over `ring_size` fake devices and un-permutes its output."""
+    b, t = seg.shape
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    attend = ring.ring_attention(sharding.make_mesh(seq=ring_size, devices=jax.devices()[:ring_size]))
+    perm = ring.permutation(t, ring_size, layout)
+    inv = np.argsort(perm)
+
+    def ring_out(q, k, v):
+        s, i = seg[:, perm], idx[:, perm]
+        return attend(q[:, perm], k[:, perm], v[:, perm], s, s, i, i)[:, inv]
+
+    return jax.jit(ring_out), lambda q, k, v: reference.attention(q, k, v, seg, seg, idx, idx)
+
+
 @pytest.mark.parametrize("chunks", [(1024, 512), (4, 2), (2, 4)], ids=["block", "sub-chunks", "wide-kv"])
 @pytest.mark.parametrize("layout", list(RingLayout))
 @pytest.mark.parametrize("ring_size", [2, 4, 8])
@@ -28,62 +44,33 @@ def test_ring_forward_and_grad_equal_reference(ring_size, layout, chunks, monkey
     monkeypatch.setattr(ring, "_Q_CHUNK", chunks[0])
     monkeypatch.setattr(ring, "_KV_CHUNK", chunks[1])
     q, k, v, seg = _inputs(ring_size)
-    b, t = seg.shape
-    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mesh = sharding.make_mesh(seq=ring_size, devices=jax.devices()[:ring_size])
-    perm = ring.permutation(t, ring_size, layout)
-    inv = np.argsort(perm)
-    attend = ring.ring_attention(mesh)
+    ring_out, ref_out = _ring_and_reference(seg, ring_size, layout)
     do = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), jnp.float32)
-
-    def ring_loss(q, k, v):
-        out = attend(q[:, perm], k[:, perm], v[:, perm], seg[:, perm], seg[:, perm], idx[:, perm], idx[:, perm])
-        return jnp.sum(out[:, inv] * do), out[:, inv]
-
-    def ref_loss(q, k, v):
-        out = reference.attention(q, k, v, seg, seg, idx, idx)
-        return jnp.sum(out * do), out
-
-    (_, got), g_got = jax.jit(jax.value_and_grad(ring_loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    (_, want), g_want = jax.value_and_grad(ref_loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    (got, got_vjp), (want, want_vjp) = jax.vjp(ring_out, q, k, v), jax.vjp(ref_out, q, k, v)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    for a, b_ in zip(g_got, g_want, strict=True):
+    for a, b_ in zip(got_vjp(do), want_vjp(do), strict=True):
         np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5)
-
 
 
 def test_ring_in_bfloat16_keeps_the_reference_within_bfloat16_error():
     """bf16 inputs: the ring's matmuls take bf16 operands (p and dS rounded to bf16, as flash kernels do)
     and accumulate in float32. Output and gradients stay within a few bf16 roundings of the float32
     reference computed from the same values (the bf16 result itself is one rounding away)."""
-    ring_size, layout = 4, RingLayout.ZIGZAG
-    q, k, v, seg = (x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in _inputs(5, t=128, h=16))
-    b, t = seg.shape
-    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mesh = sharding.make_mesh(seq=ring_size, devices=jax.devices()[:ring_size])
-    perm = ring.permutation(t, ring_size, layout)
-    inv = np.argsort(perm)
-    attend = ring.ring_attention(mesh)
-    do = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), jnp.bfloat16)
-
-    def ring_out(q, k, v):
-        s, i = seg[:, perm], idx[:, perm]
-        return attend(q[:, perm], k[:, perm], v[:, perm], s, s, i, i)[:, inv]
-
-    def ref_out(q, k, v):
-        return reference.attention(q, k, v, seg, seg, idx, idx)
-
-    got, vjp = jax.vjp(jax.jit(ring_out), q, k, v)
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    want, ref_vjp = jax.vjp(ref_out, *f32)
+    q, k, v, seg = _inputs(5, t=128, h=16)
+    ring_out, ref_out = _ring_and_reference(seg, 4, RingLayout.ZIGZAG)
+    do = np.random.default_rng(9).normal(size=q.shape).astype(np.float32)
+    q16, k16, v16, do16 = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, do))
+    got, got_vjp = jax.vjp(ring_out, q16, k16, v16)
+    want, want_vjp = jax.vjp(ref_out, *(x.astype(jnp.float32) for x in (q16, k16, v16)))  # the same values
     assert got.dtype == jnp.bfloat16
-    for name, a, w in zip(("out", "dq", "dk", "dv"), (got, *vjp(do)), (want, *ref_vjp(do.astype(jnp.float32))),
-                          strict=True):
+    for name, a, w in zip(("out", "dq", "dk", "dv"), (got, *got_vjp(do16)),
+                          (want, *want_vjp(do16.astype(jnp.float32))), strict=True):
         a, w = np.asarray(a, np.float32), np.asarray(w, np.float32)
-        rounding = np.abs(np.asarray(jnp.asarray(w).astype(jnp.bfloat16), np.float32) - w).max()
+        rounding = np.abs(np.asarray(jnp.asarray(w, jnp.bfloat16), np.float32) - w).max()
         err = np.abs(a - w).max()
         assert err <= 3 * rounding, (name, err, rounding)  # measured: 1.0-1.5 roundings
         assert err <= 2e-2 * np.abs(w).max(), (name, err, np.abs(w).max())
+
 
 def test_layouts_balance_causal_work():
     t, r = 64, 4
