@@ -166,6 +166,7 @@ def _ring_bwd(axis, ring, res, d_out):
     b, t, n, h = q.shape
     kh = k.shape[2]
     grouped = lambda x: x.reshape(b, t, kh, n // kh, h)  # noqa: E731  [B, T, K, G, H]
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731  float32 gradient accumulators
     qg, do = grouped(q), grouped(d_out.astype(q.dtype))
     delta = jnp.einsum("BTKGH,BTKGH->BKGT", do.astype(jnp.float32), grouped(out).astype(jnp.float32))  # rowsum(dO*O)
 
@@ -189,17 +190,17 @@ def _ring_bwd(axis, ring, res, d_out):
             def kv_chunk(dq, ys):
                 kc, vc, seg, idx = ys
                 allowed = reference.mask(seg_q, seg, idx_q, idx)
-                zeros = (jnp.zeros_like(dq), jnp.zeros(kc.shape, jnp.float32), jnp.zeros(vc.shape, jnp.float32))
                 g_q, g_k, g_v = jax.lax.cond(
-                    jnp.any(allowed), lambda: chunk_grads(qc, qgc, doc, deltac, lsec, kc, vc, allowed), lambda: zeros)
+                    jnp.any(allowed), lambda: chunk_grads(qc, qgc, doc, deltac, lsec, kc, vc, allowed),
+                    lambda: (zeros(dq), zeros(kc), zeros(vc)))
                 return dq + g_q, (g_k, g_v)
 
-            dq, (dk, dv) = jax.lax.scan(kv_chunk, jnp.zeros(qgc.shape, jnp.float32), kv)
+            dq, (dk, dv) = jax.lax.scan(kv_chunk, zeros(qgc), kv)
             return (dkv[0] + _unsplit(dk), dkv[1] + _unsplit(dv)), dq
 
         xs = (*(_split(x, cq) for x in (q, qg, do)), _split(delta, cq, 3), _split(lse, cq, 3),
               _split(q_seg, cq), _split(q_idx, cq))
-        (dk, dv), dq = jax.lax.scan(q_chunk, (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)), xs)
+        (dk, dv), dq = jax.lax.scan(q_chunk, (zeros(k), zeros(v)), xs)
         return _unsplit(dq), dk, dv
 
     def step(carry, _):
@@ -208,7 +209,6 @@ def _ring_bwd(axis, ring, res, d_out):
         k, v, dk, dv, kv_seg, kv_idx = _shift(axis, ring, k, v, dk + g_k, dv + g_v, kv_seg, kv_idx)
         return (dq + g_q, k, v, dk, dv, kv_seg, kv_idx), None
 
-    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731  float32 gradient accumulators
     init = (zeros(qg), k, v, zeros(k), zeros(v), kv_seg, kv_idx)
     (dq, _, _, dk, dv, *_), _ = jax.lax.scan(step, init, None, length=ring)
     return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None)

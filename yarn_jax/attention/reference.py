@@ -1,4 +1,6 @@
-"""The reference attention: float32, explicit mask, the oracle every fast path is tested against."""
+"""The reference attention (float32, explicit mask): the oracle every fast path is tested against. Its
+masked logits and float32-accumulating matmuls also serve ring attention's blockwise kernel, which feeds
+them compute-dtype operands."""
 
 from __future__ import annotations
 
