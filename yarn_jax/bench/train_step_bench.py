@@ -99,9 +99,8 @@ def kernel_bound(cfg, seq: int) -> dict:
     qs = [jax.random.normal(key, (1, seq, heads, h), cfg.dtype)
           for key, heads in zip(jax.random.split(jax.random.key(1), 4), (n, k, k, n), strict=True)]
 
-    def fwd_bwd(q, k, v, do):
-        out, vjp = jax.vjp(lambda q, k, v: kernel(q, k, v, None, None, index, index), q, k, v)
-        return vjp(do)
+    def fwd_bwd(q, k_, v, do):
+        return jax.vjp(lambda q, k_, v: kernel(q, k_, v, None, None, index, index), q, k_, v)[1](do)
 
     attention_s = kernel_time(jax.jit(fwd_bwd), *qs, calls=max(3, min(cfg.num_layers, 2**31 // seq**2)))
     step_s = seq * 6 * matmul_params / matmul_rate + cfg.num_layers * attention_s
