@@ -81,7 +81,6 @@ def test_remat_policies_do_not_change_gradients(remat):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
 
 
-
 def test_unrolled_layers_compute_the_same_gradients_and_refuse_remat():
     cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(layers=4, rope_scaling=YARN).to_dict(), dtype="float32")
     params = yarn_jax.init_params(cfg, jax.random.key(0))

@@ -18,3 +18,10 @@ def kernel_time(fn, *args, calls: int) -> float:
         jax.block_until_ready([fn(*args) for _ in range(calls)])
         batches.append((time.perf_counter() - t) / calls)
     return statistics.median(batches)
+
+
+def fwd_bwd(attend):
+    """(q, k, v, do) -> (dq, dk, dv): forward and backward of the attention function `attend(q, k, v)`."""
+    import jax
+
+    return lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do)

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from yarn_jax.bench import kernel_time
+from yarn_jax.bench import fwd_bwd, kernel_time
 
 
 def main(argv: list[str]) -> int:
@@ -37,9 +37,6 @@ def main(argv: list[str]) -> int:
         except Exception as e:  # noqa: BLE001  a refusal is a finding here
             rows.append({"seq": seq, "kernel": name, "error": f"{type(e).__name__}: {e}"[:300]})
         print(json.dumps(rows[-1]), flush=True)
-
-    def fwd_bwd(attend):
-        return lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do)
 
     for seq in [int(s) for s in a.seq.split(",")]:
         keys = jax.random.split(jax.random.key(seq), 4)

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from yarn_jax.bench import kernel_time
+from yarn_jax.bench import fwd_bwd, kernel_time
 
 PEER = r'''
 import json, statistics, sys, time, torch, transformers
@@ -99,10 +99,8 @@ def kernel_bound(cfg, seq: int) -> dict:
     qs = [jax.random.normal(key, (1, seq, heads, h), cfg.dtype)
           for key, heads in zip(jax.random.split(jax.random.key(1), 4), (n, k, k, n), strict=True)]
 
-    def fwd_bwd(q, k_, v, do):
-        return jax.vjp(lambda q, k_, v: kernel(q, k_, v, None, None, index, index), q, k_, v)[1](do)
-
-    attention_s = kernel_time(jax.jit(fwd_bwd), *qs, calls=max(3, min(cfg.num_layers, 2**31 // seq**2)))
+    attend = fwd_bwd(lambda q, k_, v: kernel(q, k_, v, None, None, index, index))
+    attention_s = kernel_time(jax.jit(attend), *qs, calls=max(3, min(cfg.num_layers, 2**31 // seq**2)))
     step_s = seq * 6 * matmul_params / matmul_rate + cfg.num_layers * attention_s
     return {"step_s": step_s, "matmul_tflops": matmul_rate / 1e12, "attention_layer_s": attention_s,
             "flops_per_token": train_step.flops_per_token(cfg, seq)}
