@@ -68,11 +68,13 @@ def test_ring_inside_a_layer_scan_stays_linear_in_memory():
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from yarn_jax import ring, sharding
+    from yarn_jax import attention, sharding
+    from yarn_jax.attention import ring
+    from yarn_jax.config import AttentionImpl, RingLayout
 
     _, _, devices = aot.topology_devices("v4-16")
     mesh = sharding.make_mesh(seq=8, devices=devices)
-    attend = ring.ring_attention(mesh)
+    attend = ring.ring_attention(mesh, attention.block_kernel(AttentionImpl.AUTO, "tpu"), RingLayout.ZIGZAG)
     spec = NamedSharding(mesh, P(("data", "fsdp"), "seq", "tensor", None))
 
     def temp_gib(t):
@@ -113,17 +115,17 @@ def test_program_flops_counts_loops_devices_and_conditionals():
 def test_visible_fraction_matches_the_mask(monkeypatch):
     import numpy as np
 
-    from yarn_jax import ring
+    from yarn_jax.attention import block_xla, ring
     from yarn_jax.config import RingLayout
 
-    assert 0.5 < ring.visible_fraction(65536, 8, RingLayout.ZIGZAG) < 0.53  # causal: half, plus the diagonal
-    monkeypatch.setattr(ring, "_Q_CHUNK", 4)
-    monkeypatch.setattr(ring, "_KV_CHUNK", 2)
-    for layout in RingLayout:
-        blocks = ring.permutation(64, 4, layout).reshape(4, 16)
-        pairs = [(q[:, None] >= k[None, :]).any() for d in range(4) for s in range(4)
-                 for q in blocks[d].reshape(4, 4) for k in blocks[s].reshape(8, 2)]
-        assert ring.visible_fraction(64, 4, layout) == np.mean(pairs)
+    assert ring.visible_fraction(65536, 8, RingLayout.ZIGZAG) == 1.0  # its schedule computes visible blocks only
+    assert 0.5 < ring.visible_fraction(65536, 8, RingLayout.STRIPED) < 0.53  # causal: half, plus the diagonal
+    monkeypatch.setattr(block_xla, "Q_CHUNK", 4)
+    monkeypatch.setattr(block_xla, "KV_CHUNK", 2)
+    blocks = ring.permutation(64, 4, RingLayout.STRIPED).reshape(4, 16)
+    pairs = [(q[:, None] >= k[None, :]).any() for d in range(4) for s in range(4)
+             for q in blocks[d].reshape(4, 4) for k in blocks[s].reshape(8, 2)]
+    assert ring.visible_fraction(64, 4, RingLayout.STRIPED) == np.mean(pairs)
 
 
 @pytest.mark.parametrize("name,topology", [("v4_64k", "v4-32"), ("v4_128k", "v4-32")])

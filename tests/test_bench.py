@@ -35,15 +35,16 @@ def test_mosaic_probe_records_every_kernel_it_tries(tmp_path):
     assert all(("ms" in r) != ("error" in r) for r in rows)
 
 
-def test_attention_bench_times_the_ring_and_checks_it_against_the_reference(tmp_path):
-    """The ring over the 8 fake devices: timed rows, and its bf16 output within 2e-2 of the float32
-    reference (the exit code says so)."""
+def test_attention_bench_times_a_ring_devices_work_and_checks_the_ring_against_the_reference(tmp_path):
+    """Per ring size: the single-device kernel at T / R tokens, then the first and last device's ring work
+    (timed rows); the ring over the 8 fake devices within 2e-2 of the float32 reference (the exit code)."""
     from yarn_jax.bench import attention_bench
 
     out = tmp_path / "ring.json"
-    assert attention_bench.main(["--impl", "ring", "--seq", "256", "--heads", "4", "--kv-heads", "2",
+    assert attention_bench.main(["--impl", "ring", "--seq", "512", "--ring", "2,4", "--heads", "4", "--kv-heads", "2",
                                  "--head-dim", "16", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["devices"] == 8 and 0 < result["rel_err"] < 2e-2
-    assert [(r["seq"], r["kv_heads"]) for r in result["rows"]] == [(256, 2)]
+    assert [(r["ring"], r["device"]) for r in result["rows"]] == [(2, "single"), (2, 0), (2, 1), (4, "single"),
+                                                                  (4, 0), (4, 3)]
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in result["rows"])

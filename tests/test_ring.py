@@ -7,8 +7,9 @@ import pytest
 
 import yarn_jax
 from tests import hf_models
-from yarn_jax import ring, sharding
-from yarn_jax.attention import reference
+from tests.tolerances import TOL
+from yarn_jax import sharding
+from yarn_jax.attention import block_cudnn, block_splash, block_xla, reference, ring
 from yarn_jax.config import RingLayout
 
 
@@ -17,39 +18,57 @@ def _inputs(seed, b=2, t=64, n=4, k=2, h=8, segments=True):
     q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
     kk = jnp.asarray(rng.normal(size=(b, t, k, h)), jnp.float32)
     v = jnp.asarray(rng.normal(size=(b, t, k, h)), jnp.float32)
-    seg = np.sort(rng.integers(1, 4, size=(b, t)), axis=1) if segments else np.ones((b, t), int)
-    return q, kk, v, jnp.asarray(seg, jnp.int32)
+    seg = jnp.asarray(np.sort(rng.integers(1, 4, size=(b, t)), axis=1), jnp.int32) if segments else None
+    return q, kk, v, seg
 
 
-def _ring_and_reference(seg, ring_size, layout):
-    """(ring, reference): attention functions of (q, k, v) in sequence order with segment ids `seg`; the
-    ring permutes its inputs to `layout` over `ring_size` fake devices and un-permutes its output."""
-    b, t = seg.shape
+def _ring_and_reference(seg, shape, ring_size, layout, kernel=None):
+    """(ring, reference): attention functions of (q, k, v) in sequence order with segment ids `seg` (None:
+    one document per row); the ring permutes its inputs to `layout` over `ring_size` fake devices, runs
+    `kernel` (default: the XLA loop) for its blocks and un-permutes its output."""
+    b, t = shape
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    attend = ring.ring_attention(sharding.make_mesh(seq=ring_size, devices=jax.devices()[:ring_size]))
+    attend = ring.ring_attention(sharding.make_mesh(seq=ring_size, devices=jax.devices()[:ring_size]),
+                                 kernel or block_xla.Kernel(), layout)
     perm = ring.permutation(t, ring_size, layout)
     inv = np.argsort(perm)
 
     def ring_out(q, k, v):
-        s, i = seg[:, perm], idx[:, perm]
+        s, i = (None if seg is None else seg[:, perm]), idx[:, perm]
         return attend(q[:, perm], k[:, perm], v[:, perm], s, s, i, i)[:, inv]
 
     return jax.jit(ring_out), lambda q, k, v: reference.attention(q, k, v, seg, seg, idx, idx)
 
 
+def _check_vjp(ring_out, ref_out, q, k, v, tol):
+    do = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), jnp.float32)
+    (got, got_vjp), (want, want_vjp) = jax.vjp(ring_out, q, k, v), jax.vjp(ref_out, q, k, v)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    for a, b_ in zip(got_vjp(do), want_vjp(do), strict=True):
+        np.testing.assert_allclose(a, b_, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("segments", [False, True], ids=["one-doc", "segments"])
 @pytest.mark.parametrize("chunks", [(1024, 512), (4, 2), (2, 4)], ids=["block", "sub-chunks", "wide-kv"])
 @pytest.mark.parametrize("layout", list(RingLayout))
 @pytest.mark.parametrize("ring_size", [2, 4, 8])
-def test_ring_forward_and_grad_equal_reference(ring_size, layout, chunks, monkeypatch):
-    monkeypatch.setattr(ring, "_Q_CHUNK", chunks[0])
-    monkeypatch.setattr(ring, "_KV_CHUNK", chunks[1])
-    q, k, v, seg = _inputs(ring_size)
-    ring_out, ref_out = _ring_and_reference(seg, ring_size, layout)
-    do = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), jnp.float32)
-    (got, got_vjp), (want, want_vjp) = jax.vjp(ring_out, q, k, v), jax.vjp(ref_out, q, k, v)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    for a, b_ in zip(got_vjp(do), want_vjp(do), strict=True):
-        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5)
+def test_ring_forward_and_grad_equal_reference(ring_size, layout, chunks, segments, monkeypatch):
+    """The XLA block kernel in the ring, GQA (4 query heads, 2 kv heads), float32."""
+    monkeypatch.setattr(block_xla, "Q_CHUNK", chunks[0])
+    monkeypatch.setattr(block_xla, "KV_CHUNK", chunks[1])
+    q, k, v, seg = _inputs(ring_size, segments=segments)
+    _check_vjp(*_ring_and_reference(seg, seg.shape if segments else q.shape[:2], ring_size, layout), q, k, v,
+               TOL[jnp.float32][0])
+
+
+@pytest.mark.parametrize("segments", [False, True], ids=["one-doc", "segments"])
+@pytest.mark.parametrize("ring_size", [1, 2, 4])
+def test_ring_with_splash_blocks_in_interpret_mode_equals_reference(ring_size, segments):
+    """Pallas splash (TPU's kernel, here in interpret mode) as the zigzag ring's blocks: float32, GQA."""
+    q, k, v, seg = _inputs(ring_size, b=1, t=256 * ring_size, n=2, k=1, h=128, segments=segments)
+    ring_out, ref_out = _ring_and_reference(seg, q.shape[:2], ring_size, RingLayout.ZIGZAG,
+                                            block_splash.Kernel(interpret=True))
+    _check_vjp(ring_out, ref_out, q, k, v, 1e-5)
 
 
 def test_ring_in_bfloat16_keeps_the_reference_within_bfloat16_error():
@@ -57,7 +76,7 @@ def test_ring_in_bfloat16_keeps_the_reference_within_bfloat16_error():
     and accumulate in float32. Output and gradients stay within a few bf16 roundings of the float32
     reference computed from the same values (the bf16 result itself is one rounding away)."""
     q, k, v, seg = _inputs(5, t=128, h=16)
-    ring_out, ref_out = _ring_and_reference(seg, 4, RingLayout.ZIGZAG)
+    ring_out, ref_out = _ring_and_reference(seg, seg.shape, 4, RingLayout.ZIGZAG)
     do = np.random.default_rng(9).normal(size=q.shape).astype(np.float32)
     q16, k16, v16, do16 = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, do))
     got, got_vjp = jax.vjp(ring_out, q16, k16, v16)
@@ -70,6 +89,28 @@ def test_ring_in_bfloat16_keeps_the_reference_within_bfloat16_error():
         err = np.abs(a - w).max()
         assert err <= 3 * rounding, (name, err, rounding)  # measured: 1.0-1.5 roundings
         assert err <= 2e-2 * np.abs(w).max(), (name, err, np.abs(w).max())
+
+
+def test_fused_blocks_that_cannot_take_the_mask_fall_back_to_the_xla_loop_with_one_warning(caplog):
+    cudnn = block_cudnn.Kernel()  # its `supports` needs no GPU
+    assert ring._kernel_for(cudnn, RingLayout.ZIGZAG, segments=False) is cudnn
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            assert isinstance(ring._kernel_for(cudnn, RingLayout.ZIGZAG, segments=True), block_xla.Kernel)
+        assert isinstance(ring._kernel_for(block_splash.Kernel(), RingLayout.STRIPED, segments=False),
+                          block_xla.Kernel)
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("segment ids" in x for x in lines) <= 1 and sum("striped" in x for x in lines) <= 1, lines
+
+
+def test_private_kernels_refuse_jax_versions_they_were_not_written_for(monkeypatch):
+    from yarn_jax.attention.block import Mask
+
+    monkeypatch.setattr(jax, "__version__", "0.12.0")
+    x = jnp.zeros((1, 8, 1, 8))
+    for kernel in (block_cudnn.Kernel(), block_splash.Kernel()):
+        with pytest.raises(NotImplementedError, match="written for jax .*this is jax 0.12.0"):
+            kernel.forward(x, x, x, Mask(True))
 
 
 def test_layouts_balance_causal_work():

@@ -11,8 +11,8 @@ Exit status 1 when it does not fit, naming the part that is too big and what to 
 FLOPs: XLA's cost analysis counts every loop body once (layers, gradient accumulation and ring steps are
 loops), so the step's FLOPs are counted on the traced program instead (`program_flops`): matmul FLOPs
 with loops times their trip counts, shard_map bodies times their devices, Pallas kernels times their
-grid, conditionals at their costliest branch; the ring's conditionals (its chunk-pair skips) are then
-scaled by the fraction of pairs that run (`step_flops`). Splash's own block skipping is not modelled.
+grid, conditionals at their costliest branch; the striped ring's conditionals (its chunk-pair skips) are
+then scaled by the fraction of pairs that run (`step_flops`). Splash's own block skipping is not modelled.
 The roofline step time is that count over the chips' peak (compute only: a lower bound).
 MFU convention: model FLOPs = (6N + 6 L d S) per token (causal attention, remat recompute not counted),
 over the chips' peak bf16 FLOP/s.
@@ -32,7 +32,8 @@ import jax.extend.core
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from yarn_jax import ring, sharding, train_step
+from yarn_jax import sharding, train_step
+from yarn_jax.attention import ring
 from yarn_jax.config import LlamaConfig
 
 
@@ -144,8 +145,9 @@ def step_flops(config: Any, mesh: Mesh, cfg: LlamaConfig, traced: Any) -> dict[s
     remat: one more forward)."""
     upper, conditional = program_flops(traced.jaxpr.jaxpr)
     ring_size = mesh.shape["seq"]
-    # the step's only conditionals are the ring's chunk-pair skips: they run for the visible pairs (other
-    # kernels' skips, e.g. splash's, are not modelled: counted whole)
+    # the step's conditionals: in the zigzag ring, its choice between two equal-cost blocks (always run);
+    # in the striped ring, the XLA block kernel's chunk-pair skips, run for the visible pairs. Kernels' own
+    # skips (splash's causal blocks, the XLA kernel's inside the zigzag ring's diagonal) are counted whole.
     visible = ring.visible_fraction(config.data.seq_len, ring_size, cfg.ring_layout) if ring_size > 1 else 1.0
     recompute = 1.0 + (1 / 3 if cfg.remat.value != "none" else 0.0)
     model = config.data.batch_size * config.data.seq_len * train_step.flops_per_token(cfg, config.data.seq_len)

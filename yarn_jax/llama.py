@@ -20,7 +20,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from yarn_jax import attention, ring, sharding
+from yarn_jax import attention, sharding
 from yarn_jax import rope as rope_lib
 from yarn_jax.attention import reference
 from yarn_jax.config import LlamaConfig, Remat
@@ -247,7 +247,7 @@ def _forward(cfg, params, tokens, positions, segment_ids, seq_len, mesh):
         hidden = hidden_states(cfg, params, tokens, positions, segment_ids, seq_len=seq_len,
                                attend=attention.for_mesh(cfg, mesh))
         return unembed(cfg, params, hidden)
-    perm = ring.permutation(t, mesh.shape["seq"], cfg.ring_layout)  # static numpy
+    perm = attention.ring.permutation(t, mesh.shape["seq"], cfg.ring_layout)  # static numpy
     positions = jnp.broadcast_to(jnp.arange(t), (b, t)) if positions is None else positions
     permute = lambda x: None if x is None else x[:, perm]  # noqa: E731
     index = jnp.broadcast_to(jnp.asarray(perm, jnp.int32), (b, t))

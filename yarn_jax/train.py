@@ -87,7 +87,7 @@ class Run:
         self.mesh = sharding.make_mesh(**config.mesh)
         sharding.check_batch(self.mesh, self.dcfg.batch_size // config.train.grad_accum, self.dcfg.seq_len)
         if self.mesh.shape["seq"] > 1:
-            from yarn_jax import ring
+            from yarn_jax.attention import ring
 
             ring.permutation(self.dcfg.seq_len, self.mesh.shape["seq"], self.cfg.ring_layout)  # validates
         ocfg = ts.OptimConfig(**{**config.optim.to_dict(), "total_steps": config.train.steps})

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from yarn_jax import attention, ring, sharding
+from yarn_jax import attention, sharding
 from yarn_jax.config import LlamaConfig
 from yarn_jax.llama import hidden_states, unembed
 
@@ -110,7 +110,7 @@ def loss_fn(cfg: LlamaConfig, mesh: Mesh | None, loss_chunk: int, segment_mask: 
     b, t = tokens.shape
     index = None
     if mesh is not None and mesh.shape["seq"] > 1:
-        perm = ring.permutation(t, mesh.shape["seq"], cfg.ring_layout)
+        perm = attention.ring.permutation(t, mesh.shape["seq"], cfg.ring_layout)
         tokens, positions, segment_ids, tgt, w = (x[:, perm] for x in (tokens, positions, segment_ids, tgt, w))
         index = jnp.broadcast_to(jnp.asarray(perm, jnp.int32), (b, t))
     hidden = hidden_states(cfg, params, tokens, positions, segment_ids if segment_mask else None, index,

@@ -1,15 +1,17 @@
-"""Attention kernels: correctness against the reference, and fwd+bwd TFLOP/s.
+"""Attention kernels and the ring's per-device work: correctness against the reference, fwd+bwd TFLOP/s.
 
-    python -m yarn_jax.bench attention [--seq 8192,32768] [--impl cudnn|splash|reference|ring]
+    python -m yarn_jax.bench attention [--seq 8192,32768] [--impl cudnn|splash|reference]
                                        [--heads 32] [--kv-heads 32,8] [--head-dim 128]
+    python -m yarn_jax.bench attention --impl ring --seq 65536,131072 --ring 2,4,8 [--block auto|cudnn|...]
 
-Causal, bfloat16, batch 1. `ring` is ring attention over every local device on a 'seq' mesh axis (on
-one device, a ring of one: its per-block kernel alone), inputs in the zigzag order. FLOPs of causal
-fwd+bwd: 4 * T^2 * N * H * (1 fwd + 2.5 bwd) / 2, the convention of the FlashAttention papers. Timing:
-`bench.kernel_time` (10 calls back to back, median of 3 batches; before session 5, 10 calls each
-synchronised with the host, which charged each call its dispatch). Correctness: the kernel's logits in
-a small bf16 model (ring: its output on bf16 inputs, T = 2048) against the float32 reference, relative
-to their maximum.
+Causal, bfloat16, batch 1. `ring`: the work of one device of a ring of R over `--seq` total tokens, timed
+on one device (`ring.device_work`: its R block steps with the masks and skips of the zigzag schedule, its
+own K/V standing in for the others'; no communication), for the first and the last device of the ring,
+next to the single-device kernel (`--block`'s, e.g. cuDNN) at the same per-device token count T / R.
+FLOPs of causal fwd+bwd: 4 * T^2 * N * H * (1 fwd + 2.5 bwd) / 2 (the FlashAttention papers'
+convention), over R for one device of a ring. Timing: `bench.kernel_time` (10 calls back to back, median
+of 3 batches). Correctness: the kernel's logits in a small bf16 model (ring: the ring over every local
+device, bf16 inputs, T = 2048) against the float32 reference, relative to their maximum.
 """
 
 from __future__ import annotations
@@ -38,42 +40,111 @@ def model_check(impl: str) -> float:
     return float(abs(got - want).max() / abs(want).max())
 
 
-def _inputs(t: int, n: int, kv_heads: int, h: int, impl: str):
-    """(q, k, v, token indices, attention fn): random bf16 inputs, batch 1. For `ring`, the sequence is in
-    the zigzag order over every local device and the function is ring attention over them."""
+def _qkv(t: int, n: int, kv_heads: int, h: int, perm=None):
+    """Random bf16 q [1, T, N, H], k, v [1, T, K, H] (rows in the order `perm`, default as drawn)."""
     import jax
     import jax.numpy as jnp
 
-    from yarn_jax import attention, ring, sharding
-    from yarn_jax.config import AttentionImpl, RingLayout
-
-    if impl == "ring":
-        perm = ring.permutation(t, jax.device_count(), RingLayout.ZIGZAG)
-        fn = ring.ring_attention(sharding.make_mesh(seq=jax.device_count()))
-    else:
-        perm, fn = jnp.arange(t), attention.select(AttentionImpl(impl))
     keys = jax.random.split(jax.random.key(t), 3)
-    q, k, v = (jax.random.normal(key, (1, t, heads, h), jnp.bfloat16)[:, perm]
-               for key, heads in zip(keys, (n, kv_heads, kv_heads), strict=True))
-    return q, k, v, jnp.asarray(perm, jnp.int32)[None], fn
+    xs = (jax.random.normal(key, (1, t, heads, h), jnp.bfloat16) for key, heads in zip(keys, (n, kv_heads, kv_heads),
+                                                                                      strict=True))
+    return tuple(xs if perm is None else (x[:, perm] for x in xs))
+
+
+def _time(attend, q, k, v, flops: float) -> dict[str, float]:
+    """fwd and fwd+bwd of `attend(q, k, v)`: ms and TFLOP/s (`flops`: the causal forward's)."""
+    import jax
+
+    do = jax.random.normal(jax.random.key(1), q.shape, q.dtype)
+    tf = kernel_time(jax.jit(attend), q, k, v, calls=10)
+    tb = kernel_time(jax.jit(fwd_bwd(attend)), q, k, v, do, calls=10)
+    return {"fwd_tflops": flops / tf / 1e12, "fwd_bwd_tflops": 3.5 * flops / tb / 1e12, "fwd_ms": tf * 1e3,
+            "fwd_bwd_ms": tb * 1e3}
+
+
+def kernel_rows(impl: str, seqs: list[int], n: int, kv_list: list[int], h: int) -> list[dict]:
+    from yarn_jax import attention
+    from yarn_jax.config import AttentionImpl
+
+    fn = attention.select(AttentionImpl(impl))
+    rows = []
+    for t in seqs:
+        for kv_heads in kv_list:
+            attend = lambda q, k, v, t=t: fn(q, k, v, None, None, *[_index(t)] * 2)  # noqa: E731
+            rows.append({"seq": t, "kv_heads": kv_heads, **_time(attend, *_qkv(t, n, kv_heads, h), 2 * t * t * n * h)})
+    return rows
+
+
+def _index(t: int):
+    """Token indices 0..T-1 [1, T] (the kernels' causal order)."""
+    import jax.numpy as jnp
+
+    return jnp.arange(t, dtype=jnp.int32)[None]
+
+
+def ring_rows(block: str, seqs: list[int], rings: list[int], n: int, kv_list: list[int], h: int) -> list[dict]:
+    """Per ring size: the single-device kernel at T / R tokens, then the first and last ring device."""
+    from yarn_jax import attention
+    from yarn_jax.attention import ring
+    from yarn_jax.config import AttentionImpl
+
+    kernel = attention.block_kernel(AttentionImpl(block))
+    single = attention.select(AttentionImpl(block))
+    rows = []
+    for t in seqs:
+        for r in rings:
+            local = t // r
+            for kv_heads in kv_list:
+                qkv = _qkv(local, n, kv_heads, h)
+                base = _time(lambda q, k, v, local=local: single(q, k, v, None, None, *[_index(local)] * 2),
+                             *qkv, 2 * local * local * n * h)
+                rows.append({"seq": t, "ring": r, "device": "single", "kv_heads": kv_heads, **base})
+                for device in (0, r - 1):
+                    got = _time(ring.device_work(kernel, r, device), *qkv, 2 * t * t * n * h / r)
+                    rows.append({"seq": t, "ring": r, "device": device, "kv_heads": kv_heads, **got,
+                                 "vs_single": got["fwd_bwd_tflops"] / base["fwd_bwd_tflops"]})
+    return rows
 
 
 def ring_check() -> float:
     """Max |ring - reference| relative to max |reference| on bf16 inputs, T = 2048, over all local devices."""
+    import jax
     import jax.numpy as jnp
 
-    from yarn_jax.attention import reference
+    from yarn_jax import attention, sharding
+    from yarn_jax.attention import reference, ring
+    from yarn_jax.config import AttentionImpl, RingLayout
 
-    q, k, v, idx, attend = _inputs(2048, 8, 2, 64, "ring")
+    t, devices = 2048, jax.device_count()
+    perm = ring.permutation(t, devices, RingLayout.ZIGZAG)
+    q, k, v = _qkv(t, 8, 2, 64, perm)
+    idx = jnp.asarray(perm, jnp.int32)[None]
+    attend = ring.ring_attention(sharding.make_mesh(seq=devices), attention.block_kernel(AttentionImpl.AUTO),
+                                 RingLayout.ZIGZAG)
     want = reference.attention(*(x.astype(jnp.float32) for x in (q, k, v)), None, None, idx, idx)
     got = attend(q, k, v, None, None, idx, idx).astype(jnp.float32)
     return float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
 
 
+def _table(impl: str, rows: list[dict]) -> list[str]:
+    if impl != "ring":
+        lines = ["| seq | kv heads | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd ms | fwd+bwd ms |",
+                 "|---|---|---|---|---|---|"]
+        return lines + [f"| {r['seq']} | {r['kv_heads']} | {r['fwd_tflops']:.0f} | {r['fwd_bwd_tflops']:.0f} | "
+                        f"{r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} |" for r in rows]
+    lines = ["| total seq | ring | device | kv heads | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd+bwd ms | vs single |",
+             "|---|---|---|---|---|---|---|---|"]
+    return lines + [f"| {r['seq']} | {r['ring']} | {r['device']} | {r['kv_heads']} | {r['fwd_tflops']:.0f} | "
+                    f"{r['fwd_bwd_tflops']:.0f} | {r['fwd_bwd_ms']:.2f} | "
+                    + (f"{r['vs_single']:.0%} |" if "vs_single" in r else "- |") for r in rows]
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m yarn_jax.bench attention")
-    p.add_argument("--seq", default="8192,32768")
+    p.add_argument("--seq", default="8192,32768", help="comma list; total tokens for --impl ring")
     p.add_argument("--impl", default="cudnn", help="an attention kernel (cudnn, splash, reference) or ring")
+    p.add_argument("--ring", default="2,4,8", help="--impl ring: ring sizes (comma list)")
+    p.add_argument("--block", default="auto", help="--impl ring: the block kernel (auto, cudnn, splash, reference)")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", default="32,8", help="comma list")
     p.add_argument("--head-dim", type=int, default=128)
@@ -81,28 +152,18 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     import jax
 
-    rows = []
-    n, h = a.heads, a.head_dim
-    for t in [int(s) for s in a.seq.split(",")]:
-        for kv_heads in [int(x) for x in a.kv_heads.split(",")]:
-            q, k, v, idx, fn = _inputs(t, n, kv_heads, h, a.impl)
-            do = jax.random.normal(jax.random.key(t + 1), q.shape, q.dtype)
-            attend = lambda q, k, v, idx=idx, fn=fn: fn(q, k, v, None, None, idx, idx)  # noqa: E731
-            flops = 4 * t * t * n * h / 2
-            tf = kernel_time(jax.jit(attend), q, k, v, calls=10)
-            tb = kernel_time(jax.jit(fwd_bwd(attend)), q, k, v, do, calls=10)
-            rows.append({"seq": t, "kv_heads": kv_heads, "fwd_tflops": flops / tf / 1e12,
-                         "fwd_bwd_tflops": 3.5 * flops / tb / 1e12, "fwd_ms": tf * 1e3, "fwd_bwd_ms": tb * 1e3})
+    ints = lambda x: [int(s) for s in x.split(",")]  # noqa: E731
+    if a.impl == "ring":
+        rows = ring_rows(a.block, ints(a.seq), ints(a.ring), a.heads, ints(a.kv_heads), a.head_dim)
+    else:
+        rows = kernel_rows(a.impl, ints(a.seq), a.heads, ints(a.kv_heads), a.head_dim)
     err = ring_check() if a.impl == "ring" else model_check(a.impl)
     print(f"{a.impl} on {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}; "
           f"{a.heads} heads, head dim {a.head_dim}; vs the float32 reference (bf16, T=2048): max relative "
           f"difference {err:.2e}")
-    print("| seq | kv heads | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd ms | fwd+bwd ms |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['seq']} | {r['kv_heads']} | {r['fwd_tflops']:.0f} | {r['fwd_bwd_tflops']:.0f} | "
-              f"{r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} |")
+    print("\n".join(_table(a.impl, rows)))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"impl": a.impl, "heads": n, "head_dim": h, "devices": jax.device_count(),
-                                       "rel_err": err, "rows": rows}, indent=2))
+    Path(a.out).write_text(json.dumps({"impl": a.impl, "block": a.block, "heads": a.heads, "head_dim": a.head_dim,
+                                       "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                                       "devices": jax.device_count(), "rel_err": err, "rows": rows}, indent=2))
     return 0 if err < 2e-2 else 1

@@ -1,0 +1,87 @@
+"""cuDNN as the ring's block kernel, on a GPU (skipped elsewhere).
+
+    JAX_PLATFORMS=cuda python -m pytest tests/test_attention_gpu.py
+
+
+Tolerance: what the single-device cuDNN kernel itself meets against the float32 reference on the same
+bf16 inputs (its error, per output and gradient, relative to the largest reference value), times 2.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from yarn_jax import sharding
+from yarn_jax.attention import block_cudnn, block_xla, cudnn, reference, ring
+from yarn_jax.attention.block import Mask
+from yarn_jax.config import RingLayout
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU with cuDNN")
+
+
+def _qkv(seed, t, s, n=8, k=2, h=64):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    shapes = ((1, t, n, h), (1, s, k, h), (1, s, k, h), (1, t, n, h))
+    return tuple(jax.random.normal(key, shape, jnp.bfloat16) for key, shape in zip(keys, shapes, strict=True))
+
+
+def _rel(got, want) -> float:
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def _errors(fn, ref, q, k, v, do):
+    """Relative errors of fn's output and (dq, dk, dv) against ref's on float32 copies of the inputs."""
+    got, vjp = jax.vjp(fn, q, k, v)
+    want, ref_vjp = jax.vjp(ref, *(x.astype(jnp.float32) for x in (q, k, v)))
+    return [_rel(a, b) for a, b in zip((got, *vjp(do)), (want, *ref_vjp(do.astype(jnp.float32))), strict=True)]
+
+
+def _idx(t):
+    return jnp.arange(t, dtype=jnp.int32)[None]
+
+
+def _single_device_errors(t=1024):
+    q, k, v, do = _qkv(0, t, t)
+    return _errors(lambda q, k, v: cudnn.attention(q, k, v, None, None, _idx(t), _idx(t)),
+                   lambda q, k, v: reference.attention(q, k, v, None, None, _idx(t), _idx(t)), q, k, v, do)
+
+
+@pytest.mark.parametrize("causal,t,s", [(True, 1024, 1024), (False, 1024, 512), (False, 512, 1024)])
+def test_cudnn_block_forward_and_backward_equal_the_reference(causal, t, s):
+    bound = [2 * e + 1e-3 for e in _single_device_errors()]
+    q, k, v, do = _qkv(1, t, s)
+    mask = Mask(causal)
+    out, lse = jax.jit(block_cudnn.forward)(q, k, v, mask)
+    want_out, want_lse = block_xla.forward(*(x.astype(jnp.float32) for x in (q, k, v)), mask)
+    assert _rel(out, want_out) <= bound[0]
+    np.testing.assert_allclose(lse, want_lse, atol=2e-2)  # float32 statistics of bf16 logits
+    grads = jax.jit(block_cudnn.backward)(q, k, v, want_out.astype(q.dtype), want_lse, do, mask)
+    want = block_xla.backward(*(x.astype(jnp.float32) for x in (q, k, v, want_out, want_lse, do)), mask)
+    for got_g, want_g, b in zip(grads, want, bound[1:], strict=True):
+        assert _rel(got_g, want_g) <= b
+
+
+def test_ring_of_one_with_cudnn_blocks_equals_the_reference():
+    t = 2048
+    bound = [2 * e + 1e-3 for e in _single_device_errors(t)]
+    q, k, v, do = _qkv(2, t, t)
+    mesh = sharding.make_mesh(seq=1, devices=jax.devices()[:1])
+    attend = ring.ring_attention(mesh, block_cudnn.Kernel(), RingLayout.ZIGZAG)
+    errs = _errors(jax.jit(lambda q, k, v: attend(q, k, v, None, None, _idx(t), _idx(t))),
+                   lambda q, k, v: reference.attention(q, k, v, None, None, _idx(t), _idx(t)), q, k, v, do)
+    assert all(e <= b for e, b in zip(errs, bound, strict=True)), (errs, bound)
+
+
+@pytest.mark.parametrize("device", [0, 3])
+def test_a_ring_devices_work_with_cudnn_blocks_equals_the_xla_blocks(device):
+    """Device `device` of a ring of 4 (every branch of the zigzag schedule: causal, all queries x first key
+    chunk, second query chunk x all keys), cuDNN blocks against the XLA blocks in float32."""
+    t = 1024
+    bound = [2 * e + 1e-3 for e in _single_device_errors()]
+    q, k, v, do = _qkv(3, t, t)
+    got = ring.device_work(block_cudnn.Kernel(), 4, device)
+    want = ring.device_work(block_xla.Kernel(), 4, device)
+    errs = _errors(jax.jit(got), want, q, k, v, do)
+    assert all(e <= b for e, b in zip(errs, bound, strict=True)), (errs, bound)
