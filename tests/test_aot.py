@@ -119,7 +119,7 @@ def test_visible_fraction_matches_the_mask(monkeypatch):
     from yarn_jax.config import RingLayout
 
     assert ring.visible_fraction(65536, 8, RingLayout.ZIGZAG) == 1.0  # its schedule computes visible blocks only
-    assert 0.5 < ring.visible_fraction(65536, 8, RingLayout.STRIPED) < 0.53  # causal: half, plus the diagonal
+    assert 0.5 < ring.visible_fraction(65536, 8, RingLayout.STRIPED) < 0.6  # causal: half, plus the diagonal
     monkeypatch.setattr(block_xla, "Q_CHUNK", 4)
     monkeypatch.setattr(block_xla, "KV_CHUNK", 2)
     blocks = ring.permutation(64, 4, RingLayout.STRIPED).reshape(4, 16)

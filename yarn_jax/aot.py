@@ -32,7 +32,7 @@ import jax.extend.core
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from yarn_jax import sharding, train_step
+from yarn_jax import hlo, sharding, train_step
 from yarn_jax.attention import ring
 from yarn_jax.config import LlamaConfig
 
@@ -182,7 +182,10 @@ def report(config: Any, topology: str, num_slices: int = 1) -> tuple[dict[str, f
     xla_flops = float(cost.get("flops", 0.0)) * len(devices)  # per-device module x devices, loops once
     tokens = config.data.batch_size * config.data.seq_len
     step_s = flops / (chip.peak_flops * chips)  # compute-bound roofline (XLA's byte count also counts loops once)
+    loops = hlo.ring_loop_kernels(compiled.as_text())
+    fused = sum(1 for kernels in loops if kernels)
     figures = {"chips": chips, "devices": len(devices), "state_gib": state / 2**30, "temp_gib": temp / 2**30,
+               "ring_loops": len(loops), "ring_loops_fused": fused,
                "total_gib": total / 2**30, "hbm_gib": chip.hbm_bytes / 2**30,
                "headroom": 1 - total / chip.hbm_bytes, **fl, "xla_flops": xla_flops,
                "step_s": step_s, "mfu": fl["model_flops"] / (step_s * chip.peak_flops * chips),
@@ -201,6 +204,9 @@ def report(config: Any, topology: str, num_slices: int = 1) -> tuple[dict[str, f
         + f"every branch: {fl['flops_upper']:.3e}), analytic (6N + 6LdS) x "
         f"{fl['analytic_flops'] / fl['model_flops']:.2f} remat = {fl['analytic_flops']:.3e} (ratio "
         f"{flops / fl['analytic_flops']:.2f}); XLA cost analysis {xla_flops:.3e} (loop bodies once)",
+        *([f"ring: {len(loops)} loops in the compiled step, {fused} with "
+           f"fused block kernels inside ({', '.join(sorted({k for c in loops for k in c})) or 'none'})"]
+          if loops else []),
         f"roofline: {step_s:.2f} s/step, {figures['tokens_per_s']:,.0f} tokens/s for the slice, MFU "
         f"{figures['mfu']:.1%} (6N + 6LdS per token over {chip.peak_flops / 1e12:.0f} TFLOP/s per chip)",
     ]

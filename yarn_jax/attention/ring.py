@@ -148,12 +148,12 @@ def _forward(kernel, shift, ring, layout, device, q, k, v, q_seg, kv_seg, q_idx,
     held = (k, v, kv_seg, kv_idx)
     acc_lse = compute(None, 0, held)
 
-    def step(carry, s):
-        acc, lse, held = carry[0], carry[1], shift(carry[2])
-        return (*compute((acc, lse), s, held), held), None
+    def step(carry, s):  # the next block's transfer depends only on the held one: it overlaps the compute
+        acc, lse, held = carry
+        return (*compute((acc, lse), s, held), shift(held)), None
 
-    if ring > 1:
-        acc_lse = jax.lax.scan(step, (*acc_lse, held), jnp.arange(1, ring))[0][:2]
+    if ring > 1:  # the last step's transfer goes unused
+        acc_lse = jax.lax.scan(step, (*acc_lse, shift(held)), jnp.arange(1, ring))[0][:2]
     acc, lse = acc_lse
     return acc.astype(q.dtype), lse
 
@@ -164,30 +164,31 @@ def _backward(kernel, shift, ring, layout, res, d_out):
     q_ids, do = (q_seg, q_idx), d_out.astype(q.dtype)
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
 
-    def compute(dq, step, held):  # held: (k, v, kv_seg, kv_idx, dk, dv); the last two float32 accumulators
-        views, index = _views(layout, t, step, device, ring)
+    def compute(dq, step, held, grads):  # held: (k, v, kv_seg, kv_idx) of device (device - step) mod R;
+        views, index = _views(layout, t, step, device, ring)  # grads: its float32 (dk, dv) accumulators
 
         def run(view, dq, dk, dv):
             g_q, g_k, g_v = kernel.backward(q[:, view.q], held[0][:, view.kv], held[1][:, view.kv],
                                             out[:, view.q], lse[..., view.q], do[:, view.q],
-                                            _mask(layout, view, q_ids, held[2:4]))
+                                            _mask(layout, view, q_ids, held[2:]))
             return (dq.at[:, view.q].add(f32(g_q)), dk.at[:, view.kv].add(f32(g_k)),
                     dv.at[:, view.kv].add(f32(g_v)))
 
-        dq, dk, dv = _switch(index, [functools.partial(run, view) for view in views], dq, *held[4:])
-        return dq, (*held[:4], dk, dv)
+        dq, *grads = _switch(index, [functools.partial(run, view) for view in views], dq, *grads)
+        return dq, shift(tuple(grads))
 
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
-    dq, held = compute(zeros(q), 0, (k, v, kv_seg, kv_idx, zeros(k), zeros(v)))
-    held = shift(held)
+    held = (k, v, kv_seg, kv_idx)
+    dq, grads = compute(zeros(q), 0, held, (zeros(k), zeros(v)))
 
-    def step(carry, s):
-        dq, held = compute(carry[0], s, carry[1])
-        return (dq, shift(held)), None
+    def step(carry, s):  # K/V move on while this block computes; its gradients follow once computed
+        dq, held, grads = carry
+        dq, grads = compute(dq, s, held, grads)
+        return (dq, shift(held), grads), None
 
     if ring > 1:
-        dq, held = jax.lax.scan(step, (dq, held), jnp.arange(1, ring))[0]
-    dk, dv = held[4:]  # after R shifts every accumulator is back on its own device
+        dq, _, grads = jax.lax.scan(step, (dq, shift(held), grads), jnp.arange(1, ring))[0]
+    dk, dv = grads  # after R shifts every accumulator is back on its own device
     return None, dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
