@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.train_helpers import ROOT, losses, tiny_run_config
-from yarn_jax import train
+from yarn_jax import cli, train
 
 
 @pytest.fixture(scope="module")
@@ -69,26 +69,52 @@ def test_kill_9_during_async_saves_resumes_from_last_complete(cache, straight, t
     resumed_at = int(run.state.step)
     assert 1 <= resumed_at <= 6
     run.train()
-    by_step = {s: (loss, h) for s, loss, h in losses(tmp_path)}  # the resumed rows overwrite the killed ones
-    assert [(s, *by_step[s]) for s in range(6)] == straight
+    assert losses(tmp_path) == straight  # one row per step: the rows past the resumed step were dropped
 
 
-def test_sigterm_saves_and_exits_zero(cache, straight, tmp_path):
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 0), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_the_current_step_and_exits(cache, straight, tmp_path, sig, status):
     proc = _cli(tmp_path, cache, "--config.train.steps=6", "--config.train.save_every=100")
     _wait_for(tmp_path / "metrics.jsonl", 2, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, out
+    assert proc.returncode == status and "Traceback" not in out, out
     done = len(losses(tmp_path))
-    assert f"SIGTERM: saved step {done}" in out
+    assert f"{sig.name}: saved step {done}" in out
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [done]
     train.Run(tiny_run_config(cache), str(tmp_path)).train()
     assert losses(tmp_path) == straight
 
 
+def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one(cache, straight, tmp_path, capsys):
+    train.Run(tiny_run_config(cache, steps=4, save_every=2), str(tmp_path)).train()
+    newest = tmp_path / "checkpoints" / "4"
+    (newest / "run" / "metadata").write_text("")  # emptied, as a full disk or a torn copy leaves it
+    run = train.Run(tiny_run_config(cache), str(tmp_path))
+    assert int(run.state.step) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint step 4" in err and "does not restore" in err and "moved the damaged step 4" in err, err
+    assert not newest.exists() and len(list((tmp_path / "damaged").iterdir())) == 1  # kept, out of the way
+    assert run.train() == 6
+    assert losses(tmp_path) == straight
+
+
+def test_a_lost_tokenizer_cache_does_not_block_the_resume(cache, straight, tmp_path):
+    """The default tokenizer is re-trained identically elsewhere (its model file's bytes differ: they record
+    the temporary path and process it was trained under); the resume compares pieces."""
+    train.Run(tiny_run_config(cache, steps=3), str(tmp_path / "run")).train()
+    assert train.Run(tiny_run_config(tmp_path / "other_cache"), str(tmp_path / "run")).train() == 6
+    assert losses(tmp_path / "run") == straight
+
+
+def test_keep_0_keeps_every_checkpoint(cache, tmp_path):
+    train.Run(tiny_run_config(cache, steps=4, save_every=1, keep=0), str(tmp_path)).train()
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2, 3, 4]
+
+
 def test_nan_stops_the_run_naming_the_step(cache, tmp_path):
     run = train.Run(tiny_run_config(cache, save_every=1, inject_nan_at=2), str(tmp_path))
-    with pytest.raises(train.TrainError, match="step 2: loss nan"):
+    with pytest.raises(cli.RunError, match="step 2: loss nan"):
         run.train()
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [1, 2]  # the state after the poisoned step (3) was never written
@@ -114,7 +140,7 @@ def test_resume_refuses_changed_settings(cache, tmp_path):
     train.Run(tiny_run_config(cache, steps=3), str(tmp_path)).train()
     c = tiny_run_config(cache)
     c.data.batch_size = 8
-    with pytest.raises(train.TrainError, match="data.batch_size: checkpoint 4, now 8"):
+    with pytest.raises(cli.RunError, match="data.batch_size: checkpoint 4, now 8"):
         train.Run(c, str(tmp_path))
 
 

@@ -49,10 +49,37 @@ class DataConfig:
 
     def settings(self) -> dict[str, Any]:
         """What must not change between a run and its resumption (stored with every checkpoint); the
-        tokenizer by its content, so a moved cache does not block a resume but a different model does."""
+        tokenizer by its pieces, so a moved or re-trained cache does not block a resume but a different
+        vocabulary does."""
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-        d["tokenizer"] = hashlib.sha256(Path(self.tokenizer).read_bytes()).hexdigest()[:16]
+        d["tokenizer"] = tokenizer_fingerprint(self.tokenizer)
         return d
+
+
+def check_sources(sources: tuple[str, ...], format: str) -> None:  # noqa: A002
+    """Refuses text sources that are not text (gzip, binary, not UTF-8) or hold no text at all, naming the
+    file; reads the first 64 KiB of each."""
+    if format != "text":
+        return
+    files, empty = expand(sources), 0
+    for f in files:
+        with open(f, "rb") as fh:
+            head = fh.read(1 << 16)
+        if not head:
+            empty += 1
+        elif head.startswith(b"\x1f\x8b"):
+            raise ValueError(f"data.sources: {f} is gzip-compressed; format='text' reads plain UTF-8 text")
+        elif b"\x00" in head:
+            raise ValueError(f"data.sources: {f} is binary (NUL bytes); format='text' reads plain UTF-8 text")
+        else:
+            try:
+                head.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if e.start < len(head) - 3:  # not just a character cut at the end of the sample
+                    raise ValueError(f"data.sources: {f} is not UTF-8 text (byte {e.start}); format='text' reads "
+                                     "plain UTF-8 text") from None
+    if files and empty == len(files):
+        raise ValueError(f"data.sources: every file is empty ({len(files)} files, e.g. {files[0]})")
 
 
 def expand(sources: tuple[str, ...]) -> list[str]:
@@ -70,7 +97,7 @@ def expand(sources: tuple[str, ...]) -> list[str]:
 
 
 def _text_docs(files: list[str], field: str) -> list[Any]:
-    return files  # one document per file, read lazily
+    return [f for f in files if os.path.getsize(f)]  # one document per non-empty file, read lazily
 
 
 def _read_text(path: str) -> str:
@@ -134,7 +161,20 @@ def load_tokenizer(path: str):
 
     if not Path(path).is_file():
         raise ValueError(f"data.tokenizer: {path} does not exist")
-    return spm.SentencePieceProcessor(model_file=path)
+    try:
+        return spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:
+        reason = str(e).splitlines()[0][:120]
+        raise ValueError(f"data.tokenizer: {path} is not a SentencePiece model ({reason})") from None
+
+
+def tokenizer_fingerprint(path: str) -> str:
+    """A hash of the tokenizer's pieces, scores and special ids: equal for equal vocabularies, whatever else
+    the model file records (SentencePiece stores the paths and process it was trained under)."""
+    sp = load_tokenizer(path)
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    specials = [sp.bos_id(), sp.eos_id(), sp.unk_id(), sp.pad_id()]
+    return hashlib.sha256(json.dumps([pieces, specials]).encode()).hexdigest()[:16]
 
 
 TOKENIZER_LINES = 200_000  # lines the tokenizer is trained on

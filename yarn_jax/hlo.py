@@ -13,7 +13,8 @@ from collections import Counter
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
 _CALLED = re.compile(r"(?:body|condition|to_apply|calls|branch_computations|true_computation|false_computation)="
                      r"\{?(%[\w.\-]+(?:, %[\w.\-]+)*)\}?")
-_WHILE_BODY = re.compile(r" while\(.*body=%([\w.\-]+)")
+_RING_LOOP = re.compile(r" while\(.*body=%([\w.\-]+).*op_name=\"[^\"]*/shard_map/[^\"]*\"")  # loops in a shard_map
+KERNELS = ("tpu_custom_call", "__cudnn$fmha")  # Pallas / Mosaic on TPU, cuDNN's fused attention on GPU
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 
 
@@ -47,8 +48,9 @@ def _closure(comps: dict[str, str], root: str) -> str:
 
 
 def ring_loop_kernels(text: str) -> list[Counter]:
-    """For each `while` loop whose own body sends with `collective-permute` (a ring loop, not a loop that
-    merely contains one): the custom-call targets that run inside it, with their counts."""
+    """For each ring loop (a `while` loop inside a shard_map whose own body sends with `collective-permute`):
+    the fused attention kernels (custom calls named in `KERNELS`) that run inside it, with their counts."""
     comps = _computations(text)
-    bodies = sorted({m for c in comps.values() for m in _WHILE_BODY.findall(c)})
-    return [Counter(_TARGET.findall(_closure(comps, b))) for b in bodies if "collective-permute" in comps.get(b, "")]
+    bodies = sorted({m for c in comps.values() for m in _RING_LOOP.findall(c)})
+    return [Counter(t for t in _TARGET.findall(_closure(comps, b)) if t.startswith(KERNELS))
+            for b in bodies if "collective-permute" in comps.get(b, "")]

@@ -43,3 +43,21 @@ def model_config(config: ml_collections.ConfigDict) -> tuple[config_lib.LlamaCon
     if rope:
         base["rope_scaling"] = rope
     return config_lib.LlamaConfig.from_hf(base, **execution), config.init_from or None
+
+
+def _count(name: str, value, minimum: int = 1, meaning: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}{meaning}, got {value!r}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Refuses run-config values that would otherwise fail, or silently do nothing, after the run started."""
+    t, d = config.train, config.data
+    for name in ("steps", "save_every", "grad_accum", "loss_chunk"):
+        _count(f"train.{name}", t[name])
+    _count("train.keep", t.keep, 0, " (0 keeps every checkpoint)")
+    for name in ("seq_len", "batch_size"):
+        _count(f"data.{name}", d[name])
+    if d.batch_size % t.grad_accum:
+        raise ValueError(f"train.grad_accum: expected a divisor of data.batch_size ({d.batch_size}), "
+                         f"got {t.grad_accum}")

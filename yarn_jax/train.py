@@ -2,18 +2,26 @@
 
     python -m yarn_jax.train --config configs/tiny.py --workdir /tmp/yarn_tiny [--config.optim.lr=1e-5]
 
-Restores from the newest complete checkpoint in WORKDIR/checkpoints when there is one (refusing if the
-model, batch, sequence length or data settings differ), else initialises from `config.init_from` (a
-`convert from-hf` checkpoint) or randomly. Writes WORKDIR/metrics.jsonl and checkpoints (params,
-optimizer state, data iterator state, configs); SIGTERM saves at the current step and exits 0; a NaN or
-Inf loss or gradient stops the run naming the step, with no checkpoint of the poisoned state.
+    python -m yarn_jax.train --config configs/tiny.py --print_config   # every key of the run config
+
+Everything the run needs is checked before the first step (config values, paths, a writable work
+directory, data that reads as text). Restores from the newest checkpoint in WORKDIR/checkpoints that
+restores cleanly (one that does not is moved to WORKDIR/damaged/ with a warning, never deleted; a
+resume is refused only when the model, batch, sequence length or data settings differ, the tokenizer
+compared by its pieces), else initialises from `config.init_from` (a `convert from-hf` checkpoint) or
+randomly. Writes WORKDIR/metrics.jsonl (one row per step) and checkpoints (params, optimizer state, data
+iterator state, configs). SIGTERM saves at the current step and exits 0, SIGINT (Ctrl-C) saves and exits
+130; a NaN or Inf loss or gradient stops the run naming the step, with no checkpoint of the poisoned
+state; a second trainer on a work directory in use is refused (WORKDIR/.lock).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,14 +33,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from yarn_jax import checkpoint, data, sharding
+from yarn_jax import checkpoint, cli, data, sharding, workdir
 from yarn_jax import config as config_lib
 from yarn_jax import train_step as ts
-from yarn_jax.run_config import model_config
-
-
-class TrainError(RuntimeError):
-    """A run that must stop (NaN, refused resume); the message says why and where."""
+from yarn_jax.run_config import model_config, validate
 
 
 def maybe_initialize_distributed() -> None:
@@ -49,6 +53,7 @@ def maybe_initialize_distributed() -> None:
 def data_config(config: ml_collections.ConfigDict) -> data.DataConfig:
     d = config.data
     sources = tuple(d.sources) if d.sources else tuple(data.stdlib_corpus())
+    data.check_sources(sources, d.format)
     tokenizer = d.tokenizer or data.train_tokenizer(list(data.expand(sources)), d.tokenizer_vocab,
                                                      d.get("cache_dir", "~/.cache/yarn_jax"))
     return data.DataConfig(sources=sources, tokenizer=tokenizer, seq_len=d.seq_len, batch_size=d.batch_size,
@@ -75,10 +80,18 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 class Run:
     """One training run: mesh, model, optimizer, data, checkpoints, loop."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    stopped_by: int | None = None  # the signal that asked the loop to save and stop
+
+    def __init__(self, config: ml_collections.ConfigDict, work: str):
         maybe_initialize_distributed()
-        self.config, self.workdir = config, Path(workdir)
+        validate(config)
+        self.config, self.workdir = config, workdir.prepare(work)
+        self.lock = workdir.Lock(self.workdir) if jax.process_index() == 0 else None
         self.cfg, init_from = model_config(config)
+        if config.data.seq_len > self.cfg.max_position_embeddings:
+            raise ValueError(f"data.seq_len: {config.data.seq_len} is above the model's max_position_embeddings "
+                             f"({self.cfg.max_position_embeddings}); set rope.max_position_embeddings to the "
+                             "extended length, or train on shorter chunks")
         self.dcfg = data_config(config)
         vocab = data.load_tokenizer(self.dcfg.tokenizer).get_piece_size()
         if vocab > self.cfg.vocab_size:
@@ -100,7 +113,7 @@ class Run:
         self.step_fn = jax.jit(step, in_shardings=(self.shardings, batch_sharding, None),
                                out_shardings=(self.shardings, None), donate_argnums=(0,))
         self.batches = data.Batches(self.dcfg, jax.process_index(), jax.process_count())
-        self.manager = checkpoint.manager(self.workdir / "checkpoints", max_to_keep=config.train.keep)
+        self.manager = checkpoint.manager(self.workdir / "checkpoints", max_to_keep=config.train.keep or None)
         self.settings = run_settings(self.cfg, self.dcfg, config)
         self.state = self._restore() or self._initial_state(init_from)
 
@@ -119,13 +132,40 @@ class Run:
         return jax.device_put(ts.TrainState(params, opt_state, jnp.zeros((), jnp.int32)), self.shardings)
 
     def _restore(self) -> ts.TrainState | None:
-        step = self.manager.latest_step()
-        if step is None:
-            return None
+        """The newest checkpoint that restores; newer ones that do not are moved to WORKDIR/damaged."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for i, step in enumerate(steps):
+            try:
+                state = self._restore_step(step)
+            except cli.RunError:  # a real difference of settings: refuse, whatever older steps hold
+                raise
+            except Exception as e:  # noqa: BLE001  a damaged step fails in Orbax, TensorStore or JSON
+                print(f"warning: checkpoint step {step} in {self.workdir / 'checkpoints'} does not restore "
+                      f"({cli.one_line(str(e))[:200]})" + ("; trying the previous one" if i + 1 < len(steps) else ""),
+                      file=sys.stderr, flush=True)
+                continue
+            self._set_aside(steps[:i])
+            return state
+        if steps:
+            raise cli.RunError(f"{self.workdir / 'checkpoints'}: no checkpoint restores (steps {steps}); move the "
+                             "directory away to start afresh")
+        return None
+
+    def _set_aside(self, damaged: list[int]) -> None:
+        """Moves damaged steps out of the way of new saves (to WORKDIR/damaged/<step>), keeping them."""
+        for step in damaged:
+            target = self.workdir / "damaged" / f"{step}-{int(time.time())}"
+            target.parent.mkdir(exist_ok=True)
+            shutil.move(str(self.workdir / "checkpoints" / str(step)), target)
+            print(f"warning: moved the damaged step {step} to {target}", file=sys.stderr, flush=True)
+        if damaged:
+            self.manager.reload()
+
+    def _restore_step(self, step: int) -> ts.TrainState:
         run = self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
         diffs = _differences(run["settings"], json.loads(json.dumps(self.settings)))
         if diffs:
-            raise TrainError(f"{self.workdir}: refusing to resume from step {step}: " + "; ".join(diffs))
+            raise cli.RunError(f"{self.workdir}: refusing to resume from step {step}: " + "; ".join(diffs))
         restore = lambda tree: ocp.args.PyTreeRestore(  # noqa: E731
             item=tree, restore_args=jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype),
                                                  tree))
@@ -149,13 +189,17 @@ class Run:
 
     def train(self) -> int:
         cfg, tcfg = self.cfg, self.config.train
-        stop = {"signal": None}
-        previous = signal.signal(signal.SIGTERM, lambda sig, _: stop.update(signal=sig))
+        # SIGTERM (preemption) and SIGINT (Ctrl-C) both end the current step, save it and stop
+        previous = {sig: signal.signal(sig, lambda sig, _: self.__setattr__("stopped_by", sig))
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
         flops = ts.flops_per_token(cfg, self.dcfg.seq_len)
         peak = ts.peak_flops(jax.devices()[0])
         start = int(self.state.step)
         primary = jax.process_index() == 0
+        if primary:
+            workdir.keep_metrics_before(self.workdir / "metrics.jsonl", start)
         metrics_file = open(self.workdir / ("metrics.jsonl" if primary else os.devnull), "a")  # noqa: SIM115
+        loss, rates = float("nan"), []
         board = _tensorboard(self.workdir) if primary else None
         bar = _progress(start, tcfg.steps)
         try:
@@ -169,9 +213,10 @@ class Run:
                 loss, grad_norm = float(m["loss"]), float(m["grad_norm"])  # the step's only host sync
                 t2 = time.perf_counter()
                 if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-                    raise TrainError(f"step {step}: loss {loss} / gradient norm {grad_norm} is not finite; "
+                    raise cli.RunError(f"step {step}: loss {loss} / gradient norm {grad_norm} is not finite; "
                                      "stopped without saving this state")
                 tokens_per_s = self.dcfg.batch_size * self.dcfg.seq_len / (t2 - t0)
+                rates.append(tokens_per_s)
                 record = {"step": step, "loss": loss, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                           "data_wait_s": t1 - t0, "compute_s": t2 - t1,
                           "batch_hash": ts.batch_hash(local["tokens"])}
@@ -187,9 +232,9 @@ class Run:
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}",
                                 **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
                 done = step + 1
-                if stop["signal"] is not None:
+                if self.stopped_by is not None:
                     self.save(done, force=True)
-                    print(f"\nSIGTERM: saved step {done}; exiting", flush=True)
+                    print(f"\n{signal.Signals(self.stopped_by).name}: saved step {done}; exiting", flush=True)
                     break
                 if done % tcfg.save_every == 0 or done == tcfg.steps:
                     self.save(done)
@@ -199,12 +244,19 @@ class Run:
             metrics_file.close()
             if board is not None:
                 board.close()
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.manager.wait_until_finished()
             self.batches.close()
+            if self.lock is not None:
+                self.lock.release()
         self.manager.check_for_errors()
         self.manager.close()
-        return int(self.state.step)
+        end = int(self.state.step)
+        if primary and end > start:
+            print(f"trained steps {start + 1}-{end}: final loss {loss:.4f}, {statistics.median(rates):,.0f} tokens/s "
+                  f"(median), checkpoint {self.workdir / 'checkpoints' / str(self.manager.latest_step())}", flush=True)
+        return end
 
 
 def _execution(cfg: config_lib.LlamaConfig) -> dict[str, Any]:
@@ -225,32 +277,58 @@ def _progress(start: int, total: int):
     return tqdm(initial=start, total=total, desc="train", dynamic_ncols=True, disable=jax.process_index() != 0)
 
 
-def main(argv: list[str]) -> int:
-    from absl import app, flags, logging
+def _config_path(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith(("--config=", "-config=")):
+            return arg.split("=", 1)[1]
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def parse(argv: list[str]):
+    """(run config, workdir, print_config) from the command line; bad flags are a ValueError naming them."""
+    from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "configs/<name>.py", lock_config=True)
-    flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics.jsonl)")
-
-    def run(_):
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every file it renames at INFO
-        cfg = flags.FLAGS.config
-        if cfg is None or not flags.FLAGS.workdir:
-            print("error: --config and --workdir are required", file=sys.stderr)
-            return 2
-        Path(flags.FLAGS.workdir).mkdir(parents=True, exist_ok=True)
-        try:
-            Run(cfg, flags.FLAGS.workdir).train()
-        except (ValueError, TrainError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        return 0
-
+    path = _config_path(argv)
+    if path is None:
+        raise ValueError("--config: required (a file such as configs/tiny.py)")
+    if not Path(path.split(":")[0]).is_file():
+        raise ValueError(f"--config: {path} does not exist")
+    values = flags.FlagValues()  # a registry per call: main() may run more than once in a process
+    config_flags.DEFINE_config_file("config", None, "configs/<name>.py", flag_values=values, lock_config=True,
+                                    sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics.jsonl)", flag_values=values)
+    flags.DEFINE_boolean("print_config", False, "print the resolved run config (every key) and exit",
+                         flag_values=values)
     try:
-        app.run(lambda a: sys.exit(run(a)), argv=argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+        values(argv)
+    except KeyError as e:  # an override of a key the run config does not have
+        bad = next((a.split("=")[0] for a in argv if a.lstrip("-").startswith("config.")
+                    and str(e).strip("'\"") in a), "--config.*")
+        raise ValueError(f"{bad}: no such key in the run config (see --print_config)") from None
+    except flags.Error as e:
+        raise ValueError(cli.one_line(str(e))) from None
+    return values.config, values.workdir, values.print_config
+
+
+def main(argv: list[str]) -> int:
+    def run() -> int:
+        config, work, show = parse(argv)
+        if show:
+            print(config)
+            return 0
+        if not work:
+            raise ValueError("--workdir: required (where checkpoints and metrics.jsonl go)")
+        from absl import logging
+
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every file it renames at INFO
+        trainer = Run(config, work)
+        trainer.train()
+        return 130 if trainer.stopped_by == signal.SIGINT else 0
+
+    return cli.run(run)
 
 
 if __name__ == "__main__":

@@ -45,8 +45,10 @@ class Kernel:
     def _kernel(self, t: int, s: int, g: int, causal: bool):
         kernel_lib, mask_lib = _lib()
         bq, bkv = min(_BLOCK, t), min(_BLOCK, s)
+        # the fused backward: dq, dk, dv from one pass over the blocks (5 matmuls per block pair; the separate
+        # dq and dkv kernels recompute the scores and dP twice: 8)
         sizes = kernel_lib.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
-                                      block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+                                      block_kv_dkv=bkv, block_kv_dkv_compute=bkv, use_fused_bwd_kernel=True)
         one = mask_lib.CausalMask((t, s)) if causal else mask_lib.FullMask((t, s))
         return kernel_lib.make_splash_mqa_single_device(mask_lib.MultiHeadMask([one] * g), block_sizes=sizes,
                                                         save_residuals=True, interpret=self.interpret)

@@ -1,0 +1,92 @@
+"""Bad input to the command lines: one line `error: <field or file>: ...`, the right exit status, no traceback.
+
+Each row runs the entry point in this process on the tiny config with one thing wrong and checks that the
+message names the field or file. Rows fail before any step runs (validation comes first).
+"""
+
+import gzip
+import os
+
+import pytest
+
+from tests.train_helpers import ROOT
+from yarn_jax import train, workdir
+
+TINY = str(ROOT / "configs" / "tiny.py")
+
+
+def _text(tmp_path, name, content: bytes):
+    path = tmp_path / name
+    path.write_bytes(content)
+    return str(path)
+
+
+def _not_spm(tmp_path):
+    return _text(tmp_path, "tok.model", b"this is not a sentencepiece model\n")
+
+
+# (id, argv after the program name (WORK: the work directory, TMP: tmp_path), setup, message)
+TRAIN_ROWS = [
+    ("missing-config", ["--config=nope.py", "--workdir=WORK"], None, "--config: nope.py does not exist"),
+    ("no-config", ["--workdir=WORK"], None, "--config: required"),
+    ("no-workdir", [f"--config={TINY}"], None, "--workdir: required"),
+    ("unknown-key", [f"--config={TINY}", "--workdir=WORK", "--config.foo.bar=1"], None,
+     "--config.foo.bar: no such key"),
+    ("bad-float", [f"--config={TINY}", "--workdir=WORK", "--config.optim.lr=abc"], None, "config.optim.lr=abc"),
+    ("workdir-is-file", [f"--config={TINY}", "--workdir=TMP/file"], lambda t: (t / "file").write_text("x"),
+     "--workdir: .*file is a file"),
+    ("workdir-under-file", [f"--config={TINY}", "--workdir=TMP/file/run"], lambda t: (t / "file").write_text("x"),
+     "--workdir: .*file/run is not writable"),
+    ("steps-negative", [f"--config={TINY}", "--workdir=WORK", "--config.train.steps=-5"], None, "train.steps"),
+    ("save-every-0", [f"--config={TINY}", "--workdir=WORK", "--config.train.save_every=0"], None, "train.save_every"),
+    ("keep-negative", [f"--config={TINY}", "--workdir=WORK", "--config.train.keep=-1"], None,
+     "train.keep: expected an integer >= 0 \\(0 keeps every checkpoint\\)"),
+    ("grad-accum", [f"--config={TINY}", "--workdir=WORK", "--config.train.grad_accum=3"], None,
+     "train.grad_accum: expected a divisor of data.batch_size"),
+    ("batch-0", [f"--config={TINY}", "--workdir=WORK", "--config.data.batch_size=0"], None, "data.batch_size"),
+    ("seq-over-max-pos", [f"--config={TINY}", "--workdir=WORK", "--config.data.seq_len=100000"], None,
+     "data.seq_len: 100000 is above the model's max_position_embeddings"),
+    ("no-match", [f"--config={TINY}", "--workdir=WORK", "--config.data.sources=('TMP/none/*.txt',)"], None,
+     "data.sources: .*matches no file"),
+    ("gzip", [f"--config={TINY}", "--workdir=WORK", "--config.data.sources=('TMP/a.txt.gz',)"],
+     lambda t: _text(t, "a.txt.gz", gzip.compress(b"hello " * 100)), "data.sources: .*a.txt.gz is gzip"),
+    ("binary", [f"--config={TINY}", "--workdir=WORK", "--config.data.sources=('TMP/a.bin',)"],
+     lambda t: _text(t, "a.bin", bytes(range(256)) * 10), "data.sources: .*a.bin is binary"),
+    ("not-utf8", [f"--config={TINY}", "--workdir=WORK", "--config.data.sources=('TMP/a.txt',)"],
+     lambda t: _text(t, "a.txt", "caf\xe9 ".encode("latin-1") * 100), "data.sources: .*a.txt is not UTF-8"),
+    ("empty", [f"--config={TINY}", "--workdir=WORK", "--config.data.sources=('TMP/e*.txt',)"],
+     lambda t: [_text(t, f"e{i}.txt", b"") for i in range(2)], "data.sources: every file is empty"),
+    ("not-sentencepiece", [f"--config={TINY}", "--workdir=WORK", "--config.data.tokenizer=TMP/tok.model"],
+     _not_spm, "data.tokenizer: .*tok.model is not a SentencePiece model"),
+    ("positions", [f"--config={TINY}", "--workdir=WORK", "--config.data.positions=sometimes"], None,
+     "data.positions: expected"),
+]
+
+
+@pytest.mark.parametrize("argv,setup,message", [r[1:] for r in TRAIN_ROWS], ids=[r[0] for r in TRAIN_ROWS])
+def test_train_bad_input_is_one_line_naming_the_field(argv, setup, message, tmp_path, capsys):
+    if setup:
+        setup(tmp_path)
+    argv = [a.replace("WORK", str(tmp_path / "work")).replace("TMP", str(tmp_path)) for a in argv]
+    assert train.main(["train", *argv]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert __import__("re").search(message, lines[0]), (message, lines[0])
+
+
+def test_a_second_trainer_on_a_busy_workdir_is_refused(tmp_path, capsys):
+    lock = workdir.Lock(workdir.prepare(tmp_path))  # what a running trainer holds
+    try:
+        assert train.main(["train", f"--config={TINY}", f"--workdir={tmp_path}"]) == 2
+    finally:
+        lock.release()
+    err = capsys.readouterr().err
+    assert f"error: --workdir: {tmp_path} is in use by another trainer (pid {os.getpid()})" in err, err
+
+
+def test_print_config_lists_every_key(capsys):
+    assert train.main(["train", f"--config={TINY}", "--print_config", "--config.optim.lr=0.001"]) == 0
+    out = capsys.readouterr().out
+    for key in ("grad_accum", "save_every", "keep", "tokenizer_vocab", "positions", "ring_layout", "lr: 0.001"):
+        assert key in out, key

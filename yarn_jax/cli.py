@@ -1,0 +1,59 @@
+"""How every command-line entry point reports a user's error: one line, `error: <field or file>: <what>`.
+
+`run(fn)` calls `fn() -> exit status` and turns the project's input errors (`ValueError`, naming the
+field) and the expected OS errors (a missing or unwritable file, a full disk) into that line, with exit
+status 2 for bad input and 1 for a run that failed mid-way (`RunError`). Anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from collections.abc import Callable
+
+BAD_INPUT, FAILED = 2, 1
+
+
+class RunError(RuntimeError):
+    """A run that had to stop part-way (NaN loss, a refused resume, a full disk); the message says why."""
+
+
+_OS_REASONS = {errno.ENOENT: "does not exist", errno.EACCES: "permission denied", errno.EROFS: "read-only file system",
+               errno.ENOSPC: "no space left on device", errno.EEXIST: "already exists",
+               errno.ENOTDIR: "a parent is not a directory", errno.EISDIR: "is a directory",
+               errno.EDQUOT: "disk quota exceeded"}
+
+
+def os_message(e: OSError) -> str:
+    """'PATH: reason' for an OSError."""
+    reason = _OS_REASONS.get(e.errno, e.strerror or str(e))
+    return f"{e.filename}: {reason}" if e.filename else reason
+
+
+def one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def fail(message: str, status: int = BAD_INPUT) -> int:
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    return status
+
+
+def run(fn: Callable[[], int]) -> int:
+    """fn's exit status; user errors become one line on stderr (see the module docstring)."""
+    try:
+        return fn()
+    except RunError as e:
+        return fail(str(e), FAILED)
+    except ValueError as e:
+        return fail(str(e))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return fail(os_message(e), FAILED)
+        if e.errno in _OS_REASONS:
+            return fail(os_message(e))
+        raise
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
