@@ -90,3 +90,74 @@ def test_print_config_lists_every_key(capsys):
     out = capsys.readouterr().out
     for key in ("grad_accum", "save_every", "keep", "tokenizer_vocab", "positions", "ring_layout", "lr: 0.001"):
         assert key in out, key
+
+
+def _hf_and_file(tmp_path):
+    from tests import hf_models
+
+    hf_models.hf_model(hf_models.hf_config()).save_pretrained(tmp_path / "hf")
+    (tmp_path / "file").write_text("x")
+
+
+def _status(main, argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own refusals
+        return e.code
+
+
+def _eval(*extra):
+    return ["perplexity", "--hf", "TMP/hf", "--data", "TMP/doc.txt", "--lengths", "64", "--out", "TMP/out", *extra]
+
+
+def _passkey(*extra):
+    return ["passkey", "--hf", "TMP/hf", "--lengths", "64", "--out", "TMP/out", *extra]
+
+
+# (id, entry point, argv, setup, message); all exit with status 2
+OTHER_ROWS = [
+    ("eval-lengths", "eval", _eval()[:-4] + ["--lengths", "128,abc", "--out", "TMP/out"], None,
+     "argument --lengths: expected comma-separated positive integers, got '128,abc'"),
+    ("eval-batch-0", "eval", _eval("--batch-size", "0"), None, "argument --batch-size: expected an integer >= 1"),
+    ("eval-docs-negative", "eval", _eval("--docs", "-1"), None, "argument --docs: expected an integer >= 0"),
+    ("eval-rope-number", "eval", _eval("--rope", "yarn:factor=abc"), None,
+     "--rope yarn:factor=abc: factor: expected a number"),
+    ("eval-mesh", "eval", _eval("--mesh", "seq=x"), None, "--mesh: expected AXIS=SIZE"),
+    ("eval-out-unwritable", "eval", _eval()[:-2] + ["--out", "TMP/file/out"], lambda t: (t / "file").write_text("x"),
+     "--out: .*file/out is not writable"),
+    ("passkey-trials-0", "eval", _passkey("--trials", "0"), None, "argument --trials: expected an integer >= 1"),
+    ("generate-no-tokenizer", "generate", ["--checkpoint", "TMP/ckpt", "--prompt", "hi"], None,
+     "--tokenizer: required with --checkpoint"),
+    ("generate-max-new", "generate", ["--hf", "TMP/hf", "--prompt", "hi", "--max-new", "-3"], None,
+     "argument --max-new: expected an integer >= 1"),
+    ("generate-temperature", "generate", ["--hf", "TMP/hf", "--prompt", "hi", "--temperature", "-1"], None,
+     "--temperature: expected >= 0"),
+    ("convert-missing-config", "convert", ["from-hf", "TMP/nothing", "TMP/ckpt"], None, "config.json: missing"),
+    ("convert-output-under-file", "convert", ["from-hf", "TMP/hf", "TMP/file/ckpt"], _hf_and_file,
+     "file: already exists|file/ckpt: a parent is not a directory"),
+    ("aot-missing-config", "aot", ["--config", "nope.py", "--topology", "v4-8"], None,
+     "--config: nope.py does not exist"),
+    ("aot-unknown-key", "aot", ["--config", TINY, "--topology", "v4-8", "--set", "foo.bar=1"], None,
+     "--set foo.bar=1: unknown config key 'foo.bar'"),
+    ("aot-bad-type", "aot", ["--config", TINY, "--topology", "v4-8", "--set", "optim.lr=abc"], None,
+     "--set optim.lr=abc"),
+    ("aot-slices-0", "aot", ["--config", TINY, "--topology", "v4-8", "--num-slices", "0"], None,
+     "argument --num-slices: expected an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("entry,argv,setup,message", [r[1:] for r in OTHER_ROWS], ids=[r[0] for r in OTHER_ROWS])
+def test_other_commands_bad_input_is_one_line_naming_the_flag(entry, argv, setup, message, tmp_path, capsys):
+    import importlib
+
+    if setup:
+        setup(tmp_path)
+    module = importlib.import_module({"eval": "yarn_jax.eval.__main__", "generate": "yarn_jax.generate",
+                                      "convert": "yarn_jax.convert", "aot": "yarn_jax.aot"}[entry])
+    argv = [a.replace("TMP", str(tmp_path)) for a in argv]
+    assert _status(module.main, argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert __import__("re").search(message, lines[0]), (message, lines[0])
+    assert not (tmp_path / "out" / "passkey.csv").exists()  # nothing half-written

@@ -1,6 +1,7 @@
 """HF <-> Orbax conversion: bit-identical round trips, logits parity, clear errors with nothing written."""
 
 import json
+import os
 import shutil
 
 import jax
@@ -222,3 +223,39 @@ def test_failure_while_writing_leaves_previous_output(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf", "out"]
     shutil.rmtree(tmp_path / "out")
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_output(tmp_path, monkeypatch, capsys):
+    import errno
+
+    d = _hf_dir(tmp_path)
+    convert.from_hf(d, tmp_path / "ckpt")
+    convert.to_hf(tmp_path / "ckpt", tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(convert.hf_files, "write_safetensors", full)
+    assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "no space left on device" in errors[0], err
+    assert "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+def test_stale_temporaries_of_a_killed_conversion_are_removed_and_outputs_follow_the_umask(tmp_path):
+    d = _hf_dir(tmp_path)
+    dead = tmp_path / ".ckpt.tmp-999999999-abc"  # no such process: left by a conversion killed with -9
+    dead.mkdir()
+    (dead / "shard").write_bytes(b"x" * 1000)
+    alive = tmp_path / f".ckpt.tmp-{os.getpid()}-xyz"  # a conversion still running: left alone
+    alive.mkdir()
+    old_umask = os.umask(0o022)
+    try:
+        convert.from_hf(d, tmp_path / "ckpt")
+    finally:
+        os.umask(old_umask)
+    assert not dead.exists() and alive.exists()
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755

@@ -25,6 +25,7 @@ import ast
 import dataclasses
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -32,7 +33,7 @@ import jax.extend.core
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from yarn_jax import hlo, sharding, train_step
+from yarn_jax import cli, hlo, sharding, train_step
 from yarn_jax.attention import ring
 from yarn_jax.config import LlamaConfig
 
@@ -226,21 +227,21 @@ def advice(figures: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m yarn_jax.aot", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m yarn_jax.aot", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--topology", required=True, help="e.g. v4-8 .. v4-512, v5e-16, v5p-64, v6e-32")
-    p.add_argument("--num-slices", type=int, default=1)
+    p.add_argument("--num-slices", type=cli.count(1), default=1)
     p.add_argument("--set", action="append", default=[], help="override, e.g. --set mesh.seq=8")
     a = p.parse_args(argv)
+    return cli.run(lambda: _run(a))
+
+
+def _run(a) -> int:
     try:
-        config = load_config(a.config, a.set)
-        figures, lines = report(config, a.topology, a.num_slices)
+        figures, lines = report(load_config(a.config, a.set), a.topology, a.num_slices)
     except DoesNotFitError as e:
         print(f"DOES NOT FIT: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
         return 1
     print("\n".join(lines))
     if figures["total_gib"] > figures["hbm_gib"]:
@@ -254,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
 def load_config(path: str, overrides: list[str]) -> Any:
     import importlib.util
 
+    if not Path(path).is_file():
+        raise ValueError(f"--config: {path} does not exist")
     spec = importlib.util.spec_from_file_location("run_config_file", path)
     if spec is None or not path.endswith(".py"):
         raise ValueError(f"--config: {path} is not a Python config file")
@@ -265,13 +268,19 @@ def load_config(path: str, overrides: list[str]) -> Any:
         node = config
         *parents, leaf = key.split(".")
         for part in parents:
+            if part not in node:
+                raise ValueError(f"--set {item}: unknown config key {key!r}")
             node = node[part]
         if leaf not in node and parents != ["model"]:  # model.* may name any LlamaConfig field of the preset
-            raise ValueError(f"--set: unknown config key {key!r}")
+            raise ValueError(f"--set {item}: unknown config key {key!r}")
         try:
-            node[leaf] = ast.literal_eval(value)
+            parsed = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            node[leaf] = value
+            parsed = value
+        try:
+            node[leaf] = parsed
+        except TypeError as e:  # ConfigDict keeps each key's type
+            raise ValueError(f"--set {item}: {e}") from None
     return config
 
 

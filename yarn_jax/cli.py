@@ -8,9 +8,12 @@ its traceback.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 BAD_INPUT, FAILED = 2, 1
 
@@ -57,3 +60,51 @@ def run(fn: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, its errors one line (`error: argument --x: ...`, exit status 2) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(BAD_INPUT, f"error: {one_line(message)} (see --help)\n")
+
+
+def count(minimum: int):
+    """An argparse type: an integer >= `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def int_list(text: str) -> list[int]:
+    """An argparse type: comma-separated positive integers."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def writable_dir(path: str | Path, flag: str) -> Path:
+    """Creates directory `path` if needed and checks that it takes files: a ValueError naming `flag`
+    otherwise (before any work whose results it is to hold)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag}: {path} is a file; expected a directory (it is created when missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}: {path} is not writable ({e.strerror or e})") from None
+    return path

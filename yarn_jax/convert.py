@@ -24,26 +24,52 @@ from typing import Any
 
 import numpy as np
 
-from yarn_jax import checkpoint, hf_files, hf_layout
+from yarn_jax import checkpoint, cli, hf_files, hf_layout
 from yarn_jax import rope as rope_lib
 from yarn_jax.config import _DTYPES, LlamaConfig
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Removes the hidden `.NAME.tmp-PID-*` / `.NAME.old-PID` directories that a killed conversion (kill -9,
+    a lost machine) left next to `out`; those of a conversion still running are left alone."""
+    for stale in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, rest = stale.name[len(out.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a fresh temporary directory next to `out`; renames it to `out` only if the block succeeds."""
+    """Yields a fresh temporary directory next to `out`; renames it to `out` only if the block succeeds
+    (a failure, a full disk included, leaves any previous `out` as it was). The result gets the
+    process's normal permissions (umask), not the temporary directory's 0700."""
     out = Path(out).absolute()
     if out.exists() and not overwrite:
         raise ValueError(f"{out}: output directory exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _remove_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         out.rename(old)
@@ -212,9 +238,9 @@ def save_hf(cfg: LlamaConfig, params: Any, path: str | Path, *, max_shard_size: 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m yarn_jax.convert", description=__doc__,
+    p = cli.ArgumentParser(prog="python -m yarn_jax.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=cli.ArgumentParser)
     a = sub.add_parser("from-hf", help="HF directory -> Orbax checkpoint")
     a.add_argument("hf_dir")
     a.add_argument("ckpt_dir")
@@ -242,23 +268,23 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "from-hf":
-            rope = {k: getattr(args, k) for k in ("rope_type", "factor", "alpha", "beta_fast", "beta_slow", "mscale",
-                                                  "mscale_all_dim", "attention_factor", "rope_theta",
-                                                  "original_max_position_embeddings", "max_position_embeddings")}
-            for k in ("truncate", "finetuned"):
-                if getattr(args, k) is not None:
-                    rope[k] = getattr(args, k) == "true"
-            cfg = from_hf(args.hf_dir, args.ckpt_dir, dtype=args.dtype, rope=rope, overwrite=args.overwrite)
-            print(f"wrote {args.ckpt_dir}: {cfg.num_params():,} parameters, rope {cfg.rope_scaling}")
-        else:
-            cfg = to_hf(args.ckpt_dir, args.hf_dir, step=args.step, dtype=args.dtype,
-                        max_shard_size=args.max_shard_size, tokenizer=args.tokenizer, overwrite=args.overwrite)
-            print(f"wrote {args.hf_dir}: {cfg.num_params():,} parameters, rope {cfg.rope_scaling}")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.run(lambda: _run(args))
+
+
+def _run(args) -> int:
+    if args.command == "from-hf":
+        rope = {k: getattr(args, k) for k in ("rope_type", "factor", "alpha", "beta_fast", "beta_slow", "mscale",
+                                              "mscale_all_dim", "attention_factor", "rope_theta",
+                                              "original_max_position_embeddings", "max_position_embeddings")}
+        for k in ("truncate", "finetuned"):
+            if getattr(args, k) is not None:
+                rope[k] = getattr(args, k) == "true"
+        cfg = from_hf(args.hf_dir, args.ckpt_dir, dtype=args.dtype, rope=rope, overwrite=args.overwrite)
+        print(f"wrote {args.ckpt_dir}: {cfg.num_params():,} parameters, rope {cfg.rope_scaling}")
+    else:
+        cfg = to_hf(args.ckpt_dir, args.hf_dir, step=args.step, dtype=args.dtype,
+                    max_shard_size=args.max_shard_size, tokenizer=args.tokenizer, overwrite=args.overwrite)
+        print(f"wrote {args.hf_dir}: {cfg.num_params():,} parameters, rope {cfg.rope_scaling}")
     return 0
 
 

@@ -13,7 +13,6 @@ that dynamic methods scale to up to a multiple of the bucket, so rebuilds happen
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import sys
@@ -122,33 +121,40 @@ def _same(a: tuple, b: tuple) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from yarn_jax import checkpoint, convert, data
+    from yarn_jax import checkpoint, cli, convert, data
 
-    p = argparse.ArgumentParser(prog="python -m yarn_jax.generate", description=__doc__)
+    p = cli.ArgumentParser(prog="python -m yarn_jax.generate", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint")
     src.add_argument("--hf")
     p.add_argument("--tokenizer", help="SentencePiece model (default: HF_DIR/tokenizer.model)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-new", type=cli.count(1), default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 is greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16")
     a = p.parse_args(argv)
-    try:
+
+    def job() -> int:
+        if a.temperature < 0:
+            raise ValueError(f"--temperature: expected >= 0 (0 is greedy), got {a.temperature}")
+        if a.checkpoint and not a.tokenizer:
+            raise ValueError("--tokenizer: required with --checkpoint (an --hf directory brings its own)")
+        tok = data.load_tokenizer(a.tokenizer or f"{a.hf}/tokenizer.model")
         if a.checkpoint:
             cfg, params = checkpoint.load_checkpoint(a.checkpoint, dtype=a.dtype)
         else:
             cfg, params = convert.load_hf(a.hf, dtype=a.dtype)
-        tok = data.load_tokenizer(a.tokenizer or f"{a.hf}/tokenizer.model")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    ids = np.asarray([[tok.bos_id(), *tok.encode(a.prompt)]])
-    out = generate(cfg, params, ids, a.max_new, temperature=a.temperature, key=jax.random.key(a.seed),
-                   eos_id=tok.eos_id())
-    print(tok.decode([int(x) for x in out[0, ids.shape[1]:] if x != tok.eos_id()]))
-    return 0
+        if tok.get_piece_size() > cfg.vocab_size:
+            raise ValueError(f"--tokenizer: {a.tokenizer or a.hf} has {tok.get_piece_size()} pieces but the model's "
+                             f"vocab_size is {cfg.vocab_size}: not this model's tokenizer")
+        ids = np.asarray([[tok.bos_id(), *tok.encode(a.prompt)]])
+        out = generate(cfg, params, ids, a.max_new, temperature=a.temperature, key=jax.random.key(a.seed),
+                       eos_id=tok.eos_id())
+        print(tok.decode([int(x) for x in out[0, ids.shape[1]:] if x != tok.eos_id()]))
+        return 0
+
+    return cli.run(job)
 
 
 if __name__ == "__main__":

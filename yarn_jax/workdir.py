@@ -13,22 +13,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from yarn_jax import cli
 
 
 def prepare(path: str | Path) -> Path:
     """Creates the work directory if needed; refuses a file, or a directory this process cannot write."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--workdir: {path} is a file; expected a directory (it is created when missing)")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise ValueError(f"--workdir: {path} is not writable ({e.strerror or e})") from None
-    return path
+    return cli.writable_dir(path, "--workdir")
 
 
 class Lock:

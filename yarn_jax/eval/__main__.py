@@ -11,12 +11,14 @@ from typing import Any
 
 import numpy as np
 
+from yarn_jax import cli
+
 COMMON_HELP = "model sources: any number of --checkpoint and --hf; each --rope spec adds a variant of each"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m yarn_jax.eval", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = cli.ArgumentParser(prog="python -m yarn_jax.eval", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=cli.ArgumentParser)
     for name in ("perplexity", "passkey"):
         s = sub.add_parser(name, description=COMMON_HELP)
         s.add_argument("--checkpoint", action="append", default=[],
@@ -26,23 +28,23 @@ def _parser() -> argparse.ArgumentParser:
                        help="e.g. yarn:factor=8,original_max_position_embeddings=512 (max_position_embeddings "
                             "and rope_theta allowed too); 'none' keeps the model's own")
         s.add_argument("--tokenizer", help="SentencePiece model (default: the first --hf dir's tokenizer.model)")
-        s.add_argument("--lengths", required=True, help="comma-separated context lengths in tokens")
+        s.add_argument("--lengths", required=True, type=cli.int_list, help="comma-separated context lengths in tokens")
         s.add_argument("--out", required=True)
         s.add_argument("--dtype", default="bfloat16")
         s.add_argument("--mesh", default="", help="e.g. seq=4 or data=2,seq=4 (default: one device)")
-        s.add_argument("--batch-size", type=int, default=1)
+        s.add_argument("--batch-size", type=cli.count(1), default=1)
     ppl = sub.choices["perplexity"]
     ppl.add_argument("--data", action="append", required=True, help="files or globs")
     ppl.add_argument("--format", default="text", choices=["text", "jsonl", "parquet", "arrayrecord"])
     ppl.add_argument("--field", default="text")
-    ppl.add_argument("--sliding-window", type=int, default=256, help="stride S of the sliding window")
+    ppl.add_argument("--sliding-window", type=cli.count(1), default=256, help="stride S of the sliding window")
     ppl.add_argument("--truncate", action="store_true", help="score each document cut to the length instead")
-    ppl.add_argument("--docs", type=int, default=0, help="use the first N documents (0: all)")
-    ppl.add_argument("--min-doc-tokens", type=int, default=0)
+    ppl.add_argument("--docs", type=cli.count(0), default=0, help="use the first N documents (0: all)")
+    ppl.add_argument("--min-doc-tokens", type=cli.count(0), default=0)
     pk = sub.choices["passkey"]
-    pk.add_argument("--trials", type=int, default=10)
+    pk.add_argument("--trials", type=cli.count(1), default=10)
     pk.add_argument("--seed", type=int, default=0)
-    pk.add_argument("--depth-bins", type=int, default=5)
+    pk.add_argument("--depth-bins", type=cli.count(1), default=5)
     return p
 
 
@@ -53,8 +55,19 @@ def _rope(spec: str) -> dict[str, Any]:
     out: dict[str, Any] = {"rope_type": kind}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        out[key] = value.lower() == "true" if value.lower() in ("true", "false") else float(value)
+        try:
+            out[key] = value.lower() == "true" if value.lower() in ("true", "false") else float(value)
+        except ValueError:
+            raise ValueError(f"--rope {spec}: {key}: expected a number or true/false, got {value!r}") from None
     return out
+
+
+def _mesh(spec: str) -> dict[str, int]:
+    """'data=2,seq=4' -> {'data': 2, 'seq': 4}."""
+    try:
+        return {k: int(v) for k, v in (kv.split("=") for kv in spec.split(",") if kv)}
+    except ValueError:
+        raise ValueError(f"--mesh: expected AXIS=SIZE[,AXIS=SIZE...], e.g. seq=4, got {spec!r}") from None
 
 
 def models(args) -> tuple[list[tuple[str, Any, Any]], Any]:
@@ -63,8 +76,8 @@ def models(args) -> tuple[list[tuple[str, Any, Any]], Any]:
     from yarn_jax.config import LlamaConfig
     from yarn_jax.convert import apply_rope_overrides
 
-    mesh = sharding.make_mesh(**{k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(",") if kv)}) \
-        if args.mesh else None
+    ropes = [(spec, _rope(spec)) for spec in args.rope or ["none"]]  # bad specs fail before any loading
+    mesh = sharding.make_mesh(**_mesh(args.mesh)) if args.mesh else None
     bases = []
     for spec in args.checkpoint:
         label, path = _source(spec)
@@ -85,8 +98,8 @@ def models(args) -> tuple[list[tuple[str, Any, Any]], Any]:
             import jax
 
             params = jax.device_put(params)
-        for spec in args.rope or ["none"]:
-            hf = apply_rope_overrides(cfg.to_hf(), _rope(spec))
+        for spec, rope in ropes:
+            hf = apply_rope_overrides(cfg.to_hf(), rope)
             variant = LlamaConfig.from_hf(hf, dtype=cfg.dtype, param_dtype=cfg.param_dtype, attention=cfg.attention)
             out.append((label if spec == "none" else f"{label} {spec}", variant, params))
     return out, mesh
@@ -113,7 +126,6 @@ def _tokenizer(args, cfgs):
 
 
 def _write(out: Path, name: str, rows: list[dict]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -127,9 +139,8 @@ def run_perplexity(args) -> list[dict]:
     from yarn_jax import data
     from yarn_jax.eval import perplexity, plots
 
-    lengths = [int(x) for x in args.lengths.split(",")]
-    if args.sliding_window < 1:
-        raise ValueError(f"--sliding-window: expected a positive stride, got {args.sliding_window}")
+    lengths = args.lengths
+    out = cli.writable_dir(args.out, "--out")  # before the evaluation whose results it holds
     variants, mesh = models(args)
     tok = _tokenizer(args, [c for _, c, _ in variants])
     texts = data.read_documents(tuple(args.data), args.format, args.field)
@@ -147,7 +158,6 @@ def run_perplexity(args) -> list[dict]:
                                         batch_size=args.batch_size, mesh=mesh, progress=bar)
                 rows.append({"model": label, "length": n, **r})
                 bar.write(f"{label} @ {n}: perplexity {r['perplexity']:.4f} over {int(r['tokens'])} tokens")
-    out = Path(args.out)
     _write(out, "perplexity", rows)
     plots.perplexity(rows, out / "perplexity.png", "truncated" if args.truncate else f"stride {args.sliding_window}")
     return rows
@@ -159,7 +169,8 @@ def run_passkey(args) -> list[dict]:
     from yarn_jax import generate
     from yarn_jax.eval import passkey, plots
 
-    lengths = [int(x) for x in args.lengths.split(",")]
+    lengths = args.lengths
+    out = cli.writable_dir(args.out, "--out")
     variants, mesh = models(args)
     tok = _tokenizer(args, [c for _, c, _ in variants])
     trial_list = passkey.trials(tok.encode, tok.bos_id(), lengths, args.trials, args.seed)
@@ -171,7 +182,6 @@ def run_passkey(args) -> list[dict]:
                 return tok.decode([int(x) for x in out[0, len(prompt):]])
 
             rows += [{"model": label, **r} for r in passkey.score(trial_list, answer, bar)]
-    out = Path(args.out)
     _write(out, "passkey", rows)
     plots.passkey(rows, out / "passkey.png", args.depth_bins)
     for label in dict.fromkeys(r["model"] for r in rows):
@@ -182,12 +192,13 @@ def run_passkey(args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        (run_perplexity if args.command == "perplexity" else run_passkey)(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    run = run_perplexity if args.command == "perplexity" else run_passkey
+
+    def job() -> int:
+        run(args)
+        return 0
+
+    return cli.run(job)
 
 
 if __name__ == "__main__":
