@@ -17,12 +17,14 @@ state; a second trainer on a work directory in use is refused (WORKDIR/.lock).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import signal
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -182,6 +184,19 @@ class Run:
             params=ocp.args.PyTreeSave(self.state.params), opt_state=ocp.args.PyTreeSave(self.state.opt_state),
             config=ocp.args.JsonSave(self.cfg.to_hf()), run=ocp.args.JsonSave(json.loads(json.dumps(run)))))
 
+    def _saves_ok(self, call) -> None:
+        """Runs `call` (a save, or a check of the saves under way), turning a failed save (a full disk, ...)
+        into a one-line RunError; Orbax reports an asynchronous save's failure at the next check, one step
+        after the save began."""
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001  Orbax and TensorStore raise ValueError / RuntimeError / OSError
+            text = cli.one_line(str(e))
+            reason = "no space left on device" if ("No space left" in text or "ENOSPC" in text) else text[:300]
+            good = [s for s in self.manager.all_steps() if (self.workdir / "checkpoints" / str(s)).is_dir()]
+            raise cli.RunError(f"{self.workdir / 'checkpoints'}: saving a checkpoint failed ({reason}); the newest "
+                               f"complete checkpoint is step {max(good) if good else 'none'}") from None
+
     # ------------------------------------------------------------------------- loop
 
     def _global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -189,6 +204,9 @@ class Run:
 
     def train(self) -> int:
         cfg, tcfg = self.cfg, self.config.train
+        # a failed background save (Orbax's threads) is reported once, by `_saves_ok`, not as a thread traceback
+        threading.excepthook = lambda args: print(f"warning: background {args.thread.name}: "
+                                                  f"{cli.one_line(str(args.exc_value))[:200]}", file=sys.stderr)
         # SIGTERM (preemption) and SIGINT (Ctrl-C) both end the current step, save it and stop
         previous = {sig: signal.signal(sig, lambda sig, _: self.__setattr__("stopped_by", sig))
                     for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -233,12 +251,12 @@ class Run:
                                 **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
                 done = step + 1
                 if self.stopped_by is not None:
-                    self.save(done, force=True)
+                    self._saves_ok(functools.partial(self.save, done, force=True))
                     print(f"\n{signal.Signals(self.stopped_by).name}: saved step {done}; exiting", flush=True)
                     break
                 if done % tcfg.save_every == 0 or done == tcfg.steps:
-                    self.save(done)
-                self.manager.check_for_errors()
+                    self._saves_ok(functools.partial(self.save, done))
+                self._saves_ok(self.manager.check_for_errors)
         finally:
             bar.close()
             metrics_file.close()
@@ -246,11 +264,10 @@ class Run:
                 board.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self.manager.wait_until_finished()
+            self._saves_ok(self.manager.wait_until_finished)
             self.batches.close()
             if self.lock is not None:
                 self.lock.release()
-        self.manager.check_for_errors()
         self.manager.close()
         end = int(self.state.step)
         if primary and end > start:
@@ -323,7 +340,12 @@ def main(argv: list[str]) -> int:
             raise ValueError("--workdir: required (where checkpoints and metrics.jsonl go)")
         from absl import logging
 
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every file it renames at INFO
+        # Orbax logs every file it renames (INFO), deprecations (WARNING) and, when a background save fails,
+        # its tracebacks (ERROR): all of it goes to WORKDIR/logs, the terminal gets one line per problem
+        logs = workdir.prepare(work) / "logs"
+        logs.mkdir(exist_ok=True)
+        logging.get_absl_handler().use_absl_log_file("train", str(logs))
+        logging.set_verbosity(logging.WARNING)
         trainer = Run(config, work)
         trainer.train()
         return 130 if trainer.stopped_by == signal.SIGINT else 0
