@@ -1,7 +1,7 @@
 """One GPU: a TinyLlama-1.1B-shaped model (22 layers, d 2048, 32 heads, 4 kv heads, F 5632, V 32000)
 with YaRN s = 4 from 2k, 8k tokens per step, cuDNN attention, bf16 compute, float32 master weights,
 layers unrolled without remat (fastest up to 65536 tokens on one H200; 131072 needs
-`--set model.scan_unroll=1 --set model.remat=attention`, 262144 `model.remat=full`).
+`--config.model.scan_unroll=1 --config.model.remat=attention`, 262144 `model.remat=full`).
 
     python -m yarn_jax.train --config configs/h200_1b.py --workdir /tmp/yarn_h200
 

@@ -11,7 +11,7 @@ AOT figures (`python -m yarn_jax.bench tpu-aot`, 2026-12-01, jax 0.10.2 + libtpu
 per chip 4.71 GiB parameters + optimizer state, 14.42 GiB temporaries, 19.13 of 32 GiB (40% headroom); FLOPs
 per step 1.80e18 counted on the traced program vs 1.61e18 analytic (6N + 6LdS, x 4/3 for full remat; ratio
 1.12); compute-only roofline 408 s per step, 20.5k tokens/s, MFU 67% (an upper bound). On v4-128
-(`--set mesh.fsdp=4 --set train.grad_accum=16`): 14.60 GiB per chip, 102 s per step, 82k tokens/s.
+(`--config.mesh.fsdp=4 --config.train.grad_accum=16`): 14.60 GiB per chip, 102 s per step, 82k tokens/s.
 """
 
 from yarn_jax.run_config import base

@@ -15,7 +15,7 @@ AOT figures (`python -m yarn_jax.bench tpu-aot`, 2026-12-01, jax 0.10.2 + libtpu
 per chip 4.71 GiB parameters + optimizer state, 14.31 GiB temporaries, 19.02 of 32 GiB (41% headroom); FLOPs
 per step 5.74e17 counted on the traced program vs 5.14e17 analytic (6N + 6LdS, x 4/3 for full remat; ratio
 1.12); compute-only roofline 131 s per step, 32.1k tokens/s, MFU 67% (an upper bound). On v4-128
-(`--set mesh.fsdp=8 --set train.grad_accum=8`): 14.60 GiB per chip, 33 s per step, 129k tokens/s.
+(`--config.mesh.fsdp=8 --config.train.grad_accum=8`): 14.60 GiB per chip, 33 s per step, 129k tokens/s.
 """
 
 from yarn_jax.run_config import base

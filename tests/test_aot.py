@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from tests.train_helpers import ROOT
-from yarn_jax import aot
+from yarn_jax import aot, run_config
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 
@@ -47,7 +47,7 @@ def test_optimizer_moments_are_sharded_like_their_parameters_on_tpu():
     from yarn_jax import sharding, train_step
     from yarn_jax.run_config import model_config
 
-    config = aot.load_config(str(ROOT / "configs/tiny.py"), ["mesh.fsdp=4", "mesh.seq=1", "mesh.data=1"])
+    config = run_config.load(str(ROOT / "configs/tiny.py"), ["mesh.fsdp=4", "mesh.seq=1", "mesh.data=1"])
     _, _, devices = aot.topology_devices("v4-8")
     mesh = sharding.make_mesh(**config.mesh, devices=devices)
     cfg, _ = model_config(config)
@@ -132,7 +132,7 @@ def test_visible_fraction_matches_the_mask(monkeypatch):
 def test_paper_configs_step_flops_agree_with_the_analytic_count(name, topology):
     from yarn_jax import sharding
 
-    config = aot.load_config(str(ROOT / f"configs/{name}.py"), [])
+    config = run_config.load(str(ROOT / f"configs/{name}.py"), [])
     mesh = sharding.make_mesh(**config.mesh, devices=aot.topology_devices(topology)[2])
     cfg, _, traced = aot.trace_step(config, mesh)
     fl = aot.step_flops(config, mesh, cfg, traced)

@@ -48,12 +48,15 @@ def _check_vjp(ring_out, ref_out, q, k, v, tol):
         np.testing.assert_allclose(a, b_, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("segments", [False, True], ids=["one-doc", "segments"])
-@pytest.mark.parametrize("chunks", [(1024, 512), (4, 2), (2, 4)], ids=["block", "sub-chunks", "wide-kv"])
+GRID = [(chunks, True) for chunks in ((1024, 512), (4, 2), (2, 4))] + [((1024, 512), False)]
+
+
+@pytest.mark.parametrize("chunks,segments", GRID, ids=["block", "sub-chunks", "wide-kv", "block-one-doc"])
 @pytest.mark.parametrize("layout", list(RingLayout))
 @pytest.mark.parametrize("ring_size", [2, 4, 8])
 def test_ring_forward_and_grad_equal_reference(ring_size, layout, chunks, segments, monkeypatch):
-    """The XLA block kernel in the ring, GQA (4 query heads, 2 kv heads), float32."""
+    """The XLA block kernel in the ring, GQA (4 query heads, 2 kv heads), float32; packed segments with
+    three chunkings of the blocks, one document per row (the fused kernels' case) with whole blocks."""
     monkeypatch.setattr(block_xla, "Q_CHUNK", chunks[0])
     monkeypatch.setattr(block_xla, "KV_CHUNK", chunks[1])
     q, k, v, seg = _inputs(ring_size, segments=segments)
@@ -153,7 +156,7 @@ def test_sharded_model_logits_and_grads_equal_single_device(mesh_shape):
     segment_ids = jnp.asarray(np.sort(rng.integers(1, 4, (b, t)), axis=1))
     positions = jnp.asarray(np.concatenate([np.arange(t)[None], (np.arange(t) % 23)[None]]))
     mesh = sharding.make_mesh(**mesh_shape)
-    placed = jax.device_put(params, sharding.param_shardings(cfg, mesh))
+    placed = jax.device_put(params, yarn_jax.llama.param_shardings(cfg, mesh))
 
     def loss(p, m):
         logits = yarn_jax.forward(cfg, p, tokens, positions, segment_ids, mesh=m)

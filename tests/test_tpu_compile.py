@@ -30,7 +30,7 @@ def test_train_gradient_compiles_for_tpu_v4(mesh_shape, attention):
                                num_kv_heads=2, head_dim=64, rope_scaling=yarn_jax.config.rope_lib.Yarn(4.0, 256),
                                attention=attention, remat="full")
     mesh = _topology_mesh(mesh_shape)
-    p_shard = sharding.param_shardings(cfg, mesh)
+    p_shard = yarn_jax.llama.param_shardings(cfg, mesh)
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           jax.eval_shape(lambda: yarn_jax.init_params(cfg, jax.random.key(0))), p_shard)
     tokens = jax.ShapeDtypeStruct((4, 2048), jnp.int32, sharding=sharding.batch_sharding(mesh))
@@ -45,6 +45,7 @@ def test_train_gradient_compiles_for_tpu_v4(mesh_shape, attention):
     if attention == "splash":
         assert "splash" in text or "tpu_custom_call" in text
     if mesh_shape[2] > 1:  # K/V travel around the ring, every ring loop running splash blocks
-        loops = hlo.ring_loop_kernels(text)
-        assert loops and all(kernels["tpu_custom_call"] > 0 for kernels in loops), loops
+        assert "collective-permute" in text
+        loops = hlo.ring_loop_kernels(text)  # a ring of 2 has one step after its first: no loop is left
+        assert (loops or mesh_shape[2] == 2) and all(kernels["tpu_custom_call"] > 0 for kernels in loops), loops
     assert isinstance(NamedSharding(mesh, PartitionSpec()), NamedSharding)

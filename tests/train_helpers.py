@@ -1,19 +1,15 @@
 """A tiny, fast run configuration for trainer tests (real corpus: a few stdlib files)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
-from yarn_jax import data
+from yarn_jax import data, run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str = "tiny"):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return run_config.load(str(ROOT / "configs" / f"{name}.py"), [])
 
 
 def corpus() -> list[str]:

@@ -1,6 +1,6 @@
 """Compile the exact train step for a real TPU topology on a CPU host and say whether it fits.
 
-    python -m yarn_jax.aot --config configs/v4_128k.py --topology v4-128 [--num-slices 1]
+    python -m yarn_jax.aot --config configs/v4_128k.py --topology v4-128 [--num-slices 1] [--config.KEY=VALUE]
 
 libtpu + jax.experimental.topologies give the topology's devices without any TPU; the full step (forward,
 backward, AdamW update, with the config's model, sequence length, batch, accumulation, remat and mesh)
@@ -21,11 +21,9 @@ over the chips' peak bf16 FLOP/s.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import math
 import sys
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -33,7 +31,7 @@ import jax.extend.core
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from yarn_jax import cli, hlo, sharding, train_step
+from yarn_jax import cli, hlo, run_config, sharding, train_step
 from yarn_jax.attention import ring
 from yarn_jax.config import LlamaConfig
 
@@ -232,14 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--topology", required=True, help="e.g. v4-8 .. v4-512, v5e-16, v5p-64, v6e-32")
     p.add_argument("--num-slices", type=cli.count(1), default=1)
-    p.add_argument("--set", action="append", default=[], help="override, e.g. --set mesh.seq=8")
-    a = p.parse_args(argv)
-    return cli.run(lambda: _run(a))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="the old spelling of --config.KEY=VALUE (kept for one release)")
+    overrides, rest = run_config.split_overrides(sys.argv[1:] if argv is None else argv)
+    a = p.parse_args(rest)
+    return cli.run(lambda: _run(a, a.set + overrides))
 
 
-def _run(a) -> int:
+def _run(a, overrides: list[str]) -> int:
     try:
-        figures, lines = report(load_config(a.config, a.set), a.topology, a.num_slices)
+        figures, lines = report(run_config.load(a.config, overrides), a.topology, a.num_slices)
     except DoesNotFitError as e:
         print(f"DOES NOT FIT: {e}", file=sys.stderr)
         return 1
@@ -250,38 +250,6 @@ def _run(a) -> int:
         return 1
     print(f"fits with {figures['headroom']:.0%} HBM headroom")
     return 0
-
-
-def load_config(path: str, overrides: list[str]) -> Any:
-    import importlib.util
-
-    if not Path(path).is_file():
-        raise ValueError(f"--config: {path} does not exist")
-    spec = importlib.util.spec_from_file_location("run_config_file", path)
-    if spec is None or not path.endswith(".py"):
-        raise ValueError(f"--config: {path} is not a Python config file")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for item in overrides:
-        key, _, value = item.partition("=")
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if part not in node:
-                raise ValueError(f"--set {item}: unknown config key {key!r}")
-            node = node[part]
-        if leaf not in node and parents != ["model"]:  # model.* may name any LlamaConfig field of the preset
-            raise ValueError(f"--set {item}: unknown config key {key!r}")
-        try:
-            parsed = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed = value
-        try:
-            node[leaf] = parsed
-        except TypeError as e:  # ConfigDict keeps each key's type
-            raise ValueError(f"--set {item}: {e}") from None
-    return config
 
 
 if __name__ == "__main__":

@@ -195,13 +195,12 @@ def load_checkpoint(path: str | Path, mesh: Mesh | None = None, *, step: int | N
     without, as numpy in the stored dtype.
     `execution` overrides execution fields of the config (dtype, remat, attention).
     """
-    from yarn_jax import sharding
-    from yarn_jax.llama import init_params
+    from yarn_jax.llama import init_params, param_shardings
 
     reader = Reader(path, step)
     cfg = reader.cfg.replace(**execution) if execution else reader.cfg
     structure = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    shardings = sharding.param_shardings(cfg, mesh) if mesh is not None else None
+    shardings = param_shardings(cfg, mesh) if mesh is not None else None
     params = reader.leaves(structure, shardings)
     reader.close()
     return cfg, params

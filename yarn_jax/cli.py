@@ -47,6 +47,8 @@ def run(fn: Callable[[], int]) -> int:
     """fn's exit status; user errors become one line on stderr (see the module docstring)."""
     try:
         return fn()
+    except SystemExit as e:  # argparse (--help, or its one-line refusal already printed)
+        return e.code if isinstance(e.code, int) else BAD_INPUT
     except RunError as e:
         return fail(str(e), FAILED)
     except ValueError as e:

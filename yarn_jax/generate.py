@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from yarn_jax import attention, sharding
 from yarn_jax import rope as rope_lib
 from yarn_jax.config import LlamaConfig
-from yarn_jax.llama import Llama, model
+from yarn_jax.llama import Llama, model, param_shardings
 
 CACHE_BUCKET = 256  # cache lengths round up to a multiple: prompts of similar length share compilations
 
@@ -81,7 +81,7 @@ def generate(cfg: LlamaConfig, params: Any, prompt: np.ndarray, max_new: int, *,
         if mesh.shape["seq"] != 1:
             raise ValueError("mesh.seq: generation decodes one token at a time; use a mesh whose seq axis is 1")
         sharding.check_batch(mesh, b, 1)
-        params = jax.device_put(params, sharding.param_shardings(cfg, mesh))
+        params = jax.device_put(params, param_shardings(cfg, mesh))
         kv = sharding.logical_sharding(mesh, ("layers", "batch", None, "kv_heads", "head_dim"))
         cache = jax.device_put(cache, (kv, kv))
         context = sharding.rules_context(mesh)

@@ -217,6 +217,12 @@ def logical_axes(cfg: LlamaConfig) -> Any:
     return nn.get_partition_spec(boxed["params"])
 
 
+
+def param_shardings(cfg: LlamaConfig, mesh: Mesh) -> Any:
+    """NamedShardings for the parameter tree of `cfg` (same structure as init_params), by sharding.RULES."""
+    return jax.tree.map(lambda spec: sharding.logical_sharding(mesh, spec), logical_axes(cfg),
+                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
 def hidden_states(cfg: LlamaConfig, params: Any, tokens: jax.Array, positions: jax.Array | None = None,
                   segment_ids: jax.Array | None = None, index: jax.Array | None = None, *,
                   seq_len: int | None = None, attend: Callable[..., jax.Array] | None = None) -> jax.Array:

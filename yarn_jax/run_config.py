@@ -1,10 +1,17 @@
 """The run configuration's keys and defaults (an ml_collections.ConfigDict); configs/*.py start from
 `base()` and change what their run needs. Defaults are the paper's fine-tuning recipe (section 4)."""
 
+from pathlib import Path
+
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from yarn_jax import checkpoint
 from yarn_jax import config as config_lib
+
+SHAPE_KEYS = {"vocab_size": int, "hidden_size": int, "intermediate_size": int, "num_layers": int, "num_heads": int,
+              "num_kv_heads": int, "head_dim": int, "max_position_embeddings": int, "rope_theta": float,
+              "rms_norm_eps": float, "tie_word_embeddings": bool, "scan_unroll": int}
 
 
 def base() -> ml_collections.ConfigDict:
@@ -12,8 +19,9 @@ def base() -> ml_collections.ConfigDict:
     c.seed = 0
     c.init_from = ""  # a `convert from-hf` checkpoint (or a trainer's); empty: random init from `model`
     c.model = ml_collections.ConfigDict(dict(
-        preset="llama2_7b",  # shape when not initialising from a checkpoint; other keys below override it
-        dtype="bfloat16", param_dtype="float32", remat="full", attention="auto", ring_layout="zigzag"))
+        preset="llama2_7b",  # shape when not initialising from a checkpoint; the shape keys below override it
+        dtype="bfloat16", param_dtype="float32", remat="full", attention="auto", ring_layout="zigzag",
+        **{key: placeholder(kind) for key, kind in SHAPE_KEYS.items()}))  # unset: the preset's value
     c.rope = ml_collections.ConfigDict()  # replaces the checkpoint's scaling, e.g. rope_type/factor/original_...
     c.data = ml_collections.ConfigDict(dict(
         sources=(),  # files or globs; empty: the Python standard library's *.py files
@@ -30,11 +38,11 @@ def base() -> ml_collections.ConfigDict:
 def model_config(config: ml_collections.ConfigDict) -> tuple[config_lib.LlamaConfig, str | None]:
     """(LlamaConfig, checkpoint to initialise from or None) from the run config."""
     keys = ("dtype", "param_dtype", "remat", "attention", "ring_layout", "scan_unroll")
-    execution = {k: config.model[k] for k in keys if k in config.model}
+    execution = {k: config.model[k] for k in keys if config.model.get(k) is not None}
     if config.init_from:
         base = checkpoint.Reader(config.init_from).cfg.to_hf()
     else:
-        shape = {k: v for k, v in config.model.items() if k not in execution and k != "preset"}
+        shape = {k: v for k, v in config.model.items() if k not in keys and k != "preset" and v is not None}
         base = config_lib.PRESETS[config.model.preset](**shape).to_hf()
     rope = dict(config.get("rope", {}) or {})
     for key in ("max_position_embeddings", "rope_theta"):
@@ -61,3 +69,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if d.batch_size % t.grad_accum:
         raise ValueError(f"train.grad_accum: expected a divisor of data.batch_size ({d.batch_size}), "
                          f"got {t.grad_accum}")
+
+
+def load(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
+    """The run config of `configs/<name>.py` with `--config.a.b=value` overrides applied (ml_collections'
+    config_flags, the syntax of every command that takes a run config); a bad path, key or value is a
+    ValueError naming the flag. `overrides` are the `--config.*` arguments (`a.b=value` without the
+    prefix is accepted too: the `--set` spelling of earlier releases)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    if not Path(path.split(":")[0]).is_file():
+        raise ValueError(f"--config: {path} does not exist")
+    argv = ["prog", f"--config={path}", *(o if o.startswith("--config.") else f"--config.{o}" for o in overrides)]
+    values = flags.FlagValues()  # a registry per call: commands may load several configs in one process
+    config_flags.DEFINE_config_file("config", None, "configs/<name>.py", flag_values=values, lock_config=True,
+                                    sys_argv=argv)
+    try:
+        values(argv)
+    except (KeyError, AttributeError) as e:  # an override of a key the run config does not have
+        key = str(e).strip("'\"")
+        bad = next((a.split("=")[0] for a in argv[2:] if key in a), "--config.*")
+        raise ValueError(f"{bad}: no such key in the run config (see train --print_config)") from None
+    except flags.Error as e:
+        raise ValueError(" ".join(str(e).split())) from None
+    return values.config
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the `--config.a.b=value` arguments, the others) of a command line."""
+    overrides = [a for a in argv if a.startswith("--config.")]
+    return overrides, [a for a in argv if not a.startswith("--config.")]

@@ -16,8 +16,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from yarn_jax.config import LlamaConfig
-
 AXES = ("data", "fsdp", "seq", "tensor")
 RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
@@ -76,14 +74,6 @@ def rules_context(mesh: Mesh):
 
 def logical_sharding(mesh: Mesh, axes: tuple[str | None, ...] | PartitionSpec) -> NamedSharding:
     return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(axes), RULES))
-
-
-def param_shardings(cfg: LlamaConfig, mesh: Mesh) -> Any:
-    """NamedShardings for the parameter tree of `cfg` (same structure as init_params)."""
-    from yarn_jax.llama import logical_axes
-
-    return jax.tree.map(lambda spec: logical_sharding(mesh, spec), logical_axes(cfg),
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -294,40 +294,22 @@ def _progress(start: int, total: int):
     return tqdm(initial=start, total=total, desc="train", dynamic_ncols=True, disable=jax.process_index() != 0)
 
 
-def _config_path(argv: list[str]) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg.startswith(("--config=", "-config=")):
-            return arg.split("=", 1)[1]
-        if arg in ("--config", "-config") and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
-
-
 def parse(argv: list[str]):
-    """(run config, workdir, print_config) from the command line; bad flags are a ValueError naming them."""
-    from absl import flags
-    from ml_collections import config_flags
+    """(run config, workdir, print_config) from the command line (program name first); bad flags are a
+    ValueError naming them."""
+    from yarn_jax import run_config
 
-    path = _config_path(argv)
-    if path is None:
+    overrides, rest = run_config.split_overrides(argv[1:])
+    p = cli.ArgumentParser(prog="python -m yarn_jax.train", description=__doc__,
+                           epilog="--config.KEY=VALUE overrides any key of the run config (see --print_config)")
+    p.add_argument("--config", help="configs/<name>.py")
+    p.add_argument("--workdir", help="output directory (checkpoints, metrics.jsonl)")
+    p.add_argument("--print_config", "--print-config", action="store_true",
+                   help="print the resolved run config (every key) and exit")
+    a = p.parse_args(rest)
+    if a.config is None:
         raise ValueError("--config: required (a file such as configs/tiny.py)")
-    if not Path(path.split(":")[0]).is_file():
-        raise ValueError(f"--config: {path} does not exist")
-    values = flags.FlagValues()  # a registry per call: main() may run more than once in a process
-    config_flags.DEFINE_config_file("config", None, "configs/<name>.py", flag_values=values, lock_config=True,
-                                    sys_argv=argv)
-    flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics.jsonl)", flag_values=values)
-    flags.DEFINE_boolean("print_config", False, "print the resolved run config (every key) and exit",
-                         flag_values=values)
-    try:
-        values(argv)
-    except KeyError as e:  # an override of a key the run config does not have
-        bad = next((a.split("=")[0] for a in argv if a.lstrip("-").startswith("config.")
-                    and str(e).strip("'\"") in a), "--config.*")
-        raise ValueError(f"{bad}: no such key in the run config (see --print_config)") from None
-    except flags.Error as e:
-        raise ValueError(cli.one_line(str(e))) from None
-    return values.config, values.workdir, values.print_config
+    return run_config.load(a.config, overrides), a.workdir, a.print_config
 
 
 def main(argv: list[str]) -> int:

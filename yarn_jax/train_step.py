@@ -21,9 +21,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from yarn_jax import attention, sharding
+from yarn_jax import attention
 from yarn_jax.config import LlamaConfig
-from yarn_jax.llama import hidden_states, unembed
+from yarn_jax.llama import hidden_states, param_shardings, unembed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +158,7 @@ def state_shardings(cfg: LlamaConfig, mesh: Mesh, tx: optax.GradientTransformati
     """(abstract TrainState with shardings, the shardings tree) for jit and for Orbax restores."""
     from yarn_jax.llama import init_params
 
-    p_shard = sharding.param_shardings(cfg, mesh)
+    p_shard = param_shardings(cfg, mesh)
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))), p_shard)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -1,6 +1,6 @@
 """Where the train step's time goes on the device: GPU kernel time by kind and the costliest kernels.
 
-    python -m yarn_jax.bench profile --config configs/h200_1b.py --seq 8192 [--set model.remat=attention]
+    python -m yarn_jax.bench profile --config configs/h200_1b.py --seq 8192 [--config.model.remat=attention]
 
 Traces `--steps` steps of the benchmark's step (after 2 warm-ups) with jax.profiler, reads the trace back
 (jax.profiler.ProfileData) and sums the kernels of the device's streams. Kinds: matmul (cuBLAS/cuBLASLt/
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
     import jax
     import jax.numpy as jnp
 
-    from yarn_jax import aot
+    from yarn_jax import run_config
     from yarn_jax.bench.train_step_bench import setup
 
     p = argparse.ArgumentParser(prog="python -m yarn_jax.bench profile")
@@ -56,11 +56,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seq", type=int, default=8192)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="the old spelling of --config.KEY=VALUE (kept for one release)")
     p.add_argument("--hlo", default=None, help="also write the compiled step's HLO text here")
     p.add_argument("--out", default=None, help="JSON results (default bench_results/profile_<seq>.json)")
-    a = p.parse_args(argv)
-    _, step, state, batch = setup(aot.load_config(a.config, a.set), a.seq)
+    overrides, rest = run_config.split_overrides(argv)
+    a = p.parse_args(rest)
+    a.set += overrides
+    _, step, state, batch = setup(run_config.load(a.config, a.set), a.seq)
     if a.hlo:
         Path(a.hlo).write_text(step.as_text())
     one = jnp.float32(1.0)

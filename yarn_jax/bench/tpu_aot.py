@@ -30,11 +30,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default="bench_results/tpu_aot.json")
     a = p.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from yarn_jax import aot
+    from yarn_jax import aot, run_config
 
     rows, ok = [], True
     for config_path, topology, overrides in RUNS:
-        figures, lines = aot.report(aot.load_config(config_path, list(overrides)), topology)
+        figures, lines = aot.report(run_config.load(config_path, list(overrides)), topology)
         print("\n".join([f"## {config_path} on {topology} {' '.join(overrides)}".rstrip(), *lines, ""]))
         if not overrides and figures["headroom"] < HEADROOM:
             ok = False

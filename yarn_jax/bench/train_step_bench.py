@@ -149,9 +149,10 @@ def _ratio(x: float | None, y: float | None) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from yarn_jax import aot
+    from yarn_jax import run_config
 
-    p = argparse.ArgumentParser(prog="python -m yarn_jax.bench train-step")
+    p = argparse.ArgumentParser(prog="python -m yarn_jax.bench train-step",
+                                epilog="--config.KEY=VALUE overrides any key of the run config")
     p.add_argument("--config", default="configs/h200_1b.py")
     p.add_argument("--seq", default="8192")
     p.add_argument("--steps", type=int, default=5)
@@ -160,14 +161,17 @@ def main(argv: list[str]) -> int:
                    help="comma list of eager,compile (torch.compile; slower than eager on the H200 up to 32k and "
                         "not done compiling 64k after 7 minutes, so not run by default)")
     p.add_argument("--remat", default="", help="comma list of remat policies to time (default: the config's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="the old spelling of --config.KEY=VALUE (kept for one release)")
     p.add_argument("--bound", action="store_true", help="also time the kernel bound of each length")
     p.add_argument("--out", default="bench_results/train_step.json")
-    a = p.parse_args(argv)
+    overrides, rest = run_config.split_overrides(argv)
+    a = p.parse_args(rest)
+    overrides = a.set + overrides
     seqs = [int(s) for s in a.seq.split(",")]
     rows = []
     if a.peer:  # first, while this process holds no GPU memory (JAX preallocates most of it once started)
-        config = aot.load_config(a.config, a.set)
+        config = run_config.load(a.config, overrides)
         for seq in seqs:
             for mode in a.peer_modes.split(","):
                 if mode not in ("eager", "compile"):
@@ -179,12 +183,12 @@ def main(argv: list[str]) -> int:
                     print(json.dumps(rows[-1]), flush=True)
     import jax
 
-    from yarn_jax import run_config, train_step
+    from yarn_jax import train_step
 
     peak = train_step.peak_flops(jax.devices()[0])
     for seq in seqs:
         for remat in a.remat.split(",") if a.remat else [""]:
-            config = aot.load_config(a.config, a.set + ([f"model.remat={remat}"] if remat else []))
+            config = run_config.load(a.config, overrides + ([f"model.remat={remat}"] if remat else []))
             try:
                 r = ours(config, seq, a.steps)
             except Exception as e:  # noqa: BLE001  out of memory is a result here
@@ -192,7 +196,7 @@ def main(argv: list[str]) -> int:
             rows.append({"impl": "yarn_jax", "seq": seq, "remat": remat or config.model.remat, **r})
             print(json.dumps(rows[-1]), flush=True)
         if a.bound:
-            cfg, _ = run_config.model_config(aot.load_config(a.config, a.set))
+            cfg, _ = run_config.model_config(run_config.load(a.config, overrides))
             rows.append({"impl": "kernel bound", "seq": seq, "remat": "-", "peak_gib": 0.0, **kernel_bound(cfg, seq)})
             print(json.dumps(rows[-1]), flush=True)
     flops = {r["seq"]: r["flops_per_token"] for r in rows if "flops_per_token" in r}
