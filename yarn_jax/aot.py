@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 from typing import Any
 
@@ -73,6 +74,12 @@ def topology_devices(name: str, num_slices: int = 1) -> tuple[Chip, int, list[An
     from jax.experimental import topologies
 
     chip, chips, topo = parse_topology(name)
+    if os.environ.get("JAX_PLATFORMS") == "cpu":
+        # libtpu first initialises for this host, which has no TPU: without these it logs a page of errors
+        # (no accelerator type, no worker hostnames, no metadata server) that say nothing about the compile
+        for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", name),
+                           ("TPU_WORKER_HOSTNAMES", "localhost")):
+            os.environ.setdefault(key, value)
     # v4/v5p run megacore (one JAX device per chip, its two TensorCores fused), as on real slices
     desc = topologies.get_topology_desc(topology_name=topo, platform="tpu", num_slices=num_slices,
                                         chip_config_name="megacore" if chip.cores_in_name else "default")
@@ -234,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the old spelling of --config.KEY=VALUE (kept for one release)")
     overrides, rest = run_config.split_overrides(sys.argv[1:] if argv is None else argv)
     a = p.parse_args(rest)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a compile for a topology runs on this host's CPU
     return cli.run(lambda: _run(a, a.set + overrides))
 
 
