@@ -124,7 +124,7 @@ OTHER_ROWS = [
      "--rope yarn:factor=abc: factor: expected a number"),
     ("eval-mesh", "eval", _eval("--mesh", "seq=x"), None, "--mesh: expected AXIS=SIZE"),
     ("eval-out-unwritable", "eval", _eval()[:-2] + ["--out", "TMP/file/out"], lambda t: (t / "file").write_text("x"),
-     "--out: .*file/out is not writable"),
+     "--out: .*file/out is not writable \\(.*file is a file\\)"),
     ("passkey-trials-0", "eval", _passkey("--trials", "0"), None, "argument --trials: expected an integer >= 1"),
     ("generate-no-tokenizer", "generate", ["--checkpoint", "TMP/ckpt", "--prompt", "hi"], None,
      "--tokenizer: required with --checkpoint"),

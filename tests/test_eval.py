@@ -146,3 +146,14 @@ def test_cli_errors(model_dir, tmp_path):
                 "--out", str(tmp_path / "x"), *extra]
         assert cli.main(args) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_passkey_on_a_seq_mesh_answers_as_one_device(model_dir, tmp_path):
+    """--mesh seq=4: the prompt prefills with ring attention, the cache split over seq (same answers)."""
+    d, _ = model_dir
+    tok = data.train_tokenizer(corpus(), 512, tmp_path / "spm")
+    args = ["passkey", "--hf", str(d), "--tokenizer", tok, "--lengths", "200", "--trials", "3", "--dtype", "float32"]
+    assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert cli.main([*args, "--out", str(tmp_path / "ring"), "--mesh", "seq=4,tensor=2"]) == 0
+    one, ring = (json.loads((tmp_path / k / "passkey.json").read_text()) for k in ("one", "ring"))
+    assert [r["answer"] for r in ring] == [r["answer"] for r in one] and len(one) == 3

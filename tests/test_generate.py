@@ -73,12 +73,22 @@ def test_sampling_is_seeded_and_stops_at_eos():
     assert (c[0, 6:] == eos).all()
 
 
-@pytest.mark.parametrize("mesh_shape", [dict(data=2, fsdp=2, tensor=2), dict(fsdp=4, tensor=2)])
-def test_generation_on_a_mesh_equals_one_device(mesh_shape):
+SEQ_MESHES = [("dynamic_yarn", dict(data=2, fsdp=2, tensor=2)), ("dynamic_yarn", dict(fsdp=4, tensor=2)),
+              ("default", dict(seq=4, fsdp=2)), ("yarn", dict(seq=4, fsdp=2)), ("dynamic_yarn", dict(seq=4, fsdp=2)),
+              ("dynamic_yarn", dict(seq=2, tensor=2, fsdp=2)), ("dynamic_yarn", dict(data=2, seq=4))]
+
+
+@pytest.mark.parametrize("rope,mesh_shape", SEQ_MESHES,
+                         ids=[f"{r}-" + ",".join(f"{k}={v}" for k, v in m.items()) for r, m in SEQ_MESHES])
+def test_generation_on_a_mesh_equals_one_device(rope, mesh_shape):
+    """With seq > 1 the prompt prefills with ring attention and the cache stays split over seq in the
+    ring's order; each decode step attends per shard, merged by lse. 12 -> 28 tokens cross
+    original_max_position_embeddings (16) and max_position_embeddings (24): dynamic YaRN rebuilds the
+    cache (a ring prefill) at every step past 24."""
     from yarn_jax import sharding
 
-    cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(rope_scaling=ROPES["dynamic_yarn"], max_pos=24)
-                                       .to_dict(), dtype="float32")
+    cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(rope_scaling=ROPES[rope], max_pos=24).to_dict(),
+                                       dtype="float32")
     params = jax.tree.map(lambda x: x * 4, yarn_jax.init_params(cfg, jax.random.key(1)))
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 12))
     want = generate.generate(cfg, params, prompt, 16)

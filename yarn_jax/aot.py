@@ -240,12 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="the old spelling of --config.KEY=VALUE (kept for one release)")
     overrides, rest = run_config.split_overrides(sys.argv[1:] if argv is None else argv)
-    a = p.parse_args(rest)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a compile for a topology runs on this host's CPU
-    return cli.run(lambda: _run(a, a.set + overrides))
+    return cli.run(lambda: _run(p.parse_args(rest), overrides))
 
 
 def _run(a, overrides: list[str]) -> int:
+    overrides = a.set + overrides
     try:
         figures, lines = report(run_config.load(a.config, overrides), a.topology, a.num_slices)
     except DoesNotFitError as e:

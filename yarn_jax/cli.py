@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -95,6 +96,19 @@ def int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
     return values
+
+
+def check_writable(path: str | Path, flag: str) -> Path:
+    """Checks, creating nothing, that directory `path` could be made and written (its nearest existing
+    ancestor is a directory this process may write): a ValueError naming `flag` otherwise."""
+    path = Path(path).absolute()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag}: {path} is a file; expected a directory (it is created when missing)")
+    ancestor = next(p for p in (path, *path.parents) if p.exists())
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: {path} is not writable ({ancestor} is "
+                         + ("a file)" if not ancestor.is_dir() else "read-only)"))
+    return path
 
 
 def writable_dir(path: str | Path, flag: str) -> Path:

@@ -269,9 +269,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from absl import logging
 
-    args = _parser().parse_args(argv)
     logging.set_verbosity(logging.ERROR)  # Orbax's deprecation and tuning warnings, a dozen per leaf
-    return cli.run(lambda: _run(args))
+    return cli.run(lambda: _run(_parser().parse_args(argv)))
 
 
 def _run(args) -> int:

@@ -48,12 +48,28 @@ def step(cfg: LlamaConfig, params: Any, cache: Any, tokens: jax.Array, start: ja
          last: jax.Array | int = -1, mesh: Mesh | None = None) -> tuple[jax.Array, Any]:
     """tokens [B, t] at positions start..start+t-1 -> (logits [B, V] float32 of token `last`, new cache).
     Prefills pad `tokens` to the cache length (one compilation for every prompt length): causal
-    attention keeps the padding from touching the real tokens, whose logits `last` selects."""
+    attention keeps the padding from touching the real tokens, whose logits `last` selects.
+
+    With the mesh's seq axis R > 1 the cache is split over it in the ring's order (slot j holds token
+    perm[j], device i the slots of its ring block): a prefill runs the model on the permuted sequence
+    with ring attention, and each decode step writes its token to that token's slot and attends to
+    every shard (`attention.decode_for_mesh`)."""
     b, t = tokens.shape
-    positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    ring_size = 1 if mesh is None else mesh.shape["seq"]
+    slot_index = None
+    if ring_size > 1:
+        perm = attention.ring.permutation(cache[0].shape[2], ring_size, cfg.ring_layout)  # static numpy
+        slot_index = jnp.asarray(perm, jnp.int32)
+    if t == cache[0].shape[2] and slot_index is not None:  # the prefill, in the ring's order
+        tokens = tokens[:, perm]
+        positions = jnp.broadcast_to(slot_index, (b, t))
+        last = jnp.take(jnp.asarray(np.argsort(perm), jnp.int32), last)  # the slot of token `last`
+    else:
+        positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     ones = jnp.ones((b, t), jnp.int32)
-    net = model(cfg, attention.for_mesh(cfg, mesh))
-    hidden, cache = net.apply({"params": params}, tokens, positions, ones, positions, None, cache, start, freqs)
+    net = model(cfg, attention.for_mesh(cfg, mesh), attention.decode_for_mesh(mesh))
+    hidden, cache = net.apply({"params": params}, tokens, positions, ones, positions, None, cache, start, freqs,
+                              slot_index)
     return net.apply({"params": params}, jnp.take(hidden, last, axis=1), method=Llama.unembed), cache
 
 
@@ -67,8 +83,9 @@ def generate(cfg: LlamaConfig, params: Any, prompt: np.ndarray, max_new: int, *,
              key: jax.Array | None = None, eos_id: int | None = None, dynamic_bucket: int = 1,
              mesh: Mesh | None = None) -> np.ndarray:
     """prompt [B, T0] -> [B, T0 + max_new] tokens (greedy when temperature == 0). Rows that emitted
-    `eos_id` keep emitting it. See the module docstring for `dynamic_bucket`. With `mesh` (its seq axis 1)
-    parameters and the cache are sharded by the training rules (batch over data x fsdp, heads over tensor)."""
+    `eos_id` keep emitting it. See the module docstring for `dynamic_bucket`. With `mesh`,
+    parameters and the cache are sharded by the training rules (batch over data x fsdp, heads over tensor,
+    the cache's slots over seq: a prompt longer than one device's memory prefills with ring attention)."""
     prompt = np.asarray(prompt, np.int32)
     b, t0 = prompt.shape
     scale_len = lambda n: -(-n // dynamic_bucket) * dynamic_bucket  # noqa: E731
@@ -78,11 +95,9 @@ def generate(cfg: LlamaConfig, params: Any, prompt: np.ndarray, max_new: int, *,
     net_cfg = cfg.replace(rope_scaling=rope_lib.Default())
     context = contextlib.nullcontext()
     if mesh is not None:
-        if mesh.shape["seq"] != 1:
-            raise ValueError("mesh.seq: generation decodes one token at a time; use a mesh whose seq axis is 1")
-        sharding.check_batch(mesh, b, 1)
+        sharding.check_batch(mesh, b, cache[0].shape[2])
         params = jax.device_put(params, param_shardings(cfg, mesh))
-        kv = sharding.logical_sharding(mesh, ("layers", "batch", None, "kv_heads", "head_dim"))
+        kv = sharding.logical_sharding(mesh, ("layers", "batch", "seq", "kv_heads", "head_dim"))
         cache = jax.device_put(cache, (kv, kv))
         context = sharding.rules_context(mesh)
     with context:
@@ -133,9 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 is greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16")
-    a = p.parse_args(argv)
-
     def job() -> int:
+        a = p.parse_args(argv)  # inside cli.run: argparse's refusal is a return status too
         if a.temperature < 0:
             raise ValueError(f"--temperature: expected >= 0 (0 is greedy), got {a.temperature}")
         if a.checkpoint and not a.tokenizer:

@@ -65,15 +65,18 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """GQA self-attention; the kernel (`attend`) is pluggable behind one signature."""
+    """GQA self-attention; the kernels are pluggable behind one signature: `attend` for whole sequences
+    (training, prefill), `decode` for a few new tokens against the KV cache (masks by slot)."""
 
     cfg: LlamaConfig
     attend: Callable[..., jax.Array]
+    decode: Callable[..., jax.Array] = reference.attention
 
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids, index, kv=None, cache=None):  # x [B, T, D]
-        """kv/cache (generation): `kv` = (segment_ids, index, start) of all cache slots, `cache` = this layer's
-        (k, v) [B, S, K, H], keys after RoPE; the new tokens go to slots start..start+T. Returns (out, cache)."""
+        """kv/cache (generation): `kv` = (segment_ids, token index, slot) of all cache slots, `cache` = this
+        layer's (k, v) [B, S, K, H], keys after RoPE; the new tokens go to slots slot..slot+T. Returns (out,
+        cache)."""
         c = self.cfg
         d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         wq = _param(self, "q", (d, n, h), ("embed", "heads", "head_dim")).astype(c.dtype)
@@ -89,13 +92,13 @@ class Attention(nn.Module):
         if cache is None:
             out = self.attend(q, k_, v, segment_ids, segment_ids, index, index)  # [B, T, N, H]
         else:
-            kv_segment_ids, kv_index, start = kv
-            cache = tuple(jax.lax.dynamic_update_slice_in_dim(c_, new.astype(c_.dtype), start, axis=1)
+            kv_segment_ids, kv_index, slot = kv
+            cache = tuple(jax.lax.dynamic_update_slice_in_dim(c_, new.astype(c_.dtype), slot, axis=1)
                           for c_, new in zip(cache, (k_, v), strict=True))
-            if q.shape[1] == cache[0].shape[1]:  # a prefill of the whole cache (start is 0): the model's kernel
+            if q.shape[1] == cache[0].shape[1]:  # a prefill of the whole cache (slot 0): the model's kernel
                 out = self.attend(q, k_, v, None, None, index, index)
             else:  # a few new tokens against the cache slots: masks by slot, which fused kernels do not take
-                out = reference.attention(q, cache[0], cache[1], segment_ids, kv_segment_ids, index, kv_index)
+                out = self.decode(q, cache[0], cache[1], segment_ids, kv_segment_ids, index, kv_index)
         out = checkpoint_name(out, "attn_out")
         return jnp.einsum("BTNH,NHD->BTD", out, wo), cache
 
@@ -121,11 +124,12 @@ class Block(nn.Module):
 
     cfg: LlamaConfig
     attend: Callable[..., jax.Array]
+    decode: Callable[..., jax.Array] = reference.attention
 
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids, index, kv=None, cache=None):
-        y, cache = Attention(self.cfg, self.attend, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x), cos, sin,
-                                                                 segment_ids, index, kv, cache)
+        attn = Attention(self.cfg, self.attend, self.decode, name="attn")
+        y, cache = attn(RMSNorm(self.cfg, name="attn_norm")(x), cos, sin, segment_ids, index, kv, cache)
         x = x + y
         x = x + Mlp(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
         return _constrain(x, ("batch", "seq", "embed")), cache
@@ -136,6 +140,7 @@ class Llama(nn.Module):
 
     cfg: LlamaConfig
     attend: Callable[..., jax.Array]
+    decode: Callable[..., jax.Array] = reference.attention
 
     def setup(self):
         c = self.cfg
@@ -148,12 +153,15 @@ class Llama(nn.Module):
             block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
         self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                               in_axes=(nn.broadcast,) * 5 + (0,), length=c.num_layers, unroll=c.scan_unroll,
-                              metadata_params={nn.PARTITION_NAME: "layers"})(c, self.attend)
+                              metadata_params={nn.PARTITION_NAME: "layers"})(c, self.attend, self.decode)
 
-    def __call__(self, tokens, positions, segment_ids, index, seq_len, cache=None, start=None, freqs=None):
+    def __call__(self, tokens, positions, segment_ids, index, seq_len, cache=None, start=None, freqs=None,
+                 slot_index=None):
         """seq_len: the length dynamic RoPE methods scale to. freqs: (turn parts, attention factor) computed
         by the caller (generation passes them as arrays so one compilation serves every length).
-        cache (generation): (k, v) [L, B, S, K, H]; returns (hidden, new cache) then."""
+        cache (generation): (k, v) [L, B, S, K, H]; returns (hidden, new cache) then. start: the token index
+        of the first new token; slot_index [S]: the token index each cache slot holds (default 0..S-1; a
+        cache split over a ring holds its slots in the ring's order)."""
         c = self.cfg
         if freqs is None:
             inv_freq, factor = rope_lib.frequencies(c.rope, seq_len, dtype=jnp.float64)  # static numpy: exact
@@ -164,8 +172,10 @@ class Llama(nn.Module):
         kv = None
         if cache is not None:
             b, s = cache[0].shape[1:3]
-            slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-            kv = ((slots < start + tokens.shape[1]).astype(jnp.int32), slots, start)
+            held = jnp.arange(s, dtype=jnp.int32) if slot_index is None else slot_index  # [S]
+            slot = start if slot_index is None else jnp.argmax(held == start).astype(jnp.int32)  # of token start
+            held = jnp.broadcast_to(held, (b, s))
+            kv = ((held < start + tokens.shape[1]).astype(jnp.int32), held, slot)
         x, cache = self.layers(x, cos, sin, segment_ids, index, kv, cache)
         return self.final_norm(x) if kv is None else (self.final_norm(x), cache)
 
@@ -199,8 +209,9 @@ def _logits_bwd(res, g):  # g [..., V] float32
 _logits.defvjp(_logits_fwd, _logits_bwd)
 
 
-def model(cfg: LlamaConfig, attend: Callable[..., jax.Array] | None = None) -> Llama:
-    return Llama(cfg, attend or attention.select(cfg.attention))
+def model(cfg: LlamaConfig, attend: Callable[..., jax.Array] | None = None,
+          decode: Callable[..., jax.Array] = reference.attention) -> Llama:
+    return Llama(cfg, attend or attention.select(cfg.attention), decode)
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array) -> Any:

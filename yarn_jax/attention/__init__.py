@@ -63,6 +63,14 @@ def block_kernel(impl: AttentionImpl, platform: str | None = None) -> BlockKerne
     return block_xla.Kernel()
 
 
+def decode_for_mesh(mesh: Mesh | None) -> AttentionFn:
+    """Attention of a few new tokens to the KV cache: the reference (masks by cache slot, which fused
+    kernels do not take), or, with the cache split over the mesh's 'seq' axis, per shard merged by lse."""
+    if mesh is not None and mesh.shape["seq"] > 1:
+        return ring.decode_attention(mesh)
+    return reference.attention
+
+
 def for_mesh(cfg: LlamaConfig, mesh: Mesh | None) -> AttentionFn:
     """Ring attention over 'seq' when the mesh splits the sequence, else the per-device kernel, both for
     the mesh's platform (which may differ from the host's when compiling ahead of time for a TPU topology)."""

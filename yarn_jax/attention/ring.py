@@ -254,3 +254,28 @@ def device_work(kernel: BlockKernel, ring: int, device: int, layout: RingLayout 
         return _ring(kernel, _stay, ring, layout, jnp.int32(device), q, k, v, None, None, idx, idx)
 
     return work
+
+
+def decode_attention(mesh: Mesh, axis: str = "seq"):
+    """Attention of a few new queries (on every device of `axis`) to a KV cache split over `axis`, with the
+    signature of yarn_jax.attention: q [B, t, N, H]; k, v [B, S, K, H] (S split); segment ids / token
+    indices [B, t] and [B, S] by cache slot (the cache may be in the ring's order). Each device attends to
+    its own slots (the XLA block kernel, masks by token index); the partial (out, lse) merge through the
+    log-sum-exp after one all-gather of [B, t, N, H + 1] per device."""
+    q_spec = PartitionSpec(BATCH_AXES, None, HEAD_AXIS, None)
+    kv_spec = PartitionSpec(BATCH_AXES, axis, HEAD_AXIS, None)
+    q_ids, kv_ids = PartitionSpec(BATCH_AXES, None), PartitionSpec(BATCH_AXES, axis)
+
+    def local(q, k, v, q_seg, kv_seg, q_idx, kv_idx):
+        out, lse = block_xla.forward(q, k, v, Mask(True, q_seg, kv_seg, q_idx, kv_idx))  # this device's slots
+        both = jnp.concatenate([out.astype(jnp.float32), lse.transpose(0, 2, 1)[..., None]], axis=-1)
+        parts = jax.lax.all_gather(both, axis)  # [R, B, t, N, H + 1]
+        outs, lses = parts[..., :-1], parts[..., -1]
+        w = jnp.exp(lses - lses.max(axis=0))  # [R, B, t, N]: shards with no visible slot weigh 0
+        return (jnp.einsum("RBTN,RBTNH->BTNH", w, outs) / w.sum(axis=0)[..., None]).astype(q.dtype)
+
+    def attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx):
+        return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, q_ids, kv_ids, q_ids, kv_ids),
+                             out_specs=q_spec, check_vma=False)(q, k, v, q_seg, kv_seg, q_idx, kv_idx)
+
+    return attend

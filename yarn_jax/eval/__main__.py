@@ -126,6 +126,7 @@ def _tokenizer(args, cfgs):
 
 
 def _write(out: Path, name: str, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -140,7 +141,7 @@ def run_perplexity(args) -> list[dict]:
     from yarn_jax.eval import perplexity, plots
 
     lengths = args.lengths
-    out = cli.writable_dir(args.out, "--out")  # before the evaluation whose results it holds
+    out = cli.check_writable(args.out, "--out")  # before the evaluation whose results it holds
     variants, mesh = models(args)
     tok = _tokenizer(args, [c for _, c, _ in variants])
     texts = data.read_documents(tuple(args.data), args.format, args.field)
@@ -170,7 +171,7 @@ def run_passkey(args) -> list[dict]:
     from yarn_jax.eval import passkey, plots
 
     lengths = args.lengths
-    out = cli.writable_dir(args.out, "--out")
+    out = cli.check_writable(args.out, "--out")
     variants, mesh = models(args)
     tok = _tokenizer(args, [c for _, c, _ in variants])
     trial_list = passkey.trials(tok.encode, tok.bos_id(), lengths, args.trials, args.seed)
@@ -191,11 +192,9 @@ def run_passkey(args) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    run = run_perplexity if args.command == "perplexity" else run_passkey
-
     def job() -> int:
-        run(args)
+        args = _parser().parse_args(argv)  # inside cli.run: argparse's refusal is a return status too
+        (run_perplexity if args.command == "perplexity" else run_passkey)(args)
         return 0
 
     return cli.run(job)
