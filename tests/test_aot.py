@@ -137,3 +137,12 @@ def test_paper_configs_step_flops_agree_with_the_analytic_count(name, topology):
     cfg, _, traced = aot.trace_step(config, mesh)
     fl = aot.step_flops(config, mesh, cfg, traced)
     assert 0.85 < fl["flops"] / fl["analytic_flops"] < 1.15, fl
+
+
+def test_generation_steps_compile_with_the_cache_split_over_seq(capsys):
+    rc = aot.main(["--config", str(ROOT / "configs/tiny.py"), "--topology", "v4-8", "--generate",
+                   "--config.mesh.seq=4", "--config.data.seq_len=1024"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "mesh {'data': 1, 'fsdp': 1, 'seq': 4, 'tensor': 1}" in out and "KV cache (bf16, split over seq)" in out
+    assert "prefill program" in out and "decode step program" in out and "fits with" in out

@@ -48,3 +48,14 @@ def test_attention_bench_times_a_ring_devices_work_and_checks_the_ring_against_t
     assert [(r["ring"], r["device"]) for r in result["rows"]] == [(2, "single"), (2, 0), (2, 1), (4, "single"),
                                                                   (4, 0), (4, 3)]
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in result["rows"])
+
+
+def test_generate_bench_times_both_sides(tmp_path):
+    from yarn_jax.bench import generate_bench
+
+    out = tmp_path / "gen.json"
+    assert generate_bench.main(["--config", "configs/tiny.py", "--prompt", "64", "--new", "2", "--peer", "hf-torch",
+                                "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["hf-torch", "yarn_jax"]
+    assert all(r["prefill_s"] > 0 and r["decode_s"] > 0 for r in rows), rows

@@ -37,7 +37,7 @@ def _cli(workdir, cache, *overrides, env=None):
     cfg = tiny_run_config(cache)
     args = [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}" for k, v in [
         ("data.sources", cfg.data.sources), ("data.cache_dir", cfg.data.cache_dir)]]
-    shape = [f"--config.model.{k}={v}" for k, v in cfg.model.items() if k not in ("preset",)]
+    shape = [f"--config.model.{k}={v}" for k, v in cfg.model.items() if k != "preset" and v is not None]
     shape += [f"--config.data.{k}={cfg.data[k]}" for k in ("tokenizer_vocab", "seq_len", "batch_size", "skip_docs")]
     shape += [f"--config.train.loss_chunk={cfg.train.loss_chunk}", "--config.rope.original_max_position_embeddings=32"]
     shape += [f"--config.mesh.{k}={v}" for k, v in cfg.mesh.items()]

@@ -219,6 +219,49 @@ def report(config: Any, topology: str, num_slices: int = 1) -> tuple[dict[str, f
     return figures, lines
 
 
+def generation_report(config: Any, topology: str, new_tokens: int = 64) -> tuple[dict[str, float], list[str]]:
+    """The passkey / generation steps of `config`'s model for `topology`, compiled: one prompt of
+    data.seq_len tokens (batch 1) prefilled with ring attention into a bf16 KV cache split over the mesh's
+    seq axis, then one decode step (`generate.step`, as `generate` runs them), parameters in bf16.
+    (figures, lines): per-chip memory of each program and the fit verdict."""
+    from yarn_jax import generate
+    from yarn_jax.llama import init_params, param_shardings
+    from yarn_jax.run_config import model_config
+
+    chip, chips, devices = topology_devices(topology)
+    mesh = sharding.make_mesh(**dict(config.mesh), devices=devices)
+    cfg, _ = model_config(config)
+    cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16", remat="none")
+    t0 = config.data.seq_len
+    length = generate.cache_length(t0 + new_tokens, mesh.shape["seq"])
+    sharding.check_batch(mesh, 1, length)
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))), param_shardings(cfg, mesh))
+    kv = sharding.logical_sharding(mesh, ("layers", "batch", "seq", "kv_heads", "head_dim"))
+    shape = (cfg.num_layers, 1, length, cfg.num_kv_heads, cfg.head_dim)
+    cache = (jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=kv),) * 2
+    freqs = generate.frequencies(cfg, t0)
+    per_chip, rows = len(devices) // chips, {}
+    with sharding.rules_context(mesh):
+        for name, t in (("prefill", length), ("decode", 1)):
+            tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
+            compiled = generate.step.lower(cfg, params, cache, tokens, jnp.int32(0), freqs, jnp.int32(t0 - 1),
+                                           mesh).compile()
+            rows[name] = program_bytes(compiled) * per_chip / 2**30
+    cache_gib = 2 * math.prod(shape) * 2 / chips / 2**30
+    worst = max(rows.values())
+    figures = {"prefill_gib": rows["prefill"], "decode_gib": rows["decode"], "cache_gib": cache_gib,
+               "hbm_gib": chip.hbm_bytes / 2**30, "headroom": 1 - worst * 2**30 / chip.hbm_bytes}
+    lines = [f"{topology} ({chips} chips, mesh {dict(mesh.shape)}): generation from a {t0:,}-token prompt, "
+             f"cache of {length:,} slots, {cfg.num_params():,} bf16 parameters",
+             "| per chip | GiB |", "|---|---|",
+             f"| KV cache (bf16, split over seq) | {cache_gib:.2f} |",
+             f"| prefill program (parameters + cache + temporaries) | {rows['prefill']:.2f} |",
+             f"| decode step program | {rows['decode']:.2f} |",
+             f"| HBM | {figures['hbm_gib']:.0f} |"]
+    return figures, lines
+
+
 class DoesNotFitError(ValueError):
     """The step needs more memory than the chips have."""
 
@@ -239,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-slices", type=cli.count(1), default=1)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="the old spelling of --config.KEY=VALUE (kept for one release)")
+    p.add_argument("--generate", action="store_true",
+                   help="compile the passkey / generation steps instead (a data.seq_len prompt, batch 1)")
     overrides, rest = run_config.split_overrides(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a compile for a topology runs on this host's CPU
     return cli.run(lambda: _run(p.parse_args(rest), overrides))
@@ -246,6 +291,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(a, overrides: list[str]) -> int:
     overrides = a.set + overrides
+    if a.generate:
+        figures, lines = generation_report(run_config.load(a.config, overrides), a.topology)
+        print("\n".join(lines))
+        if figures["headroom"] < 0:
+            print(f"DOES NOT FIT: {(1 - figures['headroom']) * figures['hbm_gib']:.1f} GiB per chip > "
+                  f"{figures['hbm_gib']:.0f} GiB HBM; use a larger ring (mesh.seq)", file=sys.stderr)
+            return 1
+        print(f"fits with {figures['headroom']:.0%} HBM headroom")
+        return 0
     try:
         figures, lines = report(run_config.load(a.config, overrides), a.topology, a.num_slices)
     except DoesNotFitError as e:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import sys
 from typing import Any
 
@@ -29,6 +30,13 @@ from yarn_jax.config import LlamaConfig
 from yarn_jax.llama import Llama, model, param_shardings
 
 CACHE_BUCKET = 256  # cache lengths round up to a multiple: prompts of similar length share compilations
+
+
+def cache_length(tokens: int, ring: int = 1) -> int:
+    """Cache slots for `tokens`: a multiple of CACHE_BUCKET and, split over a ring of R devices, of
+    2R x 128, so that each device's two ring chunks are whole 128-token tiles of the fused kernels."""
+    bucket = math.lcm(CACHE_BUCKET, 2 * ring * 128) if ring > 1 else CACHE_BUCKET
+    return -(-tokens // bucket) * bucket
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> tuple[jax.Array, jax.Array]:
@@ -89,7 +97,7 @@ def generate(cfg: LlamaConfig, params: Any, prompt: np.ndarray, max_new: int, *,
     prompt = np.asarray(prompt, np.int32)
     b, t0 = prompt.shape
     scale_len = lambda n: -(-n // dynamic_bucket) * dynamic_bucket  # noqa: E731
-    cache = init_cache(cfg, b, -(-(t0 + max_new) // CACHE_BUCKET) * CACHE_BUCKET)
+    cache = init_cache(cfg, b, cache_length(t0 + max_new, 1 if mesh is None else mesh.shape["seq"]))
     # `step` takes the frequencies as an argument, so the scaling method need not key its compilation:
     # every RoPE variant of one model shape shares the compiled prefill and decode steps.
     net_cfg = cfg.replace(rope_scaling=rope_lib.Default())

@@ -17,7 +17,12 @@ import jax.numpy as jnp
 from yarn_jax.attention.block import Mask
 
 SUPPORTED_JAX = ("0.10.",)
-_BLOCK = 512
+
+
+def _block(n: int) -> int:
+    """The largest of splash's usual tiles (512, 256, 128 tokens) that divides a block of `n` tokens; a
+    length that none divides is one tile (splash refuses it if its layout cannot take it)."""
+    return next((b for b in (512, 256, 128) if n % b == 0), n)
 
 
 def _lib():
@@ -44,7 +49,7 @@ class Kernel:
 
     def _kernel(self, t: int, s: int, g: int, causal: bool):
         kernel_lib, mask_lib = _lib()
-        bq, bkv = min(_BLOCK, t), min(_BLOCK, s)
+        bq, bkv = _block(t), _block(s)
         # the fused backward: dq, dk, dv from one pass over the blocks (5 matmuls per block pair; the separate
         # dq and dkv kernels recompute the scores and dP twice: 8)
         sizes = kernel_lib.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
