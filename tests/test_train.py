@@ -107,6 +107,25 @@ def test_a_lost_tokenizer_cache_does_not_block_the_resume(cache, straight, tmp_p
     assert losses(tmp_path / "run") == straight
 
 
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(cache, tmp_path, capsys):
+    import errno
+
+    run = train.Run(tiny_run_config(cache, steps=4, save_every=2), str(tmp_path))
+    save = run.save
+
+    def full_at_4(step, **kw):
+        if step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "checkpoints" / "4"))
+        save(step, **kw)
+
+    run.save = full_at_4
+    assert cli.run(run.train) == 1
+    err = capsys.readouterr().err
+    assert "error: " in err and "saving a checkpoint failed (no space left on device)" in err, err
+    assert "the newest complete checkpoint is step 2" in err and "Traceback" not in err
+    assert int(train.Run(tiny_run_config(cache, steps=4, save_every=2), str(tmp_path)).state.step) == 2
+
+
 def test_keep_0_keeps_every_checkpoint(cache, tmp_path):
     train.Run(tiny_run_config(cache, steps=4, save_every=1, keep=0), str(tmp_path)).train()
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2, 3, 4]

@@ -17,6 +17,7 @@ state; a second trainer on a work directory in use is refused (WORKDIR/.lock).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -193,7 +194,9 @@ class Run:
         except Exception as e:  # noqa: BLE001  Orbax and TensorStore raise ValueError / RuntimeError / OSError
             text = cli.one_line(str(e))
             reason = "no space left on device" if ("No space left" in text or "ENOSPC" in text) else text[:300]
-            good = [s for s in self.manager.all_steps() if (self.workdir / "checkpoints" / str(s)).is_dir()]
+            with contextlib.suppress(Exception):  # let the saves begun before this one finish, if they can
+                self.manager.wait_until_finished()
+            good = [s for s in self.manager.all_steps(read=True) if (self.workdir / "checkpoints" / str(s)).is_dir()]
             raise cli.RunError(f"{self.workdir / 'checkpoints'}: saving a checkpoint failed ({reason}); the newest "
                                f"complete checkpoint is step {max(good) if good else 'none'}") from None
 
