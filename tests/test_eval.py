@@ -54,13 +54,42 @@ def test_perplexity_equals_transformers(model_dir, stride):
     rng = np.random.default_rng(0)
     docs = [np.concatenate([[1], rng.integers(3, 512, n - 1)]).astype(np.int32) for n in (150, 97, 64, 40)]
     length = 64
-    got = perplexity.evaluate(cfg, params, docs, length, stride=stride, batch_size=3)
+    got = perplexity.evaluate(cfg, params, docs, length, stride=stride, batch_size=3, protocol=perplexity.Protocol.HF)
     nll = count = 0
     for doc in (d_ for d_ in docs if len(d_) >= length):
         t, c = _hf_nll(model, doc if stride else doc[:length], length, stride)
         nll, count = nll + t, count + c
     assert got["docs"] == 3 and got["tokens"] == count
     assert got["perplexity"] == pytest.approx(np.exp(nll / count), rel=1e-5)
+
+
+@pytest.mark.parametrize("stride", [16, 63], ids=["overlapping", "adjacent"])
+def test_yarn_protocol_equals_the_authors_loop(model_dir, stride):
+    """The paper's protocol against a plain re-write of the authors' loop on the transformers model: BOS in
+    front of every window, exp of the mean of window means, every document taking part."""
+    from tests.reference import yarn_eval
+
+    d, model = model_dir
+    cfg, params = convert.load_hf(d, dtype="float32")
+    rng = np.random.default_rng(1)
+    docs = [np.concatenate([[1], rng.integers(3, 512, n - 1)]).astype(np.int32) for n in (150, 97, 64, 40)]
+    got = perplexity.evaluate(cfg, params, docs, 64, stride=stride, batch_size=3)  # the default: YARN
+    want = yarn_eval.sliding_window_perplexity(model, [list(x[1:]) for x in docs], 1, 64, stride)
+    assert got["docs"] == 4 and got["tokens"] == sum(len(x) - 1 for x in docs)
+    assert got["perplexity"] == pytest.approx(want, rel=1e-5)
+
+
+def test_passkey_prompt_is_the_authors():
+    from tests.reference import yarn_eval
+
+    for chars, prefix, key in [(0, 0, 1), (100, 37, 50000), (5000, 4999, 12345), (150_000, 1000, 7)]:
+        assert passkey.yarn_text(chars, prefix, key) == yarn_eval.passkey_prompt(chars, prefix, key)
+    tok = WordTokenizer()
+    trial_list = passkey.trials(tok.encode, 1, [200, 400], 40, seed=3)
+    assert all(len(t.prompt) <= t.length for t in trial_list)
+    assert len(trial_list[-1].prompt) > 0.9 * 400  # filled close to the length
+    assert all(1 <= t.key <= 50000 for t in trial_list) and len({t.key for t in trial_list}) > 30
+    assert passkey.ANSWER_TOKENS == 10
 
 
 def test_windows_score_every_token_once():
@@ -97,7 +126,7 @@ class WordTokenizer:
 
 def test_passkey_scorer_and_depths():
     tok = WordTokenizer()
-    trial_list = passkey.trials(tok.encode, 1, [200, 400], 300, seed=1)
+    trial_list = passkey.trials(tok.encode, 1, [200, 400], 300, seed=1, protocol=passkey.Protocol.SENTENCES)
     knows = lambda p: " " + re.search(r"pass key is (\d+)", tok.decode(p)).group(1) + ". Done."  # noqa: E731
     always = passkey.score(trial_list, knows)
     never = passkey.score(trial_list, lambda p: " I do not know.")

@@ -239,15 +239,17 @@ def run_seed(out: Path, seed: int, tokenizer: str, opts: Options = Options(), sy
     labels.update({m: f"{METHODS[m]} s=8 (fine-tuned)" for m in METHODS})
     base_args = ["--checkpoint", f"base={pre}", *[a for spec in no_ft.values() for a in ("--rope", spec)]]
     ft_args = [a for m in METHODS for a in ("--checkpoint", f"{m}={root / f'finetune_{m}' / 'checkpoints'}")]
+    # transformers' protocol, as every table in docs/repro/ was computed (the paper's is eval's default now)
     ppl_args = [*common, *data, "--lengths", ",".join(map(str, lengths)), "--sliding-window", str(ev["stride"]),
-                "--min-doc-tokens", str(lengths[-1]), "--batch-size", str(ev["batch_size"])]
+                "--min-doc-tokens", str(lengths[-1]), "--batch-size", str(ev["batch_size"]), "--protocol", "hf"]
     t0 = time.perf_counter()
     ppl = [{**r, "model": labels[r["model"]]} for args in (base_args, ft_args)
            for r in _eval("perplexity", root / f"perplexity_{args[1].split('=')[0]}", [*args, *ppl_args])]
     timings["perplexity_s"] = time.perf_counter() - t0
     pk_lengths = [n for n in lengths if n >= ev["passkey_min_length"]]
+    # the prompt the synthetic training documents use (one line of whole sentences), not the paper's
     pk_args = [*common, "--lengths", ",".join(map(str, pk_lengths)), "--trials", str(ev["trials"]),
-               "--seed", str(seed)]
+               "--seed", str(seed), "--protocol", "sentences"]
     t0 = time.perf_counter()
     pk = [{**r, "model": labels[r["model"]]} for args in (base_args, ft_args)
           for r in _eval("passkey", root / f"passkey_{args[1].split('=')[0]}", [*args, *pk_args])]

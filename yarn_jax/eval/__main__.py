@@ -39,10 +39,16 @@ def _parser() -> argparse.ArgumentParser:
     ppl.add_argument("--field", default="text")
     ppl.add_argument("--sliding-window", type=cli.count(1), default=256, help="stride S of the sliding window")
     ppl.add_argument("--truncate", action="store_true", help="score each document cut to the length instead")
+    ppl.add_argument("--protocol", choices=["yarn", "hf"], default="yarn",
+                     help="yarn: the paper's code (BOS + length-1 tokens per window, exp of the mean of window "
+                          "means); hf: transformers' (BOS once per document, exp of total NLL / tokens)")
     ppl.add_argument("--docs", type=cli.count(0), default=0, help="use the first N documents (0: all)")
     ppl.add_argument("--min-doc-tokens", type=cli.count(0), default=0)
     pk = sub.choices["passkey"]
     pk.add_argument("--trials", type=cli.count(1), default=10)
+    pk.add_argument("--protocol", choices=["yarn", "sentences"], default="yarn",
+                    help="yarn: the paper's prompt (five lines, filler cut by characters, keys 1..50000); "
+                         "sentences: one line of whole filler sentences, 5-digit keys")
     pk.add_argument("--seed", type=int, default=0)
     pk.add_argument("--depth-bins", type=cli.count(1), default=5)
     return p
@@ -148,16 +154,18 @@ def run_perplexity(args) -> list[dict]:
     texts = texts[:args.docs] if args.docs else texts
     docs = [np.asarray([tok.bos_id(), *tok.encode(t)], np.int32) for t in texts]
     stride = None if args.truncate else args.sliding_window
+    protocol = perplexity.Protocol(args.protocol)
     for n in lengths:  # fail before any model runs
-        perplexity.plan(docs, n, stride, args.min_doc_tokens)
+        perplexity.plan(docs, n, stride, args.min_doc_tokens, protocol)
     rows = []
-    total = sum(len(perplexity.plan(docs, n, stride, args.min_doc_tokens)) for n in lengths) * len(variants)
+    total = sum(len(perplexity.plan(docs, n, stride, args.min_doc_tokens, protocol)) for n in lengths) * len(variants)
     with tqdm(total=total, desc="windows", dynamic_ncols=True) as bar:
         for label, cfg, params in variants:
             for n in lengths:
                 r = perplexity.evaluate(cfg, params, docs, n, stride=stride, min_doc_tokens=args.min_doc_tokens,
-                                        batch_size=args.batch_size, mesh=mesh, progress=bar)
-                rows.append({"model": label, "length": n, **r})
+                                        batch_size=args.batch_size, mesh=mesh, progress=bar, protocol=protocol)
+                rows.append({"model": label, "length": n, **r, "protocol": "truncate" if args.truncate
+                             else protocol.value})
                 bar.write(f"{label} @ {n}: perplexity {r['perplexity']:.4f} over {int(r['tokens'])} tokens")
     _write(out, "perplexity", rows)
     plots.perplexity(rows, out / "perplexity.png", "truncated" if args.truncate else f"stride {args.sliding_window}")
@@ -174,12 +182,14 @@ def run_passkey(args) -> list[dict]:
     out = cli.check_writable(args.out, "--out")
     variants, mesh = models(args)
     tok = _tokenizer(args, [c for _, c, _ in variants])
-    trial_list = passkey.trials(tok.encode, tok.bos_id(), lengths, args.trials, args.seed)
+    trial_list = passkey.trials(tok.encode, tok.bos_id(), lengths, args.trials, args.seed,
+                                passkey.Protocol(args.protocol))
     rows = []
     with tqdm(total=len(trial_list) * len(variants), desc="passkey", dynamic_ncols=True) as bar:
         for label, cfg, params in variants:
             def answer(prompt, cfg=cfg, params=params):
-                out = generate.generate(cfg, params, prompt[None], 8, eos_id=tok.eos_id(), mesh=mesh)
+                out = generate.generate(cfg, params, prompt[None], passkey.ANSWER_TOKENS, eos_id=tok.eos_id(),
+                                        mesh=mesh)
                 return tok.decode([int(x) for x in out[0, len(prompt):]])
 
             rows += [{"model": label, **r} for r in passkey.score(trial_list, answer, bar)]

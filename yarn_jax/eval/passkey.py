@@ -1,17 +1,30 @@
-"""Passkey retrieval (the paper's section 4.3, after Mohtashami & Jaggi): a random 5-digit key hidden at a
-uniformly random depth of filler text; the model greedily continues "The pass key is" and the first
-integer it writes is compared with the key."""
+"""Passkey retrieval (the paper's section 4.3, after Mohtashami & Jaggi): a random key hidden at a
+uniformly random depth of filler text; the model greedily continues "The pass key is" (ANSWER_TOKENS
+tokens) and the first integer it writes is compared with the key.
+
+Two prompts (`Protocol`):
+  - YARN (the default), as the authors' `eval/passkey.py` (jquesnelle/yarn) builds it: task, filler,
+    key line, filler, question on five lines; the filler is cut at a character count (mid-word), its
+    prefix drawn uniformly; keys 1..50000; the character count is the largest multiple of 25 whose prompt
+    fits the length in tokens (BOS included).
+  - SENTENCES (this project's first prompt): one line, whole filler sentences, 5-digit keys.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+ANSWER_TOKENS = 10  # what the authors' harness generates
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
         "I will quiz you about the important information there.")
+YARN_TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+             "I will quiz you about the important information there.")
+CHAR_STEP = 25  # the authors' length step, in filler characters
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 QUESTION = "What is the pass key? The pass key is"
 
@@ -40,13 +53,57 @@ def make_prompt(encode: Callable[[str], list[int]], bos: int, length: int, depth
     return np.asarray([bos, *encode(" ".join(parts))], np.int32)
 
 
-def trials(encode: Callable[[str], list[int]], bos: int, lengths: Sequence[int], n: int, seed: int = 0) -> list[Trial]:
+class Protocol(enum.Enum):
+    YARN = "yarn"
+    SENTENCES = "sentences"
+
+
+def yarn_text(chars: int, prefix: int, key: int) -> str:
+    """The authors' prompt: `chars` characters of filler, `prefix` of them before the key line."""
+    filler = " ".join([FILLER] * (chars // (len(FILLER) + 1) + 2))  # the authors join 2000: the same text
+    return "\n".join([YARN_TASK, filler[:prefix], key_line(key), filler[:chars - prefix], QUESTION])
+
+
+def _yarn_chars(encode: Callable[[str], list[int]], length: int) -> int:
+    """The largest multiple of CHAR_STEP characters of filler whose prompt (BOS + text, the key line at the
+    middle) has at most `length` tokens."""
+    fits = lambda c: len(encode(yarn_text(c, c // 2, 50000))) + 1 <= length  # noqa: E731
+    if not fits(0):
+        raise ValueError(f"--lengths: {length} tokens cannot hold the passkey task")
+    lo, hi = 0, CHAR_STEP
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > CHAR_STEP:  # fits(lo), not fits(hi)
+        mid = (lo + hi) // (2 * CHAR_STEP) * CHAR_STEP
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def yarn_prompt(encode: Callable[[str], list[int]], bos: int, length: int, chars: int, depth: float,
+                key: int) -> np.ndarray:
+    """BOS + the authors' prompt with `chars` of filler (fewer, by CHAR_STEP, while it is over `length`)."""
+    while True:
+        ids = [bos, *encode(yarn_text(chars, int(depth * chars), key))]
+        if len(ids) <= length or chars == 0:
+            return np.asarray(ids, np.int32)
+        chars -= CHAR_STEP
+
+
+def trials(encode: Callable[[str], list[int]], bos: int, lengths: Sequence[int], n: int, seed: int = 0,
+           protocol: Protocol = Protocol.YARN) -> list[Trial]:
     rng = np.random.default_rng(seed)
     out = []
     for length in lengths:
+        chars = _yarn_chars(encode, length) if protocol is Protocol.YARN else 0
         for _ in range(n):
-            depth, key = float(rng.uniform()), int(rng.integers(10000, 100000))
-            out.append(Trial(length, depth, key, make_prompt(encode, bos, length, depth, key)))
+            depth = float(rng.uniform())
+            if protocol is Protocol.YARN:
+                key = int(rng.integers(1, 50001))
+                prompt = yarn_prompt(encode, bos, length, chars, depth, key)
+            else:
+                key = int(rng.integers(10000, 100000))
+                prompt = make_prompt(encode, bos, length, depth, key)
+            out.append(Trial(length, depth, key, prompt))
     return out
 
 

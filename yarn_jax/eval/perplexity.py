@@ -1,15 +1,21 @@
-"""Perplexity as a function of context length, by the paper's protocol.
+"""Perplexity as a function of context length: the YaRN paper's protocol, or transformers'.
 
-Sliding window (Press et al.; transformers' recipe, which the YaRN paper used): windows of `length` tokens
-advance by `stride`; each window scores only the tokens no earlier window scored, so every token is scored
-once, with up to `length` tokens of context. Documents start with BOS (never scored). `truncate` mode
-scores each document cut to `length` tokens in one window, as the original YaRN eval did. A document takes
-part at a length only if it has at least that many tokens (and at least `min_doc_tokens`).
+Both slide windows (Press et al.) advancing by `stride`, each scoring only the tokens no earlier window
+scored, so every token is scored once. They differ in where BOS goes and how windows are averaged:
+  - `Protocol.YARN` (the default; the authors' `eval/perplexity.py`, jquesnelle/yarn): every window is BOS +
+    up to length - 1 tokens of text; the result is exp of the mean over all windows (of every document) of
+    each window's mean NLL. Every document with at least `min_doc_tokens` tokens takes part, at every length.
+  - `Protocol.HF` (transformers' perplexity guide): the document starts with BOS once, windows hold up to
+    `length` of its tokens; the result is exp(total NLL / scored tokens); a document takes part at a
+    length only if it has that many tokens (and `min_doc_tokens`).
+`truncate` (stride None) scores each document cut to `length` tokens (BOS + length - 1 of text) in one
+window; there the two protocols agree.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import math
 from typing import Any
@@ -23,12 +29,18 @@ from yarn_jax import sharding, train_step
 from yarn_jax.config import LlamaConfig
 
 
+class Protocol(enum.Enum):
+    YARN = "yarn"
+    HF = "hf"
+
+
 @dataclasses.dataclass(frozen=True)
 class Window:
     doc: int
-    begin: int  # first token of the window (absolute)
+    begin: int  # first token of the window (absolute, in the document with its BOS at 0)
     end: int  # one past its last token
     first_scored: int  # first token (absolute) this window scores
+    bos: bool = False  # BOS is prepended to the window (the YaRN protocol)
 
 
 def windows(n: int, length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -45,13 +57,34 @@ def windows(n: int, length: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def plan(docs: list[np.ndarray], length: int, stride: int | None, min_doc_tokens: int = 0) -> list[Window]:
-    """The windows at one length; stride None: truncate mode (each document cut to `length`)."""
+def yarn_windows(n: int, length: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first_scored) of each window over an n-token document whose token 0 is BOS: windows
+    of up to length - 1 text tokens (BOS goes in front of each), as the authors' loop slides them."""
+    if stride < 1:
+        raise ValueError(f"--sliding-window: expected a positive stride, got {stride}")
+    out, prev_end, text = [], 0, n - 1
+    for begin in range(0, text, stride):
+        end = min(begin + length - 1, text)
+        out.append((begin + 1, end + 1, max(prev_end, begin) + 1))  # in document coordinates (BOS at 0)
+        prev_end = end
+        if end == text:
+            break
+    return out
+
+
+def plan(docs: list[np.ndarray], length: int, stride: int | None, min_doc_tokens: int = 0,
+         protocol: Protocol = Protocol.YARN) -> list[Window]:
+    """The windows at one length; stride None: truncate mode (each document cut to `length`). Some document
+    must have `length` tokens (else the length measures nothing); the YARN protocol then scores every
+    document with at least `min_doc_tokens`, the HF protocol those with at least `length` too."""
     eligible = [i for i, d in enumerate(docs) if len(d) >= max(length, min_doc_tokens)]
     if not eligible:
         longest = max((len(d) for d in docs), default=0)
         raise ValueError(f"--lengths: no document has {max(length, min_doc_tokens)} tokens (the longest has "
                          f"{longest}); drop length {length} or add longer documents")
+    if protocol is Protocol.YARN and stride is not None:
+        every = [i for i, d in enumerate(docs) if len(d) >= max(2, min_doc_tokens)]
+        return [Window(i, *w, bos=True) for i in every for w in yarn_windows(len(docs[i]), length, stride)]
     if stride is None:
         return [Window(i, 0, length, 1) for i in eligible]
     return [Window(i, *w) for i in eligible for w in windows(len(docs[i]), length, stride)]
@@ -64,19 +97,25 @@ def _nll(cfg: LlamaConfig, mesh: Mesh | None, chunk: int, params: Any, batch: di
 
 def evaluate(cfg: LlamaConfig, params: Any, docs: list[np.ndarray], length: int, *, stride: int | None = 256,
              min_doc_tokens: int = 0, batch_size: int = 1, mesh: Mesh | None = None, chunk: int = 2048,
-             progress: Any = None) -> dict[str, float]:
-    """{'perplexity', 'nll', 'tokens', 'docs'} at one context length; dynamic methods scale to `length`."""
-    ws = plan(docs, length, stride, min_doc_tokens)
-    total, count = 0.0, 0.0
+             progress: Any = None, protocol: Protocol = Protocol.YARN) -> dict[str, float]:
+    """{'perplexity', 'nll', 'tokens', 'docs'} at one context length (docs: token ids, BOS first); dynamic
+    methods scale to `length`. See the module docstring for the protocols."""
+    ws = plan(docs, length, stride, min_doc_tokens, protocol)
+    total, count, scored = 0.0, 0.0, 0
     chunk = math.gcd(chunk, length)
+    by_window = protocol is Protocol.YARN
     for i in range(0, len(ws), batch_size):
         group = ws[i:i + batch_size]
         tokens = np.zeros((batch_size, length), np.int32)
         weights = np.zeros((batch_size, length), np.float32)
         for row, w in enumerate(group):
-            tokens[row, :w.end - w.begin] = docs[w.doc][w.begin:w.end]
-            # the prediction at window index j scores token j + 1
-            weights[row, w.first_scored - w.begin - 1:w.end - w.begin - 1] = 1.0
+            head = [docs[w.doc][0]] if w.bos else []
+            offset = len(head) - w.begin  # window index of document token p: p + offset
+            tokens[row, :len(head) + w.end - w.begin] = [*head, *docs[w.doc][w.begin:w.end]]
+            # the prediction at window index j scores token j + 1; a window's mean NLL: weights 1 / its count
+            n = w.end - w.first_scored
+            weights[row, w.first_scored + offset - 1:w.end + offset - 1] = 1.0 / n if by_window else 1.0
+            scored += n
         batch = {"tokens": tokens, "positions": np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape),
                  "segment_ids": np.ones_like(tokens), "weights": weights}
         if mesh is not None:
@@ -85,5 +124,5 @@ def evaluate(cfg: LlamaConfig, params: Any, docs: list[np.ndarray], length: int,
         total, count = total + float(nll), count + float(n)
         if progress is not None:
             progress.update(len(group))
-    return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count,
+    return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": scored,
             "docs": len({w.doc for w in ws})}
