@@ -21,7 +21,6 @@ over the chips' peak bf16 FLOP/s.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import sys
@@ -35,39 +34,7 @@ from jax.sharding import Mesh
 from yarn_jax import cli, hlo, run_config, sharding, train_step
 from yarn_jax.attention import ring
 from yarn_jax.config import LlamaConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    kind: str
-    peak_flops: float  # bf16 FLOP/s per chip
-    hbm_bytes: float
-    cores_in_name: bool  # Cloud names count TensorCores (v4-8 = 4 chips) rather than chips
-
-
-CHIPS = {
-    "v4": Chip("v4", 275e12, 32 * 2**30, True),
-    "v5p": Chip("v5p", 459e12, 95 * 2**30, True),
-    "v5e": Chip("v5e", 197e12, 16 * 2**30, False),
-    "v6e": Chip("v6e", 918e12, 32 * 2**30, False),
-}
-_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8"}
-_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-
-
-def parse_topology(name: str) -> tuple[Chip, int, str]:
-    """'v4-128' -> (chip, number of chips, jax topology name 'v4:4x4x4')."""
-    kind, _, count = name.replace("v5litepod", "v5e").partition("-")
-    if kind not in CHIPS or not count.isdigit():
-        raise ValueError(f"--topology: expected one of {sorted(CHIPS)} followed by -N (e.g. v4-64, v5e-16), "
-                         f"got {name!r}")
-    chip = CHIPS[kind]
-    chips = int(count) // 2 if chip.cores_in_name else int(count)
-    shapes = _3D if chip.cores_in_name else _2D
-    if chips not in shapes:
-        sizes = sorted(n * 2 if chip.cores_in_name else n for n in shapes)
-        raise ValueError(f"--topology: {name} is not a {kind} slice this tool knows; sizes: {sizes}")
-    return chip, chips, f"{kind}:{shapes[chips]}"
+from yarn_jax.hardware import Chip, parse_topology
 
 
 def topology_devices(name: str, num_slices: int = 1) -> tuple[Chip, int, list[Any]]:

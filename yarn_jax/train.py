@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from yarn_jax import checkpoint, cli, data, sharding, workdir
+from yarn_jax import checkpoint, cli, data, hardware, sharding, workdir
 from yarn_jax import config as config_lib
 from yarn_jax import train_step as ts
 from yarn_jax.run_config import model_config, validate
@@ -214,7 +214,7 @@ class Run:
         previous = {sig: signal.signal(sig, lambda sig, _: self.__setattr__("stopped_by", sig))
                     for sig in (signal.SIGTERM, signal.SIGINT)}
         flops = ts.flops_per_token(cfg, self.dcfg.seq_len)
-        peak = ts.peak_flops(jax.devices()[0])
+        peak = hardware.peak_flops(jax.devices()[0])
         start = int(self.state.step)
         primary = jax.process_index() == 0
         if primary:

@@ -176,14 +176,6 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
     return 6.0 * cfg.num_params() + 6.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
 
 
-PEAK_FLOPS = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
-              "TPU v5": 459e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
-
-
-def peak_flops(device: Any) -> float | None:
-    return PEAK_FLOPS.get(device.device_kind)
-
-
 def batch_hash(tokens: np.ndarray) -> str:
     import hashlib
 

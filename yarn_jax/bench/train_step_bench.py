@@ -183,9 +183,9 @@ def main(argv: list[str]) -> int:
                     print(json.dumps(rows[-1]), flush=True)
     import jax
 
-    from yarn_jax import train_step
+    from yarn_jax import hardware
 
-    peak = train_step.peak_flops(jax.devices()[0])
+    peak = hardware.peak_flops(jax.devices()[0])
     for seq in seqs:
         for remat in a.remat.split(",") if a.remat else [""]:
             config = run_config.load(a.config, overrides + ([f"model.remat={remat}"] if remat else []))
