@@ -9,18 +9,18 @@ import pytest
 
 from tests.train_helpers import corpus as small_corpus
 from yarn_jax import config as config_lib
-from yarn_jax import data
+from yarn_jax import data, repro
 from yarn_jax import rope as rope_lib
 from yarn_jax.bench import reproduce
 from yarn_jax.eval import passkey
 
 
 def test_corpus_split_is_disjoint_and_held_out_documents_are_long():
-    train, held = reproduce.corpus()
+    train, held = repro.corpus()
     assert held and len(train) > 10 * len(held)
     assert not set(train) & set(held)
-    assert all(Path(f).stat().st_size >= reproduce.HELD_OUT_MIN_BYTES for f in held)
-    assert train == sorted(train) and reproduce.corpus() == (train, held)  # stable
+    assert all(Path(f).stat().st_size >= repro.HELD_OUT_MIN_BYTES for f in held)
+    assert train == sorted(train) and repro.corpus() == (train, held)  # stable
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def tokenizer(tmp_path_factory):
 
 
 def test_passkey_documents_fit_the_trained_length_and_answer_their_key(tokenizer, tmp_path):
-    paths = reproduce.passkey_documents(tmp_path, tokenizer, 512, n=40)
+    paths = repro.passkey_documents(tmp_path, tokenizer, 512, n=40)
     sp = data.load_tokenizer(tokenizer)
     lengths = []
     for path in paths:
@@ -39,15 +39,15 @@ def test_passkey_documents_fit_the_trained_length_and_answer_their_key(tokenizer
         assert text.count(passkey.key_line(key)) == 1
         lengths.append(len(sp.encode(text)) + 2)  # + BOS and EOS, as the pipeline adds them
     assert max(lengths) <= 512 and min(lengths) < max(lengths) - 150  # all fit; filler lengths vary
-    again = reproduce.passkey_documents(tmp_path / "again", tokenizer, 512, n=40)
+    again = repro.passkey_documents(tmp_path / "again", tokenizer, 512, n=40)
     assert [Path(p).read_text() for p in again] == [Path(p).read_text() for p in paths]  # fixed keys
     with pytest.raises(ValueError, match="data.seq_len"):
-        reproduce.passkey_documents(tmp_path / "short", tokenizer, 40, n=1)
+        repro.passkey_documents(tmp_path / "short", tokenizer, 40, n=1)
 
 
 @pytest.mark.parametrize("method", ["pi", "ntk", "yarn"])
 def test_finetune_scalings_extend_a_512_model_by_8(method):
-    rope = reproduce.finetune_rope(method, 512, 8)
+    rope = repro.finetune_rope(method, 512, 8)
     hf = config_lib.tiny(max_position_embeddings=512, head_dim=64).to_hf()
     hf["max_position_embeddings"] = rope.pop("max_position_embeddings")
     hf["rope_scaling"] = rope
@@ -57,7 +57,7 @@ def test_finetune_scalings_extend_a_512_model_by_8(method):
     scaled, _ = rope_lib.frequencies(cfg.rope, 4096, dtype=np.float64)
     assert np.all(scaled <= plain) and scaled[-1] < plain[-1] / 2  # the lowest frequency is interpolated
     with pytest.raises(ValueError, match="method"):
-        reproduce.finetune_rope("longrope", 512, 8)
+        repro.finetune_rope("longrope", 512, 8)
 
 
 def _results(seed: int, yarn_wins: bool) -> dict:

@@ -1,0 +1,74 @@
+"""The miniature reproduction's corpus, synthetic passkey documents and methods: what its configs
+(configs/repro/) and its runner (`python -m yarn_jax.bench reproduce`) share."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any
+
+FACTOR = 8
+METHODS = {"pi": "PI", "ntk": "NTK-aware", "yarn": "YaRN"}
+HELD_OUT_MIN_BYTES = 48_000  # held-out documents must outlast the longest evaluation length (2 x 4096 tokens)
+
+
+def corpus(root: str | None = None) -> tuple[list[str], list[str]]:
+    """(training files, held-out files): every *.py of at least 500 bytes in the standard library of the
+    running Python, recursively (site-packages excluded), sorted; held out: files of at least 48 kB whose
+    relative path hashes (CRC-32) to 0 mod 8."""
+    import sysconfig
+
+    base = Path(root or sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in base.rglob("*.py") if "site-packages" not in p.parts and p.stat().st_size >= 500)
+    held = [p for p in files if p.stat().st_size >= HELD_OUT_MIN_BYTES
+            and zlib.crc32(str(p.relative_to(base)).encode()) % 8 == 0]
+    held_set = set(held)
+    return [str(p) for p in files if p not in held_set], [str(p) for p in held]
+
+
+PASSKEY_DOCS = 3000  # synthetic passkey documents added to the training data, each within the trained length
+
+
+def passkey_documents(directory: Path, tokenizer: str, max_tokens: int, n: int = PASSKEY_DOCS) -> list[str]:
+    """Writes n short passkey documents (the evaluation's task text, filler, key line at a random depth,
+    question, then the answer) of at most `max_tokens` tokens, so that the base model can retrieve a key
+    at its own length; evaluation then asks it to do so at up to 16x that length (train short, test long).
+    Keys come from a fixed generator, so every seed trains on the same documents; returns their paths."""
+    import numpy as np
+
+    from yarn_jax import data
+    from yarn_jax.eval import passkey
+
+    sp = data.load_tokenizer(tokenizer)
+    fixed = len(sp.encode(" ".join([passkey.TASK, passkey.key_line(99999), passkey.QUESTION, "99999."]))) + 2
+    most = (max_tokens - fixed) // len(sp.encode(passkey.FILLER + " "))
+    if most < 1:
+        raise ValueError(f"data.seq_len: {max_tokens} tokens cannot hold a passkey document")
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1234)
+    paths = []
+    for i in range(n):
+        fill, key = int(rng.integers(1, most + 1)), int(rng.integers(10000, 100000))
+        at = int(rng.integers(0, fill + 1))
+        parts = [passkey.TASK, *[passkey.FILLER] * at, passkey.key_line(key), *[passkey.FILLER] * (fill - at),
+                 f"{passkey.QUESTION} {key}."]
+        path = directory / f"{i:05d}.txt"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(" ".join(parts))
+            tmp.replace(path)
+        paths.append(str(path))
+    return paths
+
+
+def finetune_rope(method: str, original: int, factor: float) -> dict[str, Any]:
+    """The run config's `rope` for extending a model trained at `original` tokens by `factor`."""
+    extended = int(original * factor)
+    if method == "pi":
+        return {"rope_type": "linear", "factor": factor, "max_position_embeddings": extended}
+    if method == "ntk":
+        return {"rope_type": "ntk", "alpha": factor, "max_position_embeddings": extended}
+    if method == "yarn":
+        return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original,
+                "max_position_embeddings": extended}
+    raise ValueError(f"method: expected one of {sorted(METHODS)}, got {method!r}")
