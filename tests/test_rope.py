@@ -140,15 +140,6 @@ def test_dynamic_yarn_matches_original_formula(finetuned, seq_len):
     np.testing.assert_allclose(factor, want_factor, rtol=ROPE_RTOL)
 
 
-def test_dynamic_yarn_traced_seq_len_equals_static():
-    rope = R.Rope(128, 1e4, 8192, R.DynamicYarn(4096, finetuned=True))
-    for seq_len in [100, 8192, 8193, 50000]:
-        inv, factor = jax.jit(lambda n: R.frequencies(rope, n))(jnp.int32(seq_len))
-        want_inv, want_factor = R.frequencies(rope, seq_len)
-        np.testing.assert_allclose(inv, want_inv, rtol=ROPE_RTOL)
-        np.testing.assert_allclose(factor, want_factor, rtol=ROPE_RTOL)
-
-
 def test_yarn_equals_finetuned_dynamic_yarn_at_its_own_scale():
     yarn = R.frequencies(R.Rope(128, 1e4, 65536, R.Yarn(16.0, 4096)), dtype=np.float64)
     dyn = R.frequencies(R.Rope(128, 1e4, 65536, R.DynamicYarn(4096, finetuned=True)), 1000, dtype=np.float64)

@@ -293,15 +293,13 @@ def scaling_to_dict(scaling: Scaling) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- frequencies
 
 
-def _mscale(s: Any, k: float = 1.0) -> Any:
-    """YaRN's sqrt(1/t) = 0.1 k ln s + 1 for s > 1, else 1 (works on floats and traced scalars)."""
-    if isinstance(s, jax.Array):
-        return jnp.where(s > 1, 0.1 * k * jnp.log(jnp.maximum(s, 1.0)) + 1.0, 1.0)
+def _mscale(s: float, k: float = 1.0) -> float:
+    """YaRN's sqrt(1/t) = 0.1 k ln s + 1 for s > 1, else 1."""
     return 0.1 * k * math.log(s) + 1.0 if s > 1 else 1.0
 
 
-def _plain(theta: Any, head_dim: int) -> Any:
-    """theta_i = b^(-2i/H), i < H/2, in float64 (or float32 when b is traced)."""
+def _plain(theta: float, head_dim: int) -> np.ndarray:
+    """theta_i = b^(-2i/H), i < H/2, in float64."""
     exponent = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
     return 1.0 / theta ** exponent
 
@@ -324,30 +322,21 @@ def yarn_ramp(head_dim: int, theta: float, original_length: int, beta_fast: floa
     return np.clip((np.arange(head_dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
 
 
-def _by_parts(inv_freq: np.ndarray, s: Any, ramp: np.ndarray) -> Any:
+def _by_parts(inv_freq: np.ndarray, s: float, ramp: np.ndarray) -> np.ndarray:
     """inv_freq_i = (theta_i / s) ramp_i + theta_i (1 - ramp_i) (paper eq. 18)."""
     return inv_freq / s * ramp + inv_freq * (1.0 - ramp)
 
 
-def _as_length(seq_len: Any) -> Any:
-    return seq_len if isinstance(seq_len, jax.Array) else int(seq_len)
-
-
-def _maximum(a: Any, b: Any) -> Any:
-    return jnp.maximum(a, b) if isinstance(a, jax.Array) else max(a, b)
-
-
-def frequencies(rope: Rope, seq_len: Any = None, *, dtype: Any = np.float32) -> tuple[Any, Any]:
+def frequencies(rope: Rope, seq_len: int | None = None, *, dtype: Any = np.float32) -> tuple[np.ndarray, float]:
     """(inv_freq [H/2], attention_factor) for `rope` at current length `seq_len`.
 
-    seq_len only matters for `dynamic`, `dynamic_yarn` and `longrope` (None = not yet extended).
-    With a Python seq_len the result is a numpy array of `dtype` (use float64 for the model: `cos_sin`
-    keeps the extra precision) and a Python float. With a traced seq_len (generation under jit) both
-    are traced float32 values.
+    seq_len only matters for `dynamic`, `dynamic_yarn` and `longrope` (None = not yet extended). Built on
+    the host: a numpy array of `dtype` (use float64 for the model: `cos_sin` keeps the extra precision)
+    and a Python float; generation passes them to its compiled steps as arguments.
     """
     h, b, sc = rope.head_dim, rope.theta, rope.scaling
     plain = _plain(b, h)
-    factor: Any = 1.0
+    factor = 1.0
     if isinstance(sc, Default):
         inv = plain
     elif isinstance(sc, Linear):
@@ -355,8 +344,7 @@ def frequencies(rope: Rope, seq_len: Any = None, *, dtype: Any = np.float32) -> 
     elif isinstance(sc, NTK):
         inv = _plain(b * sc.alpha ** (h / (h - 2)), h)
     elif isinstance(sc, Dynamic):
-        length = rope.max_position_embeddings if seq_len is None else _as_length(seq_len)
-        length = _maximum(length, rope.max_position_embeddings)
+        length = max(rope.max_position_embeddings if seq_len is None else int(seq_len), rope.max_position_embeddings)
         base = b * (sc.factor * length / rope.max_position_embeddings - (sc.factor - 1)) ** (h / (h - 2))
         inv = _plain(base, h)
     elif isinstance(sc, Yarn):
@@ -371,12 +359,8 @@ def frequencies(rope: Rope, seq_len: Any = None, *, dtype: Any = np.float32) -> 
     elif isinstance(sc, DynamicYarn):
         original = sc.original_max_position_embeddings
         static_scale = rope.max_position_embeddings / original if sc.finetuned else 1.0
-        if seq_len is None:
-            s = static_scale
-        elif isinstance(seq_len, jax.Array):
-            s = jnp.where(seq_len > rope.max_position_embeddings, seq_len / original, static_scale)
-        else:
-            s = seq_len / original if seq_len > rope.max_position_embeddings else static_scale
+        extended = seq_len is not None and seq_len > rope.max_position_embeddings
+        s = seq_len / original if extended else static_scale
         ramp = yarn_ramp(h, b, original, sc.beta_fast, sc.beta_slow, True)
         inv, factor = _by_parts(plain, s, ramp), _mscale(s)
     elif isinstance(sc, Llama3):
@@ -385,8 +369,6 @@ def frequencies(rope: Rope, seq_len: Any = None, *, dtype: Any = np.float32) -> 
         inv, factor = _longrope(plain, sc, rope.max_position_embeddings, seq_len)
     else:  # unreachable: Rope validates the type
         raise ValueError(f"rope_scaling: unknown method {sc!r}")
-    if isinstance(inv, jax.Array):
-        return inv.astype(jnp.float32), jnp.asarray(factor, jnp.float32)
     return np.asarray(inv, dtype), factor
 
 
@@ -402,7 +384,8 @@ def _llama3(plain: np.ndarray, sc: Llama3) -> np.ndarray:
     return np.where(medium, smoothed, inv)
 
 
-def _longrope(plain: np.ndarray, sc: LongRope, max_position_embeddings: int, seq_len: Any) -> tuple[Any, Any]:
+def _longrope(plain: np.ndarray, sc: LongRope, max_position_embeddings: int,
+              seq_len: int | None) -> tuple[np.ndarray, float]:
     original = sc.original_max_position_embeddings
     factor = sc.factor if sc.factor is not None else max_position_embeddings / original
     if sc.attention_factor is not None:
@@ -410,8 +393,6 @@ def _longrope(plain: np.ndarray, sc: LongRope, max_position_embeddings: int, seq
     else:
         attention = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
     short, long = np.asarray(sc.short_factor), np.asarray(sc.long_factor)
-    if isinstance(seq_len, jax.Array):
-        return plain / jnp.where(seq_len > original, long, short), attention
     return plain / (long if seq_len and seq_len > original else short), attention
 
 
