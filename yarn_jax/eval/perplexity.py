@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from yarn_jax import sharding, train_step
+from yarn_jax import loss, sharding
 from yarn_jax.config import LlamaConfig
 
 
@@ -92,7 +92,7 @@ def plan(docs: list[np.ndarray], length: int, stride: int | None, min_doc_tokens
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mesh", "chunk"))
 def _nll(cfg: LlamaConfig, mesh: Mesh | None, chunk: int, params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
-    return train_step.loss_fn(cfg, mesh, chunk, False, params, batch)
+    return loss.loss_fn(cfg, mesh, chunk, False, params, batch)
 
 
 def evaluate(cfg: LlamaConfig, params: Any, docs: list[np.ndarray], length: int, *, stride: int | None = 256,
