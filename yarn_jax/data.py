@@ -168,6 +168,13 @@ def load_tokenizer(path: str):
         raise ValueError(f"data.tokenizer: {path} is not a SentencePiece model ({reason})") from None
 
 
+def check_fits(tok, vocab_size: int, field: str, path: str) -> None:
+    """Refuses a tokenizer with more pieces than the model has embeddings (not this model's tokenizer)."""
+    if tok.get_piece_size() > vocab_size:
+        raise ValueError(f"{field}: vocabulary of {tok.get_piece_size()} pieces is larger than the model's "
+                         f"vocab_size ({vocab_size}): {path} is not this model's tokenizer")
+
+
 def tokenizer_fingerprint(path: str) -> str:
     """A hash of the tokenizer's pieces, scores and special ids: equal for equal vocabularies, whatever else
     the model file records (SentencePiece stores the paths and process it was trained under)."""

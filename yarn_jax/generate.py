@@ -156,20 +156,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 is greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16")
+
     def job() -> int:
         a = p.parse_args(argv)  # inside cli.run: argparse's refusal is a return status too
         if a.temperature < 0:
             raise ValueError(f"--temperature: expected >= 0 (0 is greedy), got {a.temperature}")
         if a.checkpoint and not a.tokenizer:
             raise ValueError("--tokenizer: required with --checkpoint (an --hf directory brings its own)")
-        tok = data.load_tokenizer(a.tokenizer or f"{a.hf}/tokenizer.model")
+        tok_path = a.tokenizer or f"{a.hf}/tokenizer.model"
+        tok = data.load_tokenizer(tok_path)
         if a.checkpoint:
             cfg, params = checkpoint.load_checkpoint(a.checkpoint, dtype=a.dtype)
         else:
             cfg, params = convert.load_hf(a.hf, dtype=a.dtype)
-        if tok.get_piece_size() > cfg.vocab_size:
-            raise ValueError(f"--tokenizer: {a.tokenizer or a.hf} has {tok.get_piece_size()} pieces but the model's "
-                             f"vocab_size is {cfg.vocab_size}: not this model's tokenizer")
+        data.check_fits(tok, cfg.vocab_size, "--tokenizer", tok_path)
         ids = np.asarray([[tok.bos_id(), *tok.encode(a.prompt)]])
         out = generate(cfg, params, ids, a.max_new, temperature=a.temperature, key=jax.random.key(a.seed),
                        eos_id=tok.eos_id())

@@ -96,10 +96,8 @@ class Run:
                              f"({self.cfg.max_position_embeddings}); set rope.max_position_embeddings to the "
                              "extended length, or train on shorter chunks")
         self.dcfg = data_config(config)
-        vocab = data.load_tokenizer(self.dcfg.tokenizer).get_piece_size()
-        if vocab > self.cfg.vocab_size:
-            raise ValueError(f"data.tokenizer: vocabulary of {vocab} pieces is larger than the model's "
-                             f"vocab_size ({self.cfg.vocab_size})")
+        data.check_fits(data.load_tokenizer(self.dcfg.tokenizer), self.cfg.vocab_size, "data.tokenizer",
+                        self.dcfg.tokenizer)
         self.mesh = sharding.make_mesh(**config.mesh)
         sharding.check_batch(self.mesh, self.dcfg.batch_size // config.train.grad_accum, self.dcfg.seq_len)
         if self.mesh.shape["seq"] > 1:

@@ -36,6 +36,11 @@ class Mask:
     kv_index: jax.Array | None = None
 
 
+class UnsupportedJaxError(NotImplementedError, ValueError):
+    """A kernel written against private jax entry points, on a jax version it was not written for: the
+    user's environment, so a ValueError too (one line from the command lines, no traceback)."""
+
+
 class BlockKernel(Protocol):
     name: str
 

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import jax
 
-from yarn_jax.attention.block import Mask
+from yarn_jax.attention.block import Mask, UnsupportedJaxError
 
 SUPPORTED_JAX = ("0.10.", "0.11.")
 
 
 def _fused():
     if not jax.__version__.startswith(SUPPORTED_JAX):
-        raise NotImplementedError(f"attention: the cuDNN ring blocks are written for jax {' / '.join(SUPPORTED_JAX)}x "
+        raise UnsupportedJaxError(f"attention: the cuDNN ring blocks are written for jax {' / '.join(SUPPORTED_JAX)}x "
                                   f"(private fused-attention entry points), this is jax {jax.__version__}; "
                                   "use model.attention='reference' for the portable XLA blocks")
     from jax._src.cudnn import fused_attention_stablehlo

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from yarn_jax.attention.block import Mask
+from yarn_jax.attention.block import Mask, UnsupportedJaxError
 
 SUPPORTED_JAX = ("0.10.",)
 
@@ -27,7 +27,7 @@ def _block(n: int) -> int:
 
 def _lib():
     if not jax.__version__.startswith(SUPPORTED_JAX):
-        raise NotImplementedError(f"attention: the splash ring blocks are written for jax {' / '.join(SUPPORTED_JAX)}x "
+        raise UnsupportedJaxError(f"attention: the splash ring blocks are written for jax {' / '.join(SUPPORTED_JAX)}x "
                                   f"(private splash backward), this is jax {jax.__version__}; use "
                                   "model.attention='reference' for the portable XLA blocks")
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib

@@ -12,5 +12,7 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         print(f"usage: python -m yarn_jax.bench {{{','.join(COMMANDS)}}} [options]", file=sys.stderr)
         sys.exit(2)
+    from yarn_jax import cli
+
     module = importlib.import_module(f"yarn_jax.bench.{COMMANDS[sys.argv[1]]}")
-    sys.exit(module.main(sys.argv[2:]))
+    sys.exit(cli.run(lambda: module.main(sys.argv[2:])))  # a bad flag or config value: one line

@@ -125,9 +125,7 @@ def _tokenizer(args, cfgs):
         raise ValueError("--tokenizer: required when no --hf directory provides tokenizer.model")
     tok = data.load_tokenizer(path)
     for cfg in cfgs:
-        if tok.get_piece_size() > cfg.vocab_size:
-            raise ValueError(f"--tokenizer: {path} has {tok.get_piece_size()} pieces but the model's vocab_size "
-                             f"is {cfg.vocab_size}: not this model's tokenizer")
+        data.check_fits(tok, cfg.vocab_size, "--tokenizer", path)
     return tok
 
 
