@@ -1,6 +1,8 @@
 """The grain pipeline on a real multi-file corpus: nothing lost or duplicated, BOS/EOS once per document,
 positions as configured, deterministic and resumable."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -25,7 +27,8 @@ def _all(cfg):
 def test_one_epoch_loses_and_duplicates_nothing(tokenizer):
     cfg = _cfg(tokenizer, shuffle=True, seed=3)
     batches = _all(cfg)
-    stream = np.concatenate([b["tokens"].reshape(-1) for b in batches])
+    # the epoch's last chunk is padded with id 0 (unk: never produced, the tokenizer falls back to bytes)
+    stream = np.trim_zeros(np.concatenate([b["tokens"].reshape(-1) for b in batches]), "b")
     sp = data.load_tokenizer(tokenizer)
     order = list(data.documents(cfg).shuffle(seed=3))
     docs = [np.asarray([sp.bos_id(), *sp.encode(data._read_text(f)), sp.eos_id()]) for f in order]
@@ -54,6 +57,47 @@ def test_document_positions_restart_and_chunk_positions_run(tokenizer):
             assert np.all(np.diff(pos)[inside[1:]] == 1)
     for b in _all(_cfg(tokenizer, positions="chunk"))[:5]:
         assert (b["positions"] == np.arange(128)).all() and (b["segment_ids"] == 1).all()
+
+
+def _segments(row: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The tokens of each segment of a row (padding, segment 0, left out)."""
+    seg = row["segment_ids"]
+    return [row["tokens"][seg == s] for s in np.unique(seg[seg > 0])]
+
+
+def test_fit_packing_cuts_only_at_row_multiples_and_loses_nothing(tokenizer, tmp_path):
+    """One epoch packed by first fit: the pieces are exactly every document cut at multiples of seq_len
+    (a document that fits a row arrives whole), each piece once; the rest of a row is segment 0."""
+    for i in range(30):  # short documents besides the long source files
+        (tmp_path / f"{i:02d}.txt").write_text(" ".join(f"word{j}" for j in range(3 * i + 1)))
+    cfg = _cfg(tokenizer, sources=(*corpus()[:4], str(tmp_path / "*.txt")), shuffle=False, packing="fit",
+               positions="document", batch_size=1, seq_len=256)
+    rows = [{k: v[0] for k, v in b.items()} for b in _all(cfg)]
+    sp = data.load_tokenizer(tokenizer)
+    docs = [np.asarray([sp.bos_id(), *sp.encode(data._read_text(f)), sp.eos_id()]) for f in data.documents(cfg)]
+    want = sorted(tuple(d[i:i + 256]) for d in docs for i in range(0, len(d), 256))
+    got = sorted(tuple(t) for r in rows for t in _segments(r))
+    assert got == want
+    assert any(len(d) <= 256 for d in docs) and any(len(d) > 256 for d in docs)
+    for r in rows:  # padding only at the end of a row, positions restart per piece
+        seg = r["segment_ids"]
+        assert np.all(np.diff((seg > 0).astype(int)) <= 0) and np.all(r["tokens"][seg == 0] == 0)
+    chunk = _all(dataclasses.replace(cfg, positions="chunk"))
+    for b, r in zip(chunk, rows, strict=True):  # chunk positions: the same rows, one segment besides padding
+        np.testing.assert_array_equal(b["tokens"][0], r["tokens"])
+        np.testing.assert_array_equal(b["segment_ids"][0], (r["segment_ids"] > 0).astype(int))
+        assert (b["positions"][0] == np.arange(256)).all()
+
+
+def test_fit_packing_resumes(tokenizer):
+    cfg = _cfg(tokenizer, num_epochs=None, packing="fit", seq_len=256)
+    a = data.Batches(cfg)
+    [next(a) for _ in range(2)]
+    state = a.get_state()
+    rest = [next(a)["tokens"] for _ in range(3)]
+    c = data.Batches(cfg)
+    c.set_state(state)
+    np.testing.assert_array_equal(np.stack([next(c)["tokens"] for _ in range(3)]), np.stack(rest))
 
 
 def test_deterministic_and_resumable(tokenizer):
@@ -94,6 +138,8 @@ def test_errors(tokenizer):
         _all(_cfg(tokenizer, sources=("/nope/*",)))
     with pytest.raises(ValueError, match="data.format: expected one of"):
         _cfg(tokenizer, format="csv")
+    with pytest.raises(ValueError, match=r"data.packing: expected one of \['concat', 'fit'\], got 'best'"):
+        _cfg(tokenizer, packing="best")
     with pytest.raises(ValueError, match="data.tokenizer: /nope.model does not exist"):
         data.load_tokenizer("/nope.model")
 

@@ -31,7 +31,7 @@ import jax.extend.core
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from yarn_jax import cli, hlo, run_config, sharding, train_step
+from yarn_jax import cli, data, hlo, run_config, sharding, train_step
 from yarn_jax.attention import ring
 from yarn_jax.config import LlamaConfig
 from yarn_jax.hardware import Chip, parse_topology
@@ -99,7 +99,8 @@ def trace_step(config: Any, mesh: Mesh):
                                      sharding=batch_sharding) for k in ("tokens", "positions", "segment_ids")}
     step = train_step.make_step(cfg, mesh, tx, grad_accum=config.train.grad_accum,
                                 loss_chunk=config.train.loss_chunk,
-                                segment_mask=config.data.positions == "document")
+                                segment_mask=data.as_enum(data.Positions, "data.positions", config.data.positions)
+                                is data.Positions.DOCUMENT)
     jitted = jax.jit(step, in_shardings=(shardings, batch_sharding, None), out_shardings=(shardings, None),
                      donate_argnums=(0,))
     with sharding.rules_context(mesh):

@@ -182,8 +182,12 @@ def to_hf(ckpt_dir: str | Path, hf_dir: str | Path, *, step: int | None = None, 
 
 def transformers_config(cfg: LlamaConfig) -> dict[str, Any]:
     """cfg.to_hf() in a form transformers can run: static NTK becomes plain RoPE with the changed base
-    (the same frequencies); dynamic_yarn, which transformers lacks, is refused."""
+    (the same frequencies); dynamic_yarn and PI with an attention factor, which transformers lacks, are
+    refused."""
     hf = cfg.to_hf()
+    if isinstance(cfg.rope_scaling, rope_lib.Linear) and cfg.rope_scaling.attention_factor is not None:
+        raise ValueError("rope_scaling.attention_factor: transformers' linear scaling has none; this model "
+                         "(PI with a temperature, an ablation) loads with yarn_jax only")
     if isinstance(cfg.rope_scaling, rope_lib.NTK):
         h = cfg.head_dim
         hf.update(rope_scaling=None, rope_theta=cfg.rope_theta * cfg.rope_scaling.alpha ** (h / (h - 2)))

@@ -1,10 +1,16 @@
 """The input pipeline (grain): documents -> SentencePiece -> BOS/EOS bookends -> concat-then-split into
 fixed-length chunks -> per-process batches of (tokens, positions, segment_ids).
 
-Packing follows the paper: documents are bookended with BOS and EOS, concatenated and split into chunks
-of `seq_len` (grain's ConcatThenSplitIterDataset). `positions` says what the model sees:
-  "chunk"    positions 0..T-1 in every chunk, no segment masking (the YaRN paper's PG19 chunks);
-  "document" positions restart at each document (fragment) and attention stays inside it.
+`packing` says how documents (bookended with BOS and EOS) become rows of `seq_len` tokens:
+  "concat"   concatenated and split into chunks (grain's ConcatThenSplitIterDataset), the paper's way: no
+             padding, but most documents shorter than a row are cut in two;
+  "fit"      a document is cut only at multiples of seq_len (so one that fits a row is never cut), and the
+             pieces are packed whole into rows by first fit (grain's FirstFitPackIterDataset); the rest of a
+             row is padding (segment id 0, no loss). For short structured documents (the miniature's
+             passkey task) whose end must see their start.
+`positions` says what the model sees:
+  "chunk"    positions 0..T-1 in every row, no segment masking (the YaRN paper's PG19 chunks);
+  "document" positions restart at each document (piece) and attention stays inside it.
 The iterator's state is a small JSON dict saved with every checkpoint, so a resumed run sees exactly the
 batches an uninterrupted one would. Worker count is pinned in the settings for the same reason.
 """
@@ -12,6 +18,7 @@ batches an uninterrupted one would. Worker count is pinned in the settings for t
 from __future__ import annotations
 
 import dataclasses
+import enum
 import glob
 import hashlib
 import json
@@ -24,25 +31,49 @@ import grain
 import numpy as np
 
 
+class Format(enum.Enum):
+    TEXT = "text"  # one document per file
+    JSONL = "jsonl"  # one document per line, in `field`
+    PARQUET = "parquet"  # one document per row, column `field`
+    ARRAYRECORD = "arrayrecord"  # one document per record: text, or JSON with `field`
+
+
+class Packing(enum.Enum):  # see the module docstring
+    CONCAT = "concat"
+    FIT = "fit"
+
+
+class Positions(enum.Enum):  # see the module docstring
+    CHUNK = "chunk"
+    DOCUMENT = "document"
+
+
+def as_enum(kind: type[enum.Enum], field: str, value: Any) -> Any:
+    """A config string (or the member itself) as a member of `kind`; the error names the field."""
+    try:
+        return value if isinstance(value, kind) else kind(value)
+    except ValueError:
+        raise ValueError(f"{field}: expected one of {[m.value for m in kind]}, got {value!r}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     sources: tuple[str, ...]  # files or globs
     tokenizer: str  # SentencePiece .model
     seq_len: int
     batch_size: int  # global
-    format: str = "text"  # text | jsonl | parquet | arrayrecord
+    format: Format = Format.TEXT
     field: str = "text"  # jsonl/parquet column or arrayrecord JSON field
-    positions: str = "chunk"  # chunk | document (see module docstring)
+    positions: Positions = Positions.CHUNK
+    packing: Packing = Packing.CONCAT
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None  # None: repeat forever
     skip_docs: int = 0  # held-out documents at the start of the (sorted) source list
 
     def __post_init__(self):
-        if self.format not in _READERS:
-            raise ValueError(f"data.format: expected one of {sorted(_READERS)}, got {self.format!r}")
-        if self.positions not in ("chunk", "document"):
-            raise ValueError(f"data.positions: expected 'chunk' or 'document', got {self.positions!r}")
+        for name, kind in (("format", Format), ("positions", Positions), ("packing", Packing)):
+            object.__setattr__(self, name, as_enum(kind, f"data.{name}", getattr(self, name)))
         for name in ("seq_len", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"data.{name}: expected a positive integer, got {getattr(self, name)!r}")
@@ -50,16 +81,20 @@ class DataConfig:
     def settings(self) -> dict[str, Any]:
         """What must not change between a run and its resumption (stored with every checkpoint); the
         tokenizer by its pieces, so a moved or re-trained cache does not block a resume but a different
-        vocabulary does."""
-        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        vocabulary does. `packing` is recorded only when it is not "concat" (checkpoints written before it
+        existed resume)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = {k: v.value if isinstance(v, enum.Enum) else list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        if self.packing is Packing.CONCAT:
+            del d["packing"]
         d["tokenizer"] = tokenizer_fingerprint(self.tokenizer)
         return d
 
 
-def check_sources(sources: tuple[str, ...], format: str) -> None:  # noqa: A002
+def check_sources(sources: tuple[str, ...], format: Format) -> None:  # noqa: A002
     """Refuses text sources that are not text (gzip, binary, not UTF-8) or hold no text at all, naming the
     file; reads the first 64 KiB of each."""
-    if format != "text":
+    if as_enum(Format, "data.format", format) is not Format.TEXT:
         return
     files, empty = expand(sources), 0
     for f in files:
@@ -139,15 +174,16 @@ def _arrayrecord_docs(files: list[str], field: str) -> Any:
     return grain.sources.ArrayRecordDataSource(files)
 
 
-_READERS = {"text": _text_docs, "jsonl": _jsonl_docs, "parquet": _parquet_docs, "arrayrecord": _arrayrecord_docs}
+_READERS = {Format.TEXT: _text_docs, Format.JSONL: _jsonl_docs, Format.PARQUET: _parquet_docs,
+            Format.ARRAYRECORD: _arrayrecord_docs}
 
 
 def _to_text(cfg: DataConfig, doc: Any) -> str:
-    if cfg.format == "text":
+    if cfg.format is Format.TEXT:
         return _read_text(doc)
-    if cfg.format == "jsonl":
+    if cfg.format is Format.JSONL:
         return _read_jsonl(doc, cfg.field)
-    if cfg.format == "arrayrecord":
+    if cfg.format is Format.ARRAYRECORD:
         raw = doc.decode("utf-8", errors="replace") if isinstance(doc, bytes) else doc
         return json.loads(raw)[cfg.field] if raw.lstrip().startswith("{") else raw
     return doc
@@ -185,14 +221,17 @@ def tokenizer_fingerprint(path: str) -> str:
 
 
 TOKENIZER_LINES = 200_000  # lines the tokenizer is trained on
+# LLaMA's choices: every digit its own piece (a number tokenizes the same wherever it stands, so copying
+# it is copying pieces), nearly every character covered, bytes for the rest
+TOKENIZER_SETTINGS = dict(model_type="bpe", split_digits=True, character_coverage=0.99995, byte_fallback=True)
 
 
 def train_tokenizer(files: list[str], vocab_size: int, cache_dir: str | Path) -> str:
-    """Trains a SentencePiece BPE model on `files` once and caches it by content of the file list."""
+    """Trains a SentencePiece BPE model on `files` once and caches it by file list, size and settings."""
     import sentencepiece as spm
 
-    # the sample size is in the key: models cached before the sample was ours (other pieces) are not reused
-    key = hashlib.sha256(json.dumps([files, vocab_size, TOKENIZER_LINES]).encode()).hexdigest()[:16]
+    # the sample size and settings are in the key: models cached under other ones are not reused
+    key = hashlib.sha256(json.dumps([files, vocab_size, TOKENIZER_LINES, TOKENIZER_SETTINGS]).encode()).hexdigest()[:16]
     model = Path(cache_dir).expanduser() / f"spm_{vocab_size}_{key}.model"
     if model.exists():
         return str(model)
@@ -205,9 +244,9 @@ def train_tokenizer(files: list[str], vocab_size: int, cache_dir: str | Path) ->
         keep = np.sort(np.random.default_rng(0).choice(len(lines), TOKENIZER_LINES, replace=False))
         lines = [lines[i] for i in keep]
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_prefix),
-                                   vocab_size=vocab_size, model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-                                   input_sentence_size=0, shuffle_input_sentence=False,
-                                   byte_fallback=True, character_coverage=0.98, num_threads=2, minloglevel=2)
+                                   vocab_size=vocab_size, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   input_sentence_size=0, shuffle_input_sentence=False, num_threads=2,
+                                   minloglevel=2, **TOKENIZER_SETTINGS)
     os.replace(f"{tmp_prefix}.model", model)
     os.remove(f"{tmp_prefix}.vocab")
     return str(model)
@@ -261,15 +300,34 @@ def dataset(cfg: DataConfig, process_index: int = 0, process_count: int = 1) -> 
     ds = documents(cfg)
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
-    ds = ds.repeat(cfg.num_epochs).map(_Tokenize(cfg))
-    packed = grain.experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(),
-                                                           length_struct={"tokens": cfg.seq_len})
+    docs = ds.repeat(cfg.num_epochs).map(_Tokenize(cfg)).to_iter_dataset()
+    length = {"tokens": cfg.seq_len}
+    if cfg.packing is Packing.CONCAT:
+        packed = grain.experimental.ConcatThenSplitIterDataset(docs, length_struct=length)
+    else:
+        pieces = grain.experimental.FlatMapIterDataset(docs, _Pieces(cfg.seq_len))
+        packed = grain.experimental.FirstFitPackIterDataset(pieces, length_struct=length, seed=cfg.seed,
+                                                            num_packing_bins=max(cfg.batch_size, FIT_BINS))
     batches = packed.map(_Fields(cfg.positions, cfg.seq_len)).batch(cfg.batch_size, drop_remainder=True)
     rows = cfg.batch_size // process_count
     # a background thread keeps two batches ready while the device computes (the state saved with a
     # checkpoint is that of the last batch handed out, not of the prefetched ones)
     return grain.experimental.ThreadPrefetchIterDataset(batches.map(_Rows(process_index * rows, rows)),
                                                         prefetch_buffer_size=2)
+
+
+FIT_BINS = 16  # rows first fit fills at once (at least): more bins, less padding
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pieces(grain.experimental.FlatMapTransform):
+    """{'tokens': [n]} -> pieces of seq_len tokens and a shorter rest: cut only where a row must end."""
+
+    seq_len: int
+
+    def flat_map(self, x: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        t = x["tokens"]
+        return [{"tokens": t[i:i + self.seq_len]} for i in range(0, len(t), self.seq_len)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,13 +341,15 @@ class _Rows:
 
 @dataclasses.dataclass(frozen=True)
 class _Fields:
-    positions: str
+    """Packed row -> tokens, positions, segment_ids [T] (segment 0: padding, only with fit packing)."""
+
+    positions: Positions
     seq_len: int
 
     def __call__(self, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.positions == "chunk":
+        if self.positions is Positions.CHUNK:
             return {"tokens": x["tokens"], "positions": np.arange(self.seq_len, dtype=np.int32),
-                    "segment_ids": np.ones(self.seq_len, np.int32)}
+                    "segment_ids": (x["tokens_segment_ids"] > 0).astype(np.int32)}
         return {"tokens": x["tokens"], "positions": x["tokens_positions"].astype(np.int32),
                 "segment_ids": x["tokens_segment_ids"].astype(np.int32)}
 
@@ -336,7 +396,8 @@ def stdlib_corpus() -> list[str]:
     return sorted(str(p) for p in root.glob("*.py") if p.stat().st_size > 2000)
 
 
-def read_documents(sources: tuple[str, ...], format: str = "text", field: str = "text") -> list[str]:  # noqa: A002
+def read_documents(sources: tuple[str, ...], format: Format = Format.TEXT,  # noqa: A002
+                   field: str = "text") -> list[str]:
     """The texts of every document in `sources` (evaluation reads whole documents, in order)."""
     cfg = DataConfig(sources=sources, tokenizer="", seq_len=1, batch_size=1, format=format, field=field,
                      shuffle=False)

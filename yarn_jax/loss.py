@@ -20,10 +20,10 @@ from yarn_jax.llama import hidden_states, unembed
 
 
 def targets(tokens: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Next-token targets [B, T] and weights [B, T]: the last position and positions whose next token
-    starts another segment have no target."""
+    """Next-token targets [B, T] and weights [B, T]: the last position, positions whose next token
+    starts another segment and padding (segment 0) have no target."""
     nxt = jnp.roll(tokens, -1, axis=1)
-    same = segment_ids == jnp.roll(segment_ids, -1, axis=1)
+    same = (segment_ids == jnp.roll(segment_ids, -1, axis=1)) & (segment_ids > 0)
     last = jnp.arange(tokens.shape[1]) == tokens.shape[1] - 1
     return nxt, (same & ~last[None]).astype(jnp.float32)
 

@@ -3,27 +3,41 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 from pathlib import Path
 from typing import Any
 
 FACTOR = 8
-METHODS = {"pi": "PI", "ntk": "NTK-aware", "yarn": "YaRN"}
+# the fine-tuned methods: the paper's three, then the ablation of YaRN's two parts (NTK-by-parts
+# frequencies, attention temperature sqrt(1/t) = 0.1 ln s + 1): each part without the other
+METHODS = {"pi": "PI", "ntk": "NTK-aware", "yarn": "YaRN", "parts": "NTK-by-parts (t = 1)",
+           "pi_t": "PI + temperature"}
+ABLATION = ("yarn", "parts", "pi_t", "pi")  # YaRN, without its temperature, the temperature without by-parts
 HELD_OUT_MIN_BYTES = 48_000  # held-out documents must outlast the longest evaluation length (2 x 4096 tokens)
 
 
 def corpus(root: str | None = None) -> tuple[list[str], list[str]]:
-    """(training files, held-out files): every *.py of at least 500 bytes in the standard library of the
-    running Python, recursively (site-packages excluded), sorted; held out: files of at least 48 kB whose
-    relative path hashes (CRC-32) to 0 mod 8."""
+    """(training files, held-out files): every UTF-8 *.py of at least 500 bytes in the standard library of
+    the running Python, recursively (site-packages excluded), sorted; held out: files of at least 48 kB
+    whose relative path hashes (CRC-32) to 0 mod 8."""
     import sysconfig
 
     base = Path(root or sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in base.rglob("*.py") if "site-packages" not in p.parts and p.stat().st_size >= 500)
+    files = sorted(p for p in base.rglob("*.py") if "site-packages" not in p.parts and p.stat().st_size >= 500
+                   and _utf8(p))
     held = [p for p in files if p.stat().st_size >= HELD_OUT_MIN_BYTES
             and zlib.crc32(str(p.relative_to(base)).encode()) % 8 == 0]
     held_set = set(held)
     return [str(p) for p in files if p not in held_set], [str(p) for p in held]
+
+
+def _utf8(path: Path) -> bool:
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:  # the tokenizer's tests carry other encodings on purpose
+        return False
+    return True
 
 
 PASSKEY_DOCS = 3000  # synthetic passkey documents added to the training data, each within the trained length
@@ -64,11 +78,13 @@ def passkey_documents(directory: Path, tokenizer: str, max_tokens: int, n: int =
 def finetune_rope(method: str, original: int, factor: float) -> dict[str, Any]:
     """The run config's `rope` for extending a model trained at `original` tokens by `factor`."""
     extended = int(original * factor)
-    if method == "pi":
-        return {"rope_type": "linear", "factor": factor, "max_position_embeddings": extended}
+    temperature = 0.1 * math.log(factor) + 1  # YaRN's sqrt(1/t) (paper eq. 22)
+    if method in ("pi", "pi_t"):
+        return {"rope_type": "linear", "factor": factor, "max_position_embeddings": extended,
+                **({"attention_factor": temperature} if method == "pi_t" else {})}
     if method == "ntk":
         return {"rope_type": "ntk", "alpha": factor, "max_position_embeddings": extended}
-    if method == "yarn":
+    if method in ("yarn", "parts"):
         return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original,
-                "max_position_embeddings": extended}
+                "max_position_embeddings": extended, **({"attention_factor": 1.0} if method == "parts" else {})}
     raise ValueError(f"method: expected one of {sorted(METHODS)}, got {method!r}")

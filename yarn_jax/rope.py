@@ -66,13 +66,21 @@ class Default:
 
 @dataclasses.dataclass(frozen=True)
 class Linear:
-    """Position Interpolation (Chen et al.): positions divided by s, i.e. inv_freq / s."""
+    """Position Interpolation (Chen et al.): positions divided by s, i.e. inv_freq / s.
+
+    attention_factor (ours, for the ablation of YaRN's parts; transformers' `linear` has none): cos and sin
+    scaled as YaRN's sqrt(1/t) scales them; None = 1.
+    """
 
     factor: float
+    attention_factor: float | None = None
     rope_type: ClassVar[str] = "linear"
 
     def __post_init__(self):
         _set(self, "factor", _number("rope_scaling.factor", self.factor, ge=1.0))
+        if self.attention_factor is not None:
+            _set(self, "attention_factor",
+                 _number("rope_scaling.attention_factor", self.attention_factor, gt=0.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,7 +348,7 @@ def frequencies(rope: Rope, seq_len: int | None = None, *, dtype: Any = np.float
     if isinstance(sc, Default):
         inv = plain
     elif isinstance(sc, Linear):
-        inv = plain / sc.factor
+        inv, factor = plain / sc.factor, sc.attention_factor or 1.0
     elif isinstance(sc, NTK):
         inv = _plain(b * sc.alpha ** (h / (h - 2)), h)
     elif isinstance(sc, Dynamic):

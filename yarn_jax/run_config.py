@@ -26,7 +26,7 @@ def base() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         sources=(),  # files or globs; empty: the Python standard library's *.py files
         format="text", field="text", tokenizer="", tokenizer_vocab=32000, cache_dir="~/.cache/yarn_jax",
-        seq_len=65536, batch_size=64, positions="chunk", seed=0, shuffle=True, skip_docs=0))
+        seq_len=65536, batch_size=64, positions="chunk", packing="concat", seed=0, shuffle=True, skip_docs=0))
     c.optim = ml_collections.ConfigDict(dict(lr=2e-5, warmup_steps=20, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
                                              clip=1.0, schedule="constant"))
     c.train = ml_collections.ConfigDict(dict(steps=400, grad_accum=1, loss_chunk=2048, save_every=50, keep=3,

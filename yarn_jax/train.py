@@ -60,8 +60,8 @@ def data_config(config: ml_collections.ConfigDict) -> data.DataConfig:
     tokenizer = d.tokenizer or data.train_tokenizer(list(data.expand(sources)), d.tokenizer_vocab,
                                                      d.get("cache_dir", "~/.cache/yarn_jax"))
     return data.DataConfig(sources=sources, tokenizer=tokenizer, seq_len=d.seq_len, batch_size=d.batch_size,
-                           format=d.format, field=d.field, positions=d.positions, seed=d.seed, shuffle=d.shuffle,
-                           skip_docs=d.skip_docs)
+                           format=d.format, field=d.field, positions=d.positions, packing=d.packing, seed=d.seed,
+                           shuffle=d.shuffle, skip_docs=d.skip_docs)
 
 
 def run_settings(cfg: config_lib.LlamaConfig, dcfg: data.DataConfig, config: ml_collections.ConfigDict) -> dict:
@@ -108,7 +108,7 @@ class Run:
         self.tx = ts.optimizer(ocfg)
         self.abstract, self.shardings = ts.state_shardings(self.cfg, self.mesh, self.tx)
         step = ts.make_step(self.cfg, self.mesh, self.tx, grad_accum=config.train.grad_accum,
-                            loss_chunk=config.train.loss_chunk, segment_mask=self.dcfg.positions == "document")
+                            loss_chunk=config.train.loss_chunk, segment_mask=self.dcfg.positions is data.Positions.DOCUMENT)
         batch_sharding = sharding.batch_sharding(self.mesh)
         self.batch_sharding = batch_sharding
         self.step_fn = jax.jit(step, in_shardings=(self.shardings, batch_sharding, None),

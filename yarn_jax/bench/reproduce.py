@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from yarn_jax.repro import FACTOR, METHODS, PASSKEY_DOCS, corpus, finetune_rope, passkey_documents
+from yarn_jax.repro import ABLATION, FACTOR, METHODS, PASSKEY_DOCS, corpus, finetune_rope, passkey_documents
 
 
 def _spec(rope: dict[str, Any]) -> str:
@@ -213,9 +213,17 @@ def run_seed(out: Path, seed: int, tokenizer: str, opts: Options = Options(), sy
     import jax
 
     machine = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "python": platform.python_version()}
+    from yarn_jax.eval.passkey import accuracy
+
+    by_model = {label: [r for r in pk if r["model"] == label] for label in dict.fromkeys(r["model"] for r in pk)}
     results = {"seed": seed, "stride": ev["stride"], "lengths": lengths, "original": original, "extended": extended,
                "train": train,
                "perplexity": ppl, "passkey": pk, "target": target, "curves": curves,
+               "passkey_accuracy": {label: accuracy(rows)[0] for label, rows in by_model.items()},
+               "passkey_by_depth": {label: {"depth_bins": DEPTH_BINS, "lengths": accuracy(rows, DEPTH_BINS)[2],
+                                            "accuracy": [[None if v != v else v for v in row]  # NaN: no trial
+                                                         for row in accuracy(rows, DEPTH_BINS)[1].tolist()]}
+                                    for label, rows in by_model.items()},
                "steps_to_target": steps_to_target, "timings": timings,
                "heldout_docs": [str(Path(f).name) for f in heldout], "machine": machine}
     _plots(root, results)
@@ -223,7 +231,8 @@ def run_seed(out: Path, seed: int, tokenizer: str, opts: Options = Options(), sy
     return results
 
 
-EVAL = {"stride": 512, "docs": 0, "batch_size": 8, "trials": 20, "passkey_min_length": 512}
+EVAL = {"stride": 512, "docs": 0, "batch_size": 8, "trials": 50, "passkey_min_length": 512}
+DEPTH_BINS = 5  # the passkey heat maps' depth bins
 EVAL_SMOKE = {"stride": 512, "docs": 1, "batch_size": 2, "trials": 2, "passkey_min_length": 256}
 
 
@@ -231,7 +240,7 @@ def _plots(root: Path, results: dict) -> None:
     from yarn_jax.eval import plots
 
     plots.perplexity(results["perplexity"], root / "perplexity.png", f"stride {results['stride']}")
-    plots.passkey(results["passkey"], root / "passkey.png", 5)
+    plots.passkey(results["passkey"], root / "passkey.png", DEPTH_BINS)
 
 
 # ----------------------------------------------------------------------------------- report
@@ -274,10 +283,19 @@ def claims(results: dict) -> dict[str, tuple[bool, str]]:
         all(dyn_y[n] < dyn_n[n] for n in longer),
         "; ".join(f"{n}: {dyn_y[n]:.3f} vs {dyn_n[n]:.3f}" for n in longer))
     pk = _passkey_table(results)
+    own = min(pk["Base (plain RoPE)"])  # the trained length (its shortest length in the smoke run)
+    base_pk = pk["Base (plain RoPE)"][own]
+    out[f"The base model retrieves the passkey at its trained length (at least 90% at {own})"] = (
+        base_pk >= 0.9, f"{base_pk:.0%}")
     yarn_pk = pk[f"{METHODS['yarn']} s=8 (fine-tuned)"]
     out["Fine-tuned YaRN retrieves the passkey inside the extended window (at least 80% at every length)"] = (
         all(yarn_pk[n] >= 0.8 for n in yarn_pk if n <= ext),
         ", ".join(f"{n}: {a:.0%}" for n, a in yarn_pk.items()))
+    for with_t, without in (("yarn", "parts"), ("pi_t", "pi")):
+        out[f"The attention temperature helps: {METHODS[with_t]} has lower perplexity than {METHODS[without]} "
+            "inside the extended window"] = (
+            all(ft[with_t][n] < ft[without][n] for n in inside),
+            "; ".join(f"{n}: {ft[with_t][n]:.3f} vs {ft[without][n]:.3f}" for n in inside))
     steps = results["steps_to_target"]
     by = {m: float("inf") if s is None else s for m, s in steps.items()}  # never reached: last
     out["YaRN reaches the target perplexity in fewer fine-tuning steps than PI (and no more than NTK)"] = (
@@ -285,6 +303,30 @@ def claims(results: dict) -> dict[str, tuple[bool, str]]:
         ", ".join(f"{METHODS[m]} {'never' if s is None else s}" for m, s in steps.items())
         + f" (target {results['target']:.3f})")
     return out
+
+
+ABLATION_PARTS = {"yarn": ("by parts", "0.1 ln s + 1"), "parts": ("by parts", "1"),
+                  "pi_t": ("PI", "0.1 ln s + 1"), "pi": ("PI", "1")}
+
+
+def ablation(per_seed: dict[int, dict]) -> list[str]:
+    """The ablation of YaRN's parts: perplexity and passkey accuracy per length, mean over seeds."""
+    first = next(iter(per_seed.values()))
+    lengths = first["lengths"]
+    ppl = [_ppl_table(r) for r in per_seed.values()]
+    pk = [_passkey_table(r) for r in per_seed.values()]
+    pk_lengths = sorted({n for v in pk[0].values() for n in v})
+    lines = [f"## Ablation of YaRN's parts (fine-tuned, s = {FACTOR}, mean over seeds {list(per_seed)})", "",
+             "| method | frequencies | sqrt(1/t) | " + " | ".join(f"ppl {n}" for n in lengths) + " | "
+             + " | ".join(f"passkey {n}" for n in pk_lengths) + " |",
+             "|---|---|---|" + "---|" * (len(lengths) + len(pk_lengths))]
+    for m in ABLATION:
+        label = f"{METHODS[m]} s=8 (fine-tuned)"
+        p = [statistics.mean(t[label][n] for t in ppl) for n in lengths]
+        a = [statistics.mean(t[label][n] for t in pk) for n in pk_lengths]
+        lines.append(f"| {METHODS[m]} | {ABLATION_PARTS[m][0]} | {ABLATION_PARTS[m][1]} | "
+                     + " | ".join(f"{v:.3f}" for v in p) + " | " + " | ".join(f"{v:.0%}" for v in a) + " |")
+    return [*lines, ""]
 
 
 def report(out: Path, seeds: list[int]) -> str:
@@ -321,6 +363,7 @@ def report(out: Path, seeds: list[int]) -> str:
             verdicts.setdefault(claim, []).append(held)
             lines.append(f"- {'HELD' if held else 'DID NOT HOLD'}: {claim} ({numbers})")
         lines.append("")
+    lines += ablation(per_seed)
     lines += ["## Verdict over seeds", ""]
     for claim, held in verdicts.items():
         word = "held in every seed" if all(held) else "did not hold in any seed" if not any(held) \

@@ -41,8 +41,12 @@ def passkey(rows: list[dict], path: Path, depth_bins: int) -> None:
 
     plt = _plt()
     labels = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(labels), figsize=(4.5 * len(labels), 4), squeeze=False)
-    for ax, label in zip(axes[0], labels, strict=True):
+    cols = min(4, len(labels))
+    nrows = -(-len(labels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 4 * nrows), squeeze=False)
+    for ax in axes.flat[len(labels):]:
+        ax.axis("off")
+    for ax, label in zip(axes.flat, labels):
         _, grid, lengths = accuracy([r for r in rows if r["model"] == label], depth_bins)
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
         ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
@@ -53,6 +57,6 @@ def passkey(rows: list[dict], path: Path, depth_bins: int) -> None:
         for (i, j), v in np.ndenumerate(grid):
             if not np.isnan(v):
                 ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="accuracy")
     fig.savefig(path, dpi=120)
     plt.close(fig)
