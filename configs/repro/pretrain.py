@@ -1,6 +1,7 @@
 """Reproduction, stage 1: pretrain a 32.5M-parameter LLaMA (8 layers, d 512, 8 heads, 2 kv heads (GQA),
 head dim 64, F 1536, V 8192, RoPE theta 10000, untied) at 512 tokens on the training split of the Python
-standard library's source (`yarn_jax.bench.repro.corpus`): 2000 steps x 64 x 512 = 65.5M tokens.
+standard library's source (`yarn_jax.repro.corpus`) and 4000 synthetic passkey documents
+(`yarn_jax.repro.passkey_documents`), packed whole ("fit"): 1000 steps x 64 x 512 = 32.8M token slots.
 
     python -m yarn_jax.bench reproduce --out /tmp/repro    (runs every stage; see yarn_jax/bench/reproduce.py)
 
