@@ -40,7 +40,7 @@ def _utf8(path: Path) -> bool:
     return True
 
 
-PASSKEY_DOCS = 4000  # synthetic passkey documents added to the training data, each within the trained length
+PASSKEY_DOCS = 8000  # synthetic passkey documents added to the training data, each within the trained length
 
 
 def passkey_documents(directory: Path, tokenizer: str, max_tokens: int, n: int = PASSKEY_DOCS) -> list[str]:

@@ -1,5 +1,5 @@
 """Reproduction, stage 2: extend the pretrained model by s = 8 (512 -> 4096 tokens) with one method,
-all methods with the same budget: 200 steps x 8 x 4096 = 6.6M tokens (20% of pretraining), lr 1e-4
+all methods with the same budget: 200 steps x 8 x 4096 = 6.6M tokens (13% of pretraining), lr 1e-4
 constant after 20 warm-up steps, AdamW (0.9, 0.95), no weight decay (the paper's recipe, lr scaled to
 the small model). A checkpoint every 25 steps gives the steps-to-target curve.
 

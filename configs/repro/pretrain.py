@@ -1,7 +1,7 @@
 """Reproduction, stage 1: pretrain a 32.5M-parameter LLaMA (8 layers, d 512, 8 heads, 2 kv heads (GQA),
 head dim 64, F 1536, V 8192, RoPE theta 10000, untied) at 512 tokens on the training split of the Python
-standard library's source (`yarn_jax.repro.corpus`) and 4000 synthetic passkey documents
-(`yarn_jax.repro.passkey_documents`), packed whole ("fit"): 1000 steps x 64 x 512 = 32.8M token slots.
+standard library's source (`yarn_jax.repro.corpus`) and 8000 synthetic passkey documents
+(`yarn_jax.repro.passkey_documents`), packed whole ("fit"): 1500 steps x 64 x 512 = 49.2M token slots.
 
     python -m yarn_jax.bench reproduce --out /tmp/repro    (runs every stage; see yarn_jax/bench/reproduce.py)
 
@@ -20,6 +20,6 @@ def get_config():
                         tie_word_embeddings=False, remat="none"))
     c.data.update(dict(sources=tuple(repro.corpus()[0]), tokenizer_vocab=8192, packing="fit", seq_len=512, batch_size=64))
     c.optim.update(dict(lr=1e-3, warmup_steps=100, schedule="cosine", weight_decay=0.1))
-    c.train.update(dict(steps=1000, loss_chunk=512, save_every=500, keep=1))
+    c.train.update(dict(steps=1500, loss_chunk=512, save_every=500, keep=1))
     c.mesh.update(dict(data=-1, fsdp=1, seq=1, tensor=1))
     return c
