@@ -86,6 +86,19 @@ def test_rope_override_extends_a_model(tmp_path):
     assert hf["rope_scaling"]["factor"] == 16.0 and hf["max_position_embeddings"] == 512
 
 
+def test_scalings_transformers_lacks_are_refused_on_export():
+    """PI with a temperature (the ablation's) and dynamic YaRN have no transformers form: exporting one
+    would give a model that loads and computes something else."""
+    base = yarn_jax.config.tiny(max_position_embeddings=32).to_hf()
+    for scaling, field in (({"rope_type": "linear", "factor": 4.0, "attention_factor": 1.2}, "attention_factor"),
+                           ({"rope_type": "dynamic_yarn", "original_max_position_embeddings": 32}, "dynamic_yarn")):
+        cfg = yarn_jax.config.LlamaConfig.from_hf({**base, "rope_scaling": scaling})
+        with pytest.raises(ValueError, match=field):
+            convert.transformers_config(cfg)
+    plain_pi = yarn_jax.config.LlamaConfig.from_hf({**base, "rope_scaling": {"rope_type": "linear", "factor": 4.0}})
+    assert convert.transformers_config(plain_pi)["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+
+
 def test_load_checkpoint_onto_a_mesh(tmp_path):
     model = hf_models.hf_model(hf_models.hf_config(rope_scaling=YARN))
     convert.from_hf(_save(model, tmp_path / "hf"), tmp_path / "ckpt")
