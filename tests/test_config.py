@@ -5,6 +5,7 @@ import pytest
 
 import yarn_jax
 from yarn_jax import config as C
+from yarn_jax import scaling as S
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0)
@@ -81,7 +82,7 @@ def test_rope_parameters_of_transformers_5_are_read():
     del d["rope_theta"]
     cfg = C.LlamaConfig.from_hf(d)
     assert cfg.rope_theta == 500000.0
-    assert cfg.rope_scaling == C.rope_lib.Yarn(4.0, 64)
+    assert cfg.rope_scaling == S.Yarn(4.0, 64)
     old_style = C.LlamaConfig.from_hf(_with({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
                                             rope_theta=500000.0))
     assert old_style == cfg

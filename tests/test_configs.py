@@ -4,6 +4,7 @@ import pytest
 
 from tests.train_helpers import ROOT, load_config
 from yarn_jax import config as config_lib
+from yarn_jax import scaling
 from yarn_jax.run_config import model_config
 
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py"))
@@ -24,7 +25,7 @@ def test_paper_recipe():
     c64, c128 = load_config("v4_64k"), load_config("v4_128k")
     cfg64, _ = model_config(c64)
     assert cfg64.num_params() == config_lib.llama2_7b().num_params()
-    assert cfg64.rope_scaling == config_lib.rope_lib.Yarn(16.0, 4096) and cfg64.max_position_embeddings == 65536
+    assert cfg64.rope_scaling == scaling.Yarn(16.0, 4096) and cfg64.max_position_embeddings == 65536
     assert (c64.optim.lr, c64.optim.warmup_steps, c64.optim.b1, c64.optim.b2, c64.optim.weight_decay) == (
         2e-5, 20, 0.9, 0.95, 0.0)
     assert (c64.train.steps, c64.data.batch_size, c128.train.steps, c128.data.seq_len) == (400, 64, 200, 131072)

@@ -77,7 +77,7 @@ def test_rope_override_extends_a_model(tmp_path):
     cfg = convert.from_hf(src, tmp_path / "ckpt", dtype="bfloat16",
                           rope={"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 32,
                                 "max_position_embeddings": 512})
-    assert cfg.rope_scaling == yarn_jax.config.rope_lib.Yarn(16.0, 32) and cfg.max_position_embeddings == 512
+    assert cfg.rope_scaling == yarn_jax.scaling.Yarn(16.0, 32) and cfg.max_position_embeddings == 512
     cfg2, params = checkpoint.load_checkpoint(tmp_path / "ckpt")
     assert cfg2.rope_scaling == cfg.rope_scaling
     assert params["embedding"].dtype == jax.numpy.bfloat16

@@ -10,9 +10,9 @@ import pytest
 
 from tests.train_helpers import corpus as small_corpus
 from yarn_jax import config as config_lib
-from yarn_jax import data, repro
+from yarn_jax import data, repro, scaling
 from yarn_jax import rope as rope_lib
-from yarn_jax.bench import reproduce
+from yarn_jax.bench import repro_report, reproduce
 from yarn_jax.eval import passkey
 
 
@@ -59,7 +59,8 @@ def test_passkey_documents_reach_the_model_whole(tokenizer, tmp_path):
     paths = repro.passkey_documents(tmp_path, tokenizer, seq_len, n=30)
     pre, fts = reproduce.configs(0, tokenizer, reproduce.Options(smoke=True), tuple(paths))
     for config in (pre, *fts.values()):
-        config.data.update(dict(sources=(*small_corpus()[:3], *paths), seq_len=seq_len, batch_size=1))  # no batch dropped
+        # batch 1: no partial batch dropped at the end of the epoch
+        config.data.update(dict(sources=(*small_corpus()[:3], *paths), seq_len=seq_len, batch_size=1))
         cfg = dataclasses.replace(data_config(config), num_epochs=1)
         rows = [bytes(np.asarray(r, np.int32)) for b in data.dataset(cfg) for r in b["tokens"]]
         sp = data.load_tokenizer(tokenizer)
@@ -112,7 +113,7 @@ def test_finetune_scalings_extend_a_512_model_by_8(method):
     twin_rope = repro.finetune_rope(twin, 512, 8)
     twin_rope.pop("max_position_embeddings")
     np.testing.assert_array_equal(scaled, rope_lib.frequencies(dataclasses.replace(
-        cfg.rope, scaling=rope_lib.scaling_from_dict(twin_rope, 4096)), 4096, dtype=np.float64)[0])
+        cfg.rope, scaling=scaling.scaling_from_dict(twin_rope, 4096)), 4096, dtype=np.float64)[0])
     temperature = rope_lib.frequencies(cfg.rope, 4096)[1]
     assert temperature == pytest.approx(0.1 * np.log(8) + 1 if method in ("yarn", "pi_t") else 1.0)
     with pytest.raises(ValueError, match="method"):
@@ -139,9 +140,9 @@ def _results(seed: int, yarn_wins: bool) -> dict:
 
 
 def test_claims_follow_the_numbers():
-    held = reproduce.claims(_results(0, yarn_wins=True))
+    held = repro_report.claims(_results(0, yarn_wins=True))
     assert all(ok for ok, _ in held.values()) and len(held) == 9
-    failed = reproduce.claims(_results(0, yarn_wins=False))
+    failed = repro_report.claims(_results(0, yarn_wins=False))
     assert not any(ok for ok, _ in failed.values())
 
 
@@ -149,7 +150,7 @@ def test_report_calls_a_claim_that_flips_between_seeds_noise(tmp_path):
     for seed, wins in ((0, True), (1, False)):
         (tmp_path / f"seed{seed}").mkdir()
         (tmp_path / f"seed{seed}" / "results.json").write_text(json.dumps(_results(seed, wins)))
-    text = reproduce.report(tmp_path, [0, 1])
+    text = repro_report.report(tmp_path, [0, 1])
     assert text.count("flips between seeds (noise)") == 9
     assert "| NTK-by-parts (t = 1) | by parts | 1 | 45.051 |" in text  # the ablation, mean over seeds
     assert "| YaRN s=8 (fine-tuned) | 40.051 | 40.102 | 40.205 | 40.410 | 40.819 |" in text

@@ -16,6 +16,7 @@ from transformers.models.llama import modeling_llama
 from tests.reference import original_yarn as ref
 from tests.tolerances import ANGLE_ATOL, ROPE_RTOL
 from yarn_jax import rope as R
+from yarn_jax import scaling as S
 
 
 def _hf(head_dim, theta, max_pos, scaling):
@@ -24,7 +25,7 @@ def _hf(head_dim, theta, max_pos, scaling):
 
 
 def _ours(head_dim, theta, max_pos, scaling, seq_len=None):
-    rope = R.Rope(head_dim, theta, max_pos, R.scaling_from_dict(dict(scaling) if scaling else None, max_pos))
+    rope = R.Rope(head_dim, theta, max_pos, S.scaling_from_dict(dict(scaling) if scaling else None, max_pos))
     return R.frequencies(rope, seq_len)
 
 
@@ -124,7 +125,7 @@ def test_ntk_matches_original_formula(alpha, head_dim, theta):
 @pytest.mark.parametrize("orig,head_dim,theta,betas", [(4096, 128, 1e4, (32, 1)), (2048, 64, 1e4, (16, 2)),
                                                        (8192, 128, 5e5, (32, 1)), (512, 64, 1e4, (32, 1))])
 def test_yarn_ramp_matches_original_formula(truncate, orig, head_dim, theta, betas):
-    ours = R.yarn_ramp(head_dim, theta, orig, *betas, truncate)
+    ours = S.yarn_ramp(head_dim, theta, orig, *betas, truncate)
     np.testing.assert_allclose(ours, ref.ramp(head_dim, theta, orig, *betas, truncate), rtol=0, atol=1e-12)
     assert 0.0 < ours.mean() < 1.0  # some dimensions kept, some interpolated at these settings
 
@@ -141,8 +142,8 @@ def test_dynamic_yarn_matches_original_formula(finetuned, seq_len):
 
 
 def test_yarn_equals_finetuned_dynamic_yarn_at_its_own_scale():
-    yarn = R.frequencies(R.Rope(128, 1e4, 65536, R.Yarn(16.0, 4096)), dtype=np.float64)
-    dyn = R.frequencies(R.Rope(128, 1e4, 65536, R.DynamicYarn(4096, finetuned=True)), 1000, dtype=np.float64)
+    yarn = R.frequencies(R.Rope(128, 1e4, 65536, S.Yarn(16.0, 4096)), dtype=np.float64)
+    dyn = R.frequencies(R.Rope(128, 1e4, 65536, S.DynamicYarn(4096, finetuned=True)), 1000, dtype=np.float64)
     np.testing.assert_allclose(yarn[0], dyn[0], rtol=1e-12)
     assert yarn[1] == pytest.approx(0.1 * math.log(16) + 1) == dyn[1]
 
@@ -150,7 +151,7 @@ def test_yarn_equals_finetuned_dynamic_yarn_at_its_own_scale():
 # ----------------------------------------------------------------------------- angles and application
 
 
-@pytest.mark.parametrize("scaling", [R.Default(), R.Yarn(32.0, 4096), R.Linear(4.0)])
+@pytest.mark.parametrize("scaling", [S.Default(), S.Yarn(32.0, 4096), S.Linear(4.0)])
 def test_cos_sin_exact_to_131072_against_float64(scaling):
     rope = R.Rope(128, 1e4, 4096 * 32, scaling)
     inv, factor = R.frequencies(rope, dtype=np.float64)
@@ -169,7 +170,7 @@ def test_apply_rope_matches_transformers():
     b, t, n, h = 2, 50, 3, 32
     x = rng.normal(size=(b, t, n, h)).astype(np.float32)
     positions = rng.integers(0, 5000, size=(b, t))
-    rope = R.Rope(h, 1e4, 4096, R.Yarn(8.0, 512))
+    rope = R.Rope(h, 1e4, 4096, S.Yarn(8.0, 512))
     inv, factor = R.frequencies(rope)
     ours = R.apply_rope(jnp.asarray(x), jnp.asarray(positions), inv, factor)
     freqs = positions[..., None].astype(np.float64) * inv.astype(np.float64)

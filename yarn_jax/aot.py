@@ -31,7 +31,7 @@ import jax.extend.core
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from yarn_jax import cli, data, hlo, run_config, sharding, train_step
+from yarn_jax import cli, hlo, run_config, sharding, train_step
 from yarn_jax.attention import ring
 from yarn_jax.config import LlamaConfig
 from yarn_jax.hardware import Chip, parse_topology
@@ -90,21 +90,11 @@ def trace_step(config: Any, mesh: Mesh):
     from yarn_jax.run_config import model_config
 
     cfg, _ = model_config(config)
-    tx = train_step.optimizer(train_step.OptimConfig(**{**config.optim.to_dict(), "total_steps": config.train.steps}))
-    abstract, shardings = train_step.state_shardings(cfg, mesh, tx)
-    micro = config.data.batch_size // config.train.grad_accum
-    sharding.check_batch(mesh, micro, config.data.seq_len)
-    batch_sharding = sharding.batch_sharding(mesh)
+    step = train_step.build(config, cfg, mesh)
     batch = {k: jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len), jnp.int32,
-                                     sharding=batch_sharding) for k in ("tokens", "positions", "segment_ids")}
-    step = train_step.make_step(cfg, mesh, tx, grad_accum=config.train.grad_accum,
-                                loss_chunk=config.train.loss_chunk,
-                                segment_mask=data.as_enum(data.Positions, "data.positions", config.data.positions)
-                                is data.Positions.DOCUMENT)
-    jitted = jax.jit(step, in_shardings=(shardings, batch_sharding, None), out_shardings=(shardings, None),
-                     donate_argnums=(0,))
+                                     sharding=step.batch_sharding) for k in ("tokens", "positions", "segment_ids")}
     with sharding.rules_context(mesh):
-        return cfg, tx, jitted.trace(abstract, batch, jax.ShapeDtypeStruct((), jnp.float32))
+        return cfg, step.tx, step.fn.trace(step.abstract, batch, jax.ShapeDtypeStruct((), jnp.float32))
 
 
 def program_bytes(compiled: Any) -> int:

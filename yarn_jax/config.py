@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 from typing import Any
 
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from yarn_jax import rope as rope_lib
-from yarn_jax.rope import _number
+from yarn_jax import scaling as scaling_lib
+from yarn_jax.validate import member, number
 
 
 class Remat(enum.Enum):
@@ -55,13 +57,6 @@ def _dtype(field: str, value: Any) -> np.dtype:
     return np.dtype(_DTYPES[name])
 
 
-def _enum(field: str, cls: type[enum.Enum], value: Any) -> enum.Enum:
-    try:
-        return value if isinstance(value, cls) else cls(value)
-    except ValueError:
-        raise ValueError(f"{field}: expected one of {[m.value for m in cls]}, got {value!r}") from None
-
-
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """A LLaMA-family decoder. Dimension letters (see yarn_jax/__init__.py): V, D, F, L, N, K, H."""
@@ -75,7 +70,7 @@ class LlamaConfig:
     head_dim: int  # H
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
-    rope_scaling: rope_lib.Scaling = rope_lib.Default()
+    rope_scaling: scaling_lib.Scaling = scaling_lib.Default()
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
@@ -92,11 +87,11 @@ class LlamaConfig:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
-            set_(name, _number(name, getattr(self, name), integer=True, gt=0))
+            set_(name, number(name, getattr(self, name), integer=True, gt=0))
         for name in ("bos_token_id", "eos_token_id"):
-            set_(name, _number(name, getattr(self, name), integer=True, ge=0))
-        set_("rms_norm_eps", _number("rms_norm_eps", self.rms_norm_eps, gt=0.0))
-        set_("scan_unroll", _number("scan_unroll", self.scan_unroll, integer=True, gt=0))
+            set_(name, number(name, getattr(self, name), integer=True, ge=0))
+        set_("rms_norm_eps", number("rms_norm_eps", self.rms_norm_eps, gt=0.0))
+        set_("scan_unroll", number("scan_unroll", self.scan_unroll, integer=True, gt=0))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_key_value_heads: expected a divisor of num_attention_heads ({self.num_heads}), "
                              f"got {self.num_kv_heads}")
@@ -105,19 +100,20 @@ class LlamaConfig:
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         set_("dtype", _dtype("dtype", self.dtype))
         set_("param_dtype", _dtype("param_dtype", self.param_dtype))
-        set_("remat", _enum("remat", Remat, self.remat))
+        set_("remat", member("remat", Remat, self.remat))
         if self.remat is not Remat.NONE and self.scan_unroll > 1 and self.scan_unroll >= self.num_layers:
             # straight-line code leaves the compiler free to recompute early: measured, the compiled step
             # kept every activation (CPU memory analysis; out of memory on the H200 at 131072 tokens)
             raise ValueError(f"scan_unroll: {self.scan_unroll} unrolls all {self.num_layers} layers, which keeps every "
                              f"activation whatever remat says ({self.remat.value!r}); use remat 'none' or a smaller "
                              "scan_unroll")
-        set_("attention", _enum("attention", AttentionImpl, self.attention))
-        set_("ring_layout", _enum("ring_layout", RingLayout, self.ring_layout))
+        set_("attention", member("attention", AttentionImpl, self.attention))
+        set_("ring_layout", member("ring_layout", RingLayout, self.ring_layout))
         _ = self.rope  # validates head_dim parity, theta and the scaling against head_dim
 
-    @property
+    @functools.cached_property
     def rope(self) -> rope_lib.Rope:
+        """The RoPE of this model (built and validated once per config)."""
         return rope_lib.Rope(self.head_dim, self.rope_theta, self.max_position_embeddings, self.rope_scaling)
 
     def replace(self, **changes: Any) -> LlamaConfig:
@@ -149,8 +145,8 @@ class LlamaConfig:
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if key not in hf:
                 raise ValueError(f"{key}: missing from config")
-        hidden = _number("hidden_size", hf["hidden_size"], integer=True, gt=0)
-        heads = _number("num_attention_heads", hf["num_attention_heads"], integer=True, gt=0)
+        hidden = number("hidden_size", hf["hidden_size"], integer=True, gt=0)
+        heads = number("num_attention_heads", hf["num_attention_heads"], integer=True, gt=0)
         head_dim = hf.get("head_dim")
         if head_dim is None:
             if hidden % heads:
@@ -159,7 +155,7 @@ class LlamaConfig:
             head_dim = hidden // heads
         rope_dict = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
         theta = rope_dict.get("rope_theta", hf.get("rope_theta", 10000.0))
-        max_pos = _number("max_position_embeddings", hf.get("max_position_embeddings", 4096), integer=True, gt=0)
+        max_pos = number("max_position_embeddings", hf.get("max_position_embeddings", 4096), integer=True, gt=0)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hidden,
@@ -170,7 +166,7 @@ class LlamaConfig:
             head_dim=head_dim,
             rope_theta=theta,
             max_position_embeddings=max_pos,
-            rope_scaling=rope_lib.scaling_from_dict(rope_dict, max_pos),
+            rope_scaling=scaling_lib.scaling_from_dict(rope_dict, max_pos),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             bos_token_id=hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 1,
@@ -193,7 +189,7 @@ class LlamaConfig:
             "hidden_act": "silu",
             "rope_theta": self.rope_theta,
             "max_position_embeddings": self.max_position_embeddings,
-            "rope_scaling": rope_lib.scaling_to_dict(self.rope_scaling),
+            "rope_scaling": scaling_lib.scaling_to_dict(self.rope_scaling),
             "rms_norm_eps": self.rms_norm_eps,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,

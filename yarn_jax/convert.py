@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from yarn_jax import checkpoint, cli, hf_files, hf_layout
-from yarn_jax import rope as rope_lib
+from yarn_jax import scaling as scaling_lib
 from yarn_jax.config import _DTYPES, LlamaConfig
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -185,13 +185,13 @@ def transformers_config(cfg: LlamaConfig) -> dict[str, Any]:
     (the same frequencies); dynamic_yarn and PI with an attention factor, which transformers lacks, are
     refused."""
     hf = cfg.to_hf()
-    if isinstance(cfg.rope_scaling, rope_lib.Linear) and cfg.rope_scaling.attention_factor is not None:
+    if isinstance(cfg.rope_scaling, scaling_lib.Linear) and cfg.rope_scaling.attention_factor is not None:
         raise ValueError("rope_scaling.attention_factor: transformers' linear scaling has none; this model "
                          "(PI with a temperature, an ablation) loads with yarn_jax only")
-    if isinstance(cfg.rope_scaling, rope_lib.NTK):
+    if isinstance(cfg.rope_scaling, scaling_lib.NTK):
         h = cfg.head_dim
         hf.update(rope_scaling=None, rope_theta=cfg.rope_theta * cfg.rope_scaling.alpha ** (h / (h - 2)))
-    elif isinstance(cfg.rope_scaling, rope_lib.DynamicYarn):
+    elif isinstance(cfg.rope_scaling, scaling_lib.DynamicYarn):
         raise ValueError("rope_scaling: dynamic_yarn has no transformers equivalent; export with a static "
                          "scaling (from-hf --rope-type yarn --factor S) or load the weights with yarn_jax")
     return hf

@@ -30,6 +30,8 @@ from typing import Any
 import grain
 import numpy as np
 
+from yarn_jax.validate import member
+
 
 class Format(enum.Enum):
     TEXT = "text"  # one document per file
@@ -46,14 +48,6 @@ class Packing(enum.Enum):  # see the module docstring
 class Positions(enum.Enum):  # see the module docstring
     CHUNK = "chunk"
     DOCUMENT = "document"
-
-
-def as_enum(kind: type[enum.Enum], field: str, value: Any) -> Any:
-    """A config string (or the member itself) as a member of `kind`; the error names the field."""
-    try:
-        return value if isinstance(value, kind) else kind(value)
-    except ValueError:
-        raise ValueError(f"{field}: expected one of {[m.value for m in kind]}, got {value!r}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +67,7 @@ class DataConfig:
 
     def __post_init__(self):
         for name, kind in (("format", Format), ("positions", Positions), ("packing", Packing)):
-            object.__setattr__(self, name, as_enum(kind, f"data.{name}", getattr(self, name)))
+            object.__setattr__(self, name, member(f"data.{name}", kind, getattr(self, name)))
         for name in ("seq_len", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"data.{name}: expected a positive integer, got {getattr(self, name)!r}")
@@ -94,7 +88,7 @@ class DataConfig:
 def check_sources(sources: tuple[str, ...], format: Format) -> None:  # noqa: A002
     """Refuses text sources that are not text (gzip, binary, not UTF-8) or hold no text at all, naming the
     file; reads the first 64 KiB of each."""
-    if as_enum(Format, "data.format", format) is not Format.TEXT:
+    if member("data.format", Format, format) is not Format.TEXT:
         return
     files, empty = expand(sources), 0
     for f in files:

@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 
 from yarn_jax import attention, sharding
 from yarn_jax import rope as rope_lib
+from yarn_jax import scaling as scaling_lib
 from yarn_jax.config import LlamaConfig
 from yarn_jax.llama import Llama, model, param_shardings
 
@@ -100,7 +101,7 @@ def generate(cfg: LlamaConfig, params: Any, prompt: np.ndarray, max_new: int, *,
     cache = init_cache(cfg, b, cache_length(t0 + max_new, 1 if mesh is None else mesh.shape["seq"]))
     # `step` takes the frequencies as an argument, so the scaling method need not key its compilation:
     # every RoPE variant of one model shape shares the compiled prefill and decode steps.
-    net_cfg = cfg.replace(rope_scaling=rope_lib.Default())
+    net_cfg = cfg.replace(rope_scaling=scaling_lib.Default())
     context = contextlib.nullcontext()
     if mesh is not None:
         sharding.check_batch(mesh, b, cache[0].shape[2])

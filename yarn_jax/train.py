@@ -99,20 +99,9 @@ class Run:
         data.check_fits(data.load_tokenizer(self.dcfg.tokenizer), self.cfg.vocab_size, "data.tokenizer",
                         self.dcfg.tokenizer)
         self.mesh = sharding.make_mesh(**config.mesh)
-        sharding.check_batch(self.mesh, self.dcfg.batch_size // config.train.grad_accum, self.dcfg.seq_len)
-        if self.mesh.shape["seq"] > 1:
-            from yarn_jax.attention import ring
-
-            ring.permutation(self.dcfg.seq_len, self.mesh.shape["seq"], self.cfg.ring_layout)  # validates
-        ocfg = ts.OptimConfig(**{**config.optim.to_dict(), "total_steps": config.train.steps})
-        self.tx = ts.optimizer(ocfg)
-        self.abstract, self.shardings = ts.state_shardings(self.cfg, self.mesh, self.tx)
-        step = ts.make_step(self.cfg, self.mesh, self.tx, grad_accum=config.train.grad_accum,
-                            loss_chunk=config.train.loss_chunk, segment_mask=self.dcfg.positions is data.Positions.DOCUMENT)
-        batch_sharding = sharding.batch_sharding(self.mesh)
-        self.batch_sharding = batch_sharding
-        self.step_fn = jax.jit(step, in_shardings=(self.shardings, batch_sharding, None),
-                               out_shardings=(self.shardings, None), donate_argnums=(0,))
+        step = ts.build(config, self.cfg, self.mesh)
+        self.tx, self.abstract, self.shardings = step.tx, step.abstract, step.shardings
+        self.batch_sharding, self.step_fn = step.batch_sharding, step.fn
         self.batches = data.Batches(self.dcfg, jax.process_index(), jax.process_count())
         self.manager = checkpoint.manager(self.workdir / "checkpoints", max_to_keep=config.train.keep or None)
         self.settings = run_settings(self.cfg, self.dcfg, config)
@@ -204,52 +193,18 @@ class Run:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
 
     def train(self) -> int:
-        cfg, tcfg = self.cfg, self.config.train
+        tcfg = self.config.train
         # a failed background save (Orbax's threads) is reported once, by `_saves_ok`, not as a thread traceback
         threading.excepthook = lambda args: print(f"warning: background {args.thread.name}: "
                                                   f"{cli.one_line(str(args.exc_value))[:200]}", file=sys.stderr)
         # SIGTERM (preemption) and SIGINT (Ctrl-C) both end the current step, save it and stop
         previous = {sig: signal.signal(sig, lambda sig, _: self.__setattr__("stopped_by", sig))
                     for sig in (signal.SIGTERM, signal.SIGINT)}
-        flops = ts.flops_per_token(cfg, self.dcfg.seq_len)
-        peak = hardware.peak_flops(jax.devices()[0])
         start = int(self.state.step)
-        primary = jax.process_index() == 0
-        if primary:
-            workdir.keep_metrics_before(self.workdir / "metrics.jsonl", start)
-        metrics_file = open(self.workdir / ("metrics.jsonl" if primary else os.devnull), "a")  # noqa: SIM115
-        loss, rates = float("nan"), []
-        board = _tensorboard(self.workdir) if primary else None
-        bar = _progress(start, tcfg.steps)
+        log = _Log(self.workdir, start, tcfg.steps, ts.flops_per_token(self.cfg, self.dcfg.seq_len))
         try:
             for step in range(start, tcfg.steps):
-                t0 = time.perf_counter()
-                local = next(self.batches)
-                t1 = time.perf_counter()
-                scale = jnp.float32(np.nan if step == tcfg.get("inject_nan_at", -1) else 1.0)
-                with sharding.rules_context(self.mesh):
-                    self.state, m = self.step_fn(self.state, self._global_batch(local), scale)
-                loss, grad_norm = float(m["loss"]), float(m["grad_norm"])  # the step's only host sync
-                t2 = time.perf_counter()
-                if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-                    raise cli.RunError(f"step {step}: loss {loss} / gradient norm {grad_norm} is not finite; "
-                                     "stopped without saving this state")
-                tokens_per_s = self.dcfg.batch_size * self.dcfg.seq_len / (t2 - t0)
-                rates.append(tokens_per_s)
-                record = {"step": step, "loss": loss, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                          "data_wait_s": t1 - t0, "compute_s": t2 - t1,
-                          "batch_hash": ts.batch_hash(local["tokens"])}
-                if peak:
-                    record["mfu"] = tokens_per_s * flops / (peak * jax.device_count())
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                if board is not None:
-                    for key, value in record.items():
-                        if key not in ("step", "batch_hash"):
-                            board.add_scalar(f"train/{key}", value, step)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}",
-                                **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
+                log.write(self._step(step))
                 done = step + 1
                 if self.stopped_by is not None:
                     self._saves_ok(functools.partial(self.save, done, force=True))
@@ -259,10 +214,7 @@ class Run:
                     self._saves_ok(functools.partial(self.save, done))
                 self._saves_ok(self.manager.check_for_errors)
         finally:
-            bar.close()
-            metrics_file.close()
-            if board is not None:
-                board.close()
+            log.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._saves_ok(self.manager.wait_until_finished)
@@ -271,10 +223,64 @@ class Run:
                 self.lock.release()
         self.manager.close()
         end = int(self.state.step)
-        if primary and end > start:
-            print(f"trained steps {start + 1}-{end}: final loss {loss:.4f}, {statistics.median(rates):,.0f} tokens/s "
-                  f"(median), checkpoint {self.workdir / 'checkpoints' / str(self.manager.latest_step())}", flush=True)
+        if log.primary and end > start:
+            print(f"trained steps {start + 1}-{end}: final loss {log.loss:.4f}, {statistics.median(log.rates):,.0f} "
+                  f"tokens/s (median), checkpoint {self.workdir / 'checkpoints' / str(self.manager.latest_step())}",
+                  flush=True)
         return end
+
+    def _step(self, step: int) -> dict[str, Any]:
+        """Runs step `step` on the next batch; its metrics record. A non-finite loss stops the run."""
+        t0 = time.perf_counter()
+        local = next(self.batches)
+        t1 = time.perf_counter()
+        scale = jnp.float32(np.nan if step == self.config.train.get("inject_nan_at", -1) else 1.0)
+        with sharding.rules_context(self.mesh):
+            self.state, m = self.step_fn(self.state, self._global_batch(local), scale)
+        loss, grad_norm = float(m["loss"]), float(m["grad_norm"])  # the step's only host sync
+        t2 = time.perf_counter()
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            raise cli.RunError(f"step {step}: loss {loss} / gradient norm {grad_norm} is not finite; "
+                               "stopped without saving this state")
+        return {"step": step, "loss": loss, "grad_norm": grad_norm,
+                "tokens_per_s": self.dcfg.batch_size * self.dcfg.seq_len / (t2 - t0),
+                "data_wait_s": t1 - t0, "compute_s": t2 - t1, "batch_hash": ts.batch_hash(local["tokens"])}
+
+
+class _Log:
+    """Where each step's record goes (process 0 only): one row of WORKDIR/metrics.jsonl (rows at and after
+    the first step of this run, left by an earlier run, are dropped first), TensorBoard, the progress bar."""
+
+    def __init__(self, work: Path, start: int, steps: int, flops_per_token: float):
+        self.primary = jax.process_index() == 0
+        if self.primary:
+            workdir.keep_metrics_before(work / "metrics.jsonl", start)
+        self.file = open(work / ("metrics.jsonl" if self.primary else os.devnull), "a")  # noqa: SIM115
+        self.board = _tensorboard(work) if self.primary else None
+        self.bar = _progress(start, steps)
+        self.flops, self.peak = flops_per_token, hardware.peak_flops(jax.devices()[0])
+        self.loss, self.rates = float("nan"), []
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.peak:
+            record["mfu"] = record["tokens_per_s"] * self.flops / (self.peak * jax.device_count())
+        self.loss = record["loss"]
+        self.rates.append(record["tokens_per_s"])
+        if self.board is not None:
+            for key, value in record.items():
+                if key not in ("step", "batch_hash"):
+                    self.board.add_scalar(f"train/{key}", value, record["step"])
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{self.loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                             **({"mfu": f"{record['mfu']:.1%}"} if self.peak else {}))
+
+    def close(self) -> None:
+        self.bar.close()
+        self.file.close()
+        if self.board is not None:
+            self.board.close()
 
 
 def _execution(cfg: config_lib.LlamaConfig) -> dict[str, Any]:

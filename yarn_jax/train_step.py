@@ -1,6 +1,7 @@
 """The jitted train step: the next-token loss (`loss.py`), gradient accumulation, AdamW with clipping.
 
-    state, metrics = step(state, batch, loss_scale)
+    step = build(run_config, cfg, mesh)                       # the one builder: train, aot and bench
+    state, metrics = step.fn(state, batch, loss_scale)
 
 batch: tokens, positions, segment_ids [B, T] (global arrays on the mesh).
 """
@@ -8,6 +9,7 @@ batch: tokens, positions, segment_ids [B, T] (global arrays on the mesh).
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any
 
 import flax.linen as nn
@@ -17,9 +19,16 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from yarn_jax import data, sharding
 from yarn_jax.config import LlamaConfig
 from yarn_jax.llama import param_shardings
 from yarn_jax.loss import loss_fn
+from yarn_jax.validate import member
+
+
+class Schedule(enum.Enum):  # the learning rate after warm-up
+    CONSTANT = "constant"
+    COSINE = "cosine"  # to 0 at the last step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,19 +40,23 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     clip: float = 1.0  # global-norm clipping; 0 disables
-    schedule: str = "constant"  # constant | cosine (after warmup)
+    schedule: Schedule = Schedule.CONSTANT
     total_steps: int = 400
 
     def __post_init__(self):
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"optim.schedule: expected 'constant' or 'cosine', got {self.schedule!r}")
+        object.__setattr__(self, "schedule", member("optim.schedule", Schedule, self.schedule))
         if not self.lr > 0:
             raise ValueError(f"optim.lr: expected a positive number, got {self.lr!r}")
+
+    @classmethod
+    def of_run(cls, config: Any) -> OptimConfig:
+        """The run config's `optim`, over its `train.steps`."""
+        return cls(**{**config.optim.to_dict(), "total_steps": config.train.steps})
 
 
 def optimizer(c: OptimConfig) -> optax.GradientTransformation:
     """The paper's recipe by default: AdamW(b1 0.9, b2 0.95), no weight decay, 20 warm-up steps."""
-    decay = (optax.constant_schedule(c.lr) if c.schedule == "constant" else
+    decay = (optax.constant_schedule(c.lr) if c.schedule is Schedule.CONSTANT else
              optax.cosine_decay_schedule(c.lr, max(1, c.total_steps - c.warmup_steps)))
     schedule = optax.join_schedules([optax.linear_schedule(0.0, c.lr, c.warmup_steps), decay], [c.warmup_steps])
     parts = [optax.clip_by_global_norm(c.clip)] if c.clip > 0 else []
@@ -92,6 +105,37 @@ def make_step(cfg: LlamaConfig, mesh: Mesh | None, tx: optax.GradientTransformat
         return TrainState(params, opt_state, state.step + 1), metrics
 
     return step
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """A run's train step and what calling and checkpointing it needs."""
+
+    tx: optax.GradientTransformation
+    abstract: TrainState  # of jax.ShapeDtypeStruct with shardings: restore and trace targets
+    shardings: TrainState  # of NamedSharding
+    batch_sharding: jax.sharding.NamedSharding
+    fn: Any  # jitted (state, batch, loss_scale) -> (state, metrics); the state is donated
+
+
+def build(config: Any, cfg: LlamaConfig, mesh: Mesh) -> Step:
+    """The train step of run config `config` (`optim`, `train`, `data`) for model `cfg` on `mesh`: the one
+    builder of train, aot and the benchmarks. Checks that the batch and sequence divide over the mesh."""
+    t, d = config.train, config.data
+    sharding.check_batch(mesh, d.batch_size // t.grad_accum, d.seq_len)
+    if mesh.shape["seq"] > 1:
+        from yarn_jax.attention import ring
+
+        ring.permutation(d.seq_len, mesh.shape["seq"], cfg.ring_layout)  # validates the layout's divisibility
+    tx = optimizer(OptimConfig.of_run(config))
+    abstract, shardings = state_shardings(cfg, mesh, tx)
+    positions = member("data.positions", data.Positions, d.positions)
+    step = make_step(cfg, mesh, tx, grad_accum=t.grad_accum, loss_chunk=t.loss_chunk,
+                     segment_mask=positions is data.Positions.DOCUMENT)
+    batch_sharding = sharding.batch_sharding(mesh)
+    fn = jax.jit(step, in_shardings=(shardings, batch_sharding, None), out_shardings=(shardings, None),
+                 donate_argnums=(0,))
+    return Step(tx, abstract, shardings, batch_sharding, fn)
 
 
 def state_shardings(cfg: LlamaConfig, mesh: Mesh, tx: optax.GradientTransformation) -> tuple[Any, Any]:

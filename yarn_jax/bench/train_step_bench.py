@@ -148,6 +148,34 @@ def _ratio(x: float | None, y: float | None) -> str:
     return f"{x / y:.2f}x" if x and y else "-"
 
 
+def _print_tables(rows: list[dict], seqs: list[int], peak: float | None, comparisons: bool) -> None:
+    """Every row's tokens/s, MFU and memory; with a peer or the kernel bound, the best of each per length."""
+    import jax
+
+    flops = {r["seq"]: r["flops_per_token"] for r in rows if "flops_per_token" in r}
+    print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, batch 1, bf16")
+    print("| impl | seq | remat | tokens/s | MFU | peak GiB (process) | GiB (program) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['impl']} | {r['seq']} | {r['remat']} | {r['error']} | | | |")
+            continue
+        tps = r["seq"] / r["step_s"]
+        mfu = f"{tps * flops.get(r['seq'], 0) / peak:.1%}" if peak and r["seq"] in flops else "-"
+        program = f"{r['program_gib']:.1f}" if "program_gib" in r else "-"
+        print(f"| {r['impl']} | {r['seq']} | {r['remat']} | {tps:,.0f} | {mfu} | {r['peak_gib']:.1f} | {program} |")
+    best = {(seq, impl): max((seq / r["step_s"] for r in rows if r["seq"] == seq and "step_s" in r
+                              and r["impl"].startswith(impl)), default=None)
+            for seq in seqs for impl in ("yarn_jax", "hf-torch", "kernel bound")}
+    if comparisons:
+        print("\n| seq | yarn_jax best tokens/s | peer best tokens/s | ours / peer | ours / bound | bound / peer |")
+        print("|---|---|---|---|---|---|")
+        for seq in seqs:
+            ours_, peer_, bound = (best[seq, impl] for impl in ("yarn_jax", "hf-torch", "kernel bound"))
+            print(f"| {seq} | {_tokens(ours_)} | {_tokens(peer_)} | {_ratio(ours_, peer_)} | {_ratio(ours_, bound)} "
+                  f"| {_ratio(bound, peer_)} |")
+
+
 def main(argv: list[str]) -> int:
     from yarn_jax import run_config
 
@@ -199,28 +227,7 @@ def main(argv: list[str]) -> int:
             cfg, _ = run_config.model_config(run_config.load(a.config, overrides))
             rows.append({"impl": "kernel bound", "seq": seq, "remat": "-", "peak_gib": 0.0, **kernel_bound(cfg, seq)})
             print(json.dumps(rows[-1]), flush=True)
-    flops = {r["seq"]: r["flops_per_token"] for r in rows if "flops_per_token" in r}
-    print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, batch 1, bf16")
-    print("| impl | seq | remat | tokens/s | MFU | peak GiB (process) | GiB (program) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['impl']} | {r['seq']} | {r['remat']} | {r['error']} | | | |")
-            continue
-        tps = r["seq"] / r["step_s"]
-        mfu = f"{tps * flops.get(r['seq'], 0) / peak:.1%}" if peak and r["seq"] in flops else "-"
-        program = f"{r['program_gib']:.1f}" if "program_gib" in r else "-"
-        print(f"| {r['impl']} | {r['seq']} | {r['remat']} | {tps:,.0f} | {mfu} | {r['peak_gib']:.1f} | {program} |")
-    best = {(seq, impl): max((seq / r["step_s"] for r in rows if r["seq"] == seq and "step_s" in r
-                              and r["impl"].startswith(impl)), default=None)
-            for seq in seqs for impl in ("yarn_jax", "hf-torch", "kernel bound")}
-    if a.peer or a.bound:
-        print("\n| seq | yarn_jax best tokens/s | peer best tokens/s | ours / peer | ours / bound | bound / peer |")
-        print("|---|---|---|---|---|---|")
-        for seq in seqs:
-            ours_, peer_, bound = (best[seq, impl] for impl in ("yarn_jax", "hf-torch", "kernel bound"))
-            print(f"| {seq} | {_tokens(ours_)} | {_tokens(peer_)} | {_ratio(ours_, peer_)} | {_ratio(ours_, bound)} "
-                  f"| {_ratio(bound, peer_)} |")
+    _print_tables(rows, seqs, peak, comparisons=bool(a.peer or a.bound))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(rows, indent=2))
     return 0

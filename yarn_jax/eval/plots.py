@@ -46,7 +46,7 @@ def passkey(rows: list[dict], path: Path, depth_bins: int) -> None:
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 4 * nrows), squeeze=False)
     for ax in axes.flat[len(labels):]:
         ax.axis("off")
-    for ax, label in zip(axes.flat, labels):
+    for ax, label in zip(axes.flat[:len(labels)], labels, strict=True):
         _, grid, lengths = accuracy([r for r in rows if r["model"] == label], depth_bins)
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
         ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
