@@ -47,8 +47,9 @@ def test_keeping_a_stale_cache_would_differ_for_dynamic_yarn():
     seq = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 26))
     full = yarn_jax.forward(cfg, params, seq, seq_len=26)[:, -1]
     cache = generate.init_cache(cfg, 2, 26)
-    _, cache = generate.step(cfg, params, cache, seq[:, :25], 0, generate.frequencies(cfg, 25))  # stale after 25
-    stale, _ = generate.step(cfg, params, cache, seq[:, 25:], 25, generate.frequencies(cfg, 26))
+    # the first 25 tokens against the empty cache's slots (prefill=False: no padding to the cache length)
+    _, cache = generate.step(cfg, params, cache, seq[:, :25], 0, generate.frequencies(cfg, 25), prefill=False)
+    stale, _ = generate.step(cfg, params, cache, seq[:, 25:], 25, generate.frequencies(cfg, 26), prefill=False)
     assert float(np.abs(stale - full).max()) > 1e-2
 
 

@@ -183,7 +183,7 @@ def generation_report(config: Any, topology: str, new_tokens: int = 64) -> tuple
     seq axis, then one decode step (`generate.step`, as `generate` runs them), parameters in bf16.
     (figures, lines): per-chip memory of each program and the fit verdict."""
     from yarn_jax import generate
-    from yarn_jax.llama import init_params, param_shardings
+    from yarn_jax.llama import Cache, init_params, param_shardings
     from yarn_jax.run_config import model_config
 
     chip, chips, devices = topology_devices(topology)
@@ -197,14 +197,14 @@ def generation_report(config: Any, topology: str, new_tokens: int = 64) -> tuple
                           jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))), param_shardings(cfg, mesh))
     kv = sharding.logical_sharding(mesh, ("layers", "batch", "seq", "kv_heads", "head_dim"))
     shape = (cfg.num_layers, 1, length, cfg.num_kv_heads, cfg.head_dim)
-    cache = (jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=kv),) * 2
+    cache = Cache(*(jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=kv),) * 2)
     freqs = generate.frequencies(cfg, t0)
     per_chip, rows = len(devices) // chips, {}
     with sharding.rules_context(mesh):
         for name, t in (("prefill", length), ("decode", 1)):
             tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
             compiled = generate.step.lower(cfg, params, cache, tokens, jnp.int32(0), freqs, jnp.int32(t0 - 1),
-                                           mesh).compile()
+                                           prefill=name == "prefill", mesh=mesh).compile()
             rows[name] = program_bytes(compiled) * per_chip / 2**30
     cache_gib = 2 * math.prod(shape) * 2 / chips / 2**30
     worst = max(rows.values())

@@ -28,7 +28,7 @@ from yarn_jax import attention, sharding
 from yarn_jax import rope as rope_lib
 from yarn_jax import scaling as scaling_lib
 from yarn_jax.config import LlamaConfig
-from yarn_jax.llama import Llama, model, param_shardings
+from yarn_jax.llama import Cache, Llama, model, param_shardings
 
 CACHE_BUCKET = 256  # cache lengths round up to a multiple: prompts of similar length share compilations
 
@@ -40,10 +40,10 @@ def cache_length(tokens: int, ring: int = 1) -> int:
     return -(-tokens // bucket) * bucket
 
 
-def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> tuple[jax.Array, jax.Array]:
-    """Empty (k, v) caches [L, B, S, K, H] in the compute dtype."""
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> Cache:
+    """An empty cache, (k, v) [L, B, S, K, H] in the compute dtype."""
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)
+    return Cache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
 
 
 def frequencies(cfg: LlamaConfig, length: int) -> tuple[tuple[np.ndarray, ...], float]:
@@ -52,12 +52,13 @@ def frequencies(cfg: LlamaConfig, length: int) -> tuple[tuple[np.ndarray, ...], 
     return rope_lib.turn_parts(inv_freq), float(factor)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mesh"), donate_argnames=("cache",))
-def step(cfg: LlamaConfig, params: Any, cache: Any, tokens: jax.Array, start: jax.Array, freqs: Any,
-         last: jax.Array | int = -1, mesh: Mesh | None = None) -> tuple[jax.Array, Any]:
+@functools.partial(jax.jit, static_argnames=("cfg", "prefill", "mesh"), donate_argnames=("cache",))
+def step(cfg: LlamaConfig, params: Any, cache: Cache, tokens: jax.Array, start: jax.Array, freqs: Any,
+         last: jax.Array | int = -1, *, prefill: bool, mesh: Mesh | None = None) -> tuple[jax.Array, Cache]:
     """tokens [B, t] at positions start..start+t-1 -> (logits [B, V] float32 of token `last`, new cache).
-    Prefills pad `tokens` to the cache length (one compilation for every prompt length): causal
-    attention keeps the padding from touching the real tokens, whose logits `last` selects.
+    A prefill (start 0) fills the whole cache: its `tokens` are padded to the cache length (one
+    compilation for every prompt length), causal attention keeps the padding from touching the real
+    tokens, whose logits `last` selects.
 
     With the mesh's seq axis R > 1 the cache is split over it in the ring's order (slot j holds token
     perm[j], device i the slots of its ring block): a prefill runs the model on the permuted sequence
@@ -67,25 +68,25 @@ def step(cfg: LlamaConfig, params: Any, cache: Any, tokens: jax.Array, start: ja
     ring_size = 1 if mesh is None else mesh.shape["seq"]
     slot_index = None
     if ring_size > 1:
-        perm = attention.ring.permutation(cache[0].shape[2], ring_size, cfg.ring_layout)  # static numpy
+        perm = attention.ring.permutation(cache.k.shape[2], ring_size, cfg.ring_layout)  # static numpy
         slot_index = jnp.asarray(perm, jnp.int32)
-    if t == cache[0].shape[2] and slot_index is not None:  # the prefill, in the ring's order
+    if prefill and slot_index is not None:  # in the ring's order
         tokens = tokens[:, perm]
         positions = jnp.broadcast_to(slot_index, (b, t))
         last = jnp.take(jnp.asarray(np.argsort(perm), jnp.int32), last)  # the slot of token `last`
     else:
         positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    ones = jnp.ones((b, t), jnp.int32)
     net = model(cfg, attention.for_mesh(cfg, mesh), attention.decode_for_mesh(mesh))
-    hidden, cache = net.apply({"params": params}, tokens, positions, ones, positions, None, cache, start, freqs,
-                              slot_index)
+    hidden, cache = net.apply({"params": params}, tokens, positions=positions, cache=cache, start=start,
+                              freqs=freqs, prefill=prefill, slot_index=slot_index, method=Llama.decode)
     return net.apply({"params": params}, jnp.take(hidden, last, axis=1), method=Llama.unembed), cache
 
 
 def _prefill(cfg, params, cache, seq: np.ndarray, freqs, mesh) -> tuple[jax.Array, Any]:
-    padded = np.zeros((seq.shape[0], cache[0].shape[2]), np.int32)
+    padded = np.zeros((seq.shape[0], cache.k.shape[2]), np.int32)
     padded[:, :seq.shape[1]] = seq
-    return step(cfg, params, cache, jnp.asarray(padded), jnp.int32(0), freqs, jnp.int32(seq.shape[1] - 1), mesh)
+    return step(cfg, params, cache, jnp.asarray(padded), jnp.int32(0), freqs, jnp.int32(seq.shape[1] - 1),
+                prefill=True, mesh=mesh)
 
 
 def generate(cfg: LlamaConfig, params: Any, prompt: np.ndarray, max_new: int, *, temperature: float = 0.0,
@@ -104,10 +105,10 @@ def generate(cfg: LlamaConfig, params: Any, prompt: np.ndarray, max_new: int, *,
     net_cfg = cfg.replace(rope_scaling=scaling_lib.Default())
     context = contextlib.nullcontext()
     if mesh is not None:
-        sharding.check_batch(mesh, b, cache[0].shape[2])
+        sharding.check_batch(mesh, b, cache.k.shape[2])
         params = jax.device_put(params, param_shardings(cfg, mesh))
         kv = sharding.logical_sharding(mesh, ("layers", "batch", "seq", "kv_heads", "head_dim"))
-        cache = jax.device_put(cache, (kv, kv))
+        cache = jax.device_put(cache, Cache(kv, kv))
         context = sharding.rules_context(mesh)
     with context:
         return _decode(cfg, net_cfg, params, cache, prompt, max_new, temperature, key, eos_id, scale_len, mesh)
@@ -133,7 +134,8 @@ def _decode(cfg, net_cfg, params, cache, prompt, max_new, temperature, key, eos_
             break
         new = frequencies(cfg, scale_len(t0 + i + 1))
         if _same(new, freqs):
-            logits, cache = step(net_cfg, params, cache, jnp.asarray(out[-1]), jnp.int32(t0 + i), freqs, -1, mesh)
+            logits, cache = step(net_cfg, params, cache, jnp.asarray(out[-1]), jnp.int32(t0 + i), freqs, -1,
+                                 prefill=False, mesh=mesh)
         else:  # the frequencies moved: rebuild the whole cache with them
             freqs = new
             logits, cache = _prefill(net_cfg, params, cache, np.concatenate(out, axis=1), freqs, mesh)

@@ -11,7 +11,7 @@ RoPE angles, softmax and logits in float32.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -66,17 +66,18 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     """GQA self-attention; the kernels are pluggable behind one signature: `attend` for whole sequences
-    (training, prefill), `decode` for a few new tokens against the KV cache (masks by slot)."""
+    (training, prefill), `attend_cache` for a few new tokens against the KV cache (masks by slot)."""
 
     cfg: LlamaConfig
     attend: Callable[..., jax.Array]
-    decode: Callable[..., jax.Array] = reference.attention
+    attend_cache: Callable[..., jax.Array] = reference.attention
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, index, kv=None, cache=None):  # x [B, T, D]
+    def __call__(self, x, cos, sin, segment_ids, index, kv=None, cache=None, prefill=False):  # x [B, T, D]
         """kv/cache (generation): `kv` = (segment_ids, token index, slot) of all cache slots, `cache` = this
-        layer's (k, v) [B, S, K, H], keys after RoPE; the new tokens go to slots slot..slot+T. Returns (out,
-        cache)."""
+        layer's (k, v) [B, S, K, H], keys after RoPE; the new tokens go to slots slot..slot+T. prefill: the
+        new tokens are the whole sequence (from slot 0), so they attend to each other with `attend`.
+        Returns (out, cache)."""
         c = self.cfg
         d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         wq = _param(self, "q", (d, n, h), ("embed", "heads", "head_dim")).astype(c.dtype)
@@ -95,10 +96,10 @@ class Attention(nn.Module):
             kv_segment_ids, kv_index, slot = kv
             cache = tuple(jax.lax.dynamic_update_slice_in_dim(c_, new.astype(c_.dtype), slot, axis=1)
                           for c_, new in zip(cache, (k_, v), strict=True))
-            if q.shape[1] == cache[0].shape[1]:  # a prefill of the whole cache (slot 0): the model's kernel
+            if prefill:  # the whole sequence: the model's kernel
                 out = self.attend(q, k_, v, None, None, index, index)
             else:  # a few new tokens against the cache slots: masks by slot, which fused kernels do not take
-                out = self.decode(q, cache[0], cache[1], segment_ids, kv_segment_ids, index, kv_index)
+                out = self.attend_cache(q, cache[0], cache[1], segment_ids, kv_segment_ids, index, kv_index)
         out = checkpoint_name(out, "attn_out")
         return jnp.einsum("BTNH,NHD->BTD", out, wo), cache
 
@@ -124,23 +125,31 @@ class Block(nn.Module):
 
     cfg: LlamaConfig
     attend: Callable[..., jax.Array]
-    decode: Callable[..., jax.Array] = reference.attention
+    attend_cache: Callable[..., jax.Array] = reference.attention
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, index, kv=None, cache=None):
-        attn = Attention(self.cfg, self.attend, self.decode, name="attn")
-        y, cache = attn(RMSNorm(self.cfg, name="attn_norm")(x), cos, sin, segment_ids, index, kv, cache)
+    def __call__(self, x, cos, sin, segment_ids, index, kv=None, cache=None, prefill=False):
+        attn = Attention(self.cfg, self.attend, self.attend_cache, name="attn")
+        y, cache = attn(RMSNorm(self.cfg, name="attn_norm")(x), cos, sin, segment_ids, index, kv, cache, prefill)
         x = x + y
         x = x + Mlp(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
         return _constrain(x, ("batch", "seq", "embed")), cache
 
 
+class Cache(NamedTuple):
+    """Generation's KV cache: every layer's keys (after RoPE) and values over S slots."""
+
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array  # [L, B, S, K, H]
+
+
 class Llama(nn.Module):
-    """tokens [B, T] -> final hidden states [B, T, D] (after the last norm); `unembed` gives logits."""
+    """tokens [B, T] -> final hidden states [B, T, D] (after the last norm); `unembed` gives logits,
+    `decode` runs new tokens against a KV cache."""
 
     cfg: LlamaConfig
     attend: Callable[..., jax.Array]
-    decode: Callable[..., jax.Array] = reference.attention
+    attend_cache: Callable[..., jax.Array] = reference.attention
 
     def setup(self):
         c = self.cfg
@@ -152,32 +161,42 @@ class Llama(nn.Module):
         if c.remat is not Remat.NONE:
             block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
         self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(nn.broadcast,) * 5 + (0,), length=c.num_layers, unroll=c.scan_unroll,
-                              metadata_params={nn.PARTITION_NAME: "layers"})(c, self.attend, self.decode)
+                              in_axes=(nn.broadcast,) * 5 + (0, nn.broadcast), length=c.num_layers,
+                              unroll=c.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"},
+                              )(c, self.attend, self.attend_cache)
 
-    def __call__(self, tokens, positions, segment_ids, index, seq_len, cache=None, start=None, freqs=None,
-                 slot_index=None):
-        """seq_len: the length dynamic RoPE methods scale to. freqs: (turn parts, attention factor) computed
-        by the caller (generation passes them as arrays so one compilation serves every length).
-        cache (generation): (k, v) [L, B, S, K, H]; returns (hidden, new cache) then. start: the token index
-        of the first new token; slot_index [S]: the token index each cache slot holds (default 0..S-1; a
-        cache split over a ring holds its slots in the ring's order)."""
+    def __call__(self, tokens: jax.Array, *, positions: jax.Array, index: jax.Array,
+                 segment_ids: jax.Array | None = None, seq_len: int | None = None) -> jax.Array:
+        """tokens, positions (RoPE), index (causal order) [B, T] -> hidden [B, T, D]. segment_ids [B, T]:
+        packed documents (None: one per row). seq_len: the length dynamic RoPE methods scale to (default T)."""
         c = self.cfg
-        if freqs is None:
-            inv_freq, factor = rope_lib.frequencies(c.rope, seq_len, dtype=jnp.float64)  # static numpy: exact
-            freqs = (rope_lib.turn_parts(inv_freq), factor)
-        cos, sin = rope_lib.cos_sin(positions, *freqs)  # [B, T, H/2] each, shared by all layers
-        x = jnp.take(self.embedding, tokens, axis=0).astype(c.dtype)  # [B, T, D]
-        x = _constrain(x, ("batch", "seq", "embed"))
-        kv = None
-        if cache is not None:
-            b, s = cache[0].shape[1:3]
-            held = jnp.arange(s, dtype=jnp.int32) if slot_index is None else slot_index  # [S]
-            slot = start if slot_index is None else jnp.argmax(held == start).astype(jnp.int32)  # of token start
-            held = jnp.broadcast_to(held, (b, s))
-            kv = ((held < start + tokens.shape[1]).astype(jnp.int32), held, slot)
-        x, cache = self.layers(x, cos, sin, segment_ids, index, kv, cache)
-        return self.final_norm(x) if kv is None else (self.final_norm(x), cache)
+        inv_freq, factor = rope_lib.frequencies(c.rope, seq_len or tokens.shape[1], dtype=jnp.float64)
+        x, cos, sin = self._embed(tokens, positions, (rope_lib.turn_parts(inv_freq), factor))  # static: exact
+        x, _ = self.layers(x, cos, sin, segment_ids, index, None, None, False)
+        return self.final_norm(x)
+
+    def decode(self, tokens: jax.Array, *, positions: jax.Array, cache: Cache, start: jax.Array, freqs: Any,
+               prefill: bool, slot_index: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+        """New tokens [B, T] at token indices start..start+T-1 against the cache -> (hidden [B, T, D], the
+        cache holding them). freqs: (turn parts, attention factor) from the caller (arrays: one compilation
+        serves every length). prefill: the tokens are the whole sequence (start 0), attending to each other
+        with the model's kernel; otherwise they attend to the cache's slots. slot_index [S]: the token index
+        each slot holds (default 0..S-1; a cache split over a ring holds its slots in the ring's order)."""
+        x, cos, sin = self._embed(tokens, positions, freqs)
+        b, s = cache.k.shape[1:3]
+        held = jnp.arange(s, dtype=jnp.int32) if slot_index is None else slot_index  # [S]
+        slot = start if slot_index is None else jnp.argmax(held == start).astype(jnp.int32)  # of token start
+        held = jnp.broadcast_to(held, (b, s))
+        kv = ((held < start + tokens.shape[1]).astype(jnp.int32), held, slot)
+        ones = jnp.ones(tokens.shape, jnp.int32)
+        x, (k, v) = self.layers(x, cos, sin, ones, positions, kv, tuple(cache), prefill)
+        return self.final_norm(x), Cache(k, v)
+
+    def _embed(self, tokens, positions, freqs) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(embeddings [B, T, D], cos, sin [B, T, H/2]: shared by all layers)."""
+        cos, sin = rope_lib.cos_sin(positions, *freqs)
+        x = jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.dtype)
+        return _constrain(x, ("batch", "seq", "embed")), cos, sin
 
     def unembed(self, x: jax.Array) -> jax.Array:
         """Hidden states [..., D] -> logits [..., V] in float32."""
@@ -210,22 +229,23 @@ _logits.defvjp(_logits_fwd, _logits_bwd)
 
 
 def model(cfg: LlamaConfig, attend: Callable[..., jax.Array] | None = None,
-          decode: Callable[..., jax.Array] = reference.attention) -> Llama:
-    return Llama(cfg, attend or attention.select(cfg.attention), decode)
+          attend_cache: Callable[..., jax.Array] = reference.attention) -> Llama:
+    return Llama(cfg, attend or attention.select(cfg.attention), attend_cache)
+
+
+def _init(cfg: LlamaConfig, key: jax.Array) -> Any:
+    one = jnp.zeros((1, 1), jnp.int32)
+    return model(cfg, reference.attention).init(key, one, positions=one, index=one)
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array) -> Any:
     """Random parameters (normal(0.02), norms at 1), a plain pytree of arrays."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    variables = model(cfg, reference.attention).init(key, tokens, tokens, None, tokens, 1)
-    return nn.unbox(variables["params"])
+    return nn.unbox(_init(cfg, key)["params"])
 
 
 def logical_axes(cfg: LlamaConfig) -> Any:
     """The parameter tree's logical axis names, as PartitionSpecs of logical names (no arrays made)."""
-    boxed = jax.eval_shape(lambda: model(cfg, reference.attention).init(
-        jax.random.key(0), *(jnp.zeros((1, 1), jnp.int32),) * 2, None, jnp.zeros((1, 1), jnp.int32), 1))
-    return nn.get_partition_spec(boxed["params"])
+    return nn.get_partition_spec(jax.eval_shape(lambda: _init(cfg, jax.random.key(0)))["params"])
 
 
 
@@ -249,7 +269,8 @@ def hidden_states(cfg: LlamaConfig, params: Any, tokens: jax.Array, positions: j
     positions = arange if positions is None else positions.astype(jnp.int32)
     index = arange if index is None else index.astype(jnp.int32)
     segment_ids = None if segment_ids is None else segment_ids.astype(jnp.int32)
-    return model(cfg, attend).apply({"params": params}, tokens, positions, segment_ids, index, seq_len or t)
+    return model(cfg, attend).apply({"params": params}, tokens, positions=positions, index=index,
+                                    segment_ids=segment_ids, seq_len=seq_len or t)
 
 
 def unembed(cfg: LlamaConfig, params: Any, hidden: jax.Array) -> jax.Array:

@@ -69,13 +69,15 @@ def ours(config, prompt: int, new: int) -> dict:
         cache = generate.init_cache(cfg, 1, length)
         t = time.perf_counter()
         logits, cache = generate.step(cfg, params, cache, jnp.asarray(tokens), jnp.int32(0), freqs,
-                                      jnp.int32(prompt - 1))
+                                      jnp.int32(prompt - 1), prefill=True)
         nxt = np.asarray(jnp.argmax(logits, -1))[:, None].astype(np.int32)
         prefills.append(time.perf_counter() - t)
-    logits, cache = generate.step(cfg, params, cache, jnp.asarray(nxt), jnp.int32(prompt), freqs)  # compiles
+    logits, cache = generate.step(cfg, params, cache, jnp.asarray(nxt), jnp.int32(prompt), freqs,
+                                  prefill=False)  # compiles
     t = time.perf_counter()
     for i in range(new):
-        logits, cache = generate.step(cfg, params, cache, jnp.asarray(nxt), jnp.int32(prompt + 1 + i), freqs)
+        logits, cache = generate.step(cfg, params, cache, jnp.asarray(nxt), jnp.int32(prompt + 1 + i), freqs,
+                                      prefill=False)
         nxt = np.asarray(jnp.argmax(logits, -1))[:, None].astype(np.int32)
     decode = (time.perf_counter() - t) / new
     stats = jax.devices()[0].memory_stats() or {}
