@@ -12,8 +12,8 @@ import transformers
 
 import yarn_jax
 from tests import hf_models
-from tests.tolerances import HF_LOGITS_ATOL
-from yarn_jax import checkpoint, convert, sharding
+from tests.tolerances import EXPORTED_LOGITS_ATOL, HF_LOGITS_ATOL
+from yarn_jax import checkpoint, convert
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
 VARIANTS = {
@@ -68,7 +68,7 @@ def test_yarn_logits_match_after_conversion_and_export(tmp_path):
     convert.to_hf(tmp_path / "ckpt", tmp_path / "out", tokenizer=None)
     again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert again.config.rope_parameters["rope_type"] == "yarn"
-    np.testing.assert_allclose(hf_models.hf_logits(again, tokens), want, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(hf_models.hf_logits(again, tokens), want, atol=EXPORTED_LOGITS_ATOL, rtol=0)
 
 
 def test_rope_override_extends_a_model(tmp_path):
@@ -97,23 +97,6 @@ def test_scalings_transformers_lacks_are_refused_on_export():
             convert.transformers_config(cfg)
     plain_pi = yarn_jax.config.LlamaConfig.from_hf({**base, "rope_scaling": {"rope_type": "linear", "factor": 4.0}})
     assert convert.transformers_config(plain_pi)["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
-
-
-def test_load_checkpoint_onto_a_mesh(tmp_path):
-    model = hf_models.hf_model(hf_models.hf_config(rope_scaling=YARN))
-    convert.from_hf(_save(model, tmp_path / "hf"), tmp_path / "ckpt")
-    mesh = sharding.make_mesh(fsdp=2, tensor=2, data=-1)
-    cfg, params = checkpoint.load_checkpoint(tmp_path / "ckpt", mesh, dtype="float32")
-    q = params["layers"]["attn"]["q"]
-    assert q.sharding.spec == jax.sharding.PartitionSpec(None, ("fsdp", "seq"), "tensor", None)
-    _, host = checkpoint.load_checkpoint(tmp_path / "ckpt")
-    np.testing.assert_array_equal(np.asarray(q), host["layers"]["attn"]["q"])
-    # a bf16 checkpoint restores onto a mesh as float32 master weights (cfg.param_dtype), values unchanged
-    convert.from_hf(tmp_path / "hf", tmp_path / "bf16", dtype="bfloat16")
-    _, masters = checkpoint.load_checkpoint(tmp_path / "bf16", mesh)
-    _, stored = checkpoint.load_checkpoint(tmp_path / "bf16")
-    assert masters["embedding"].dtype == np.float32 and stored["embedding"].dtype == jax.numpy.bfloat16
-    np.testing.assert_array_equal(np.asarray(masters["embedding"]), stored["embedding"].astype(np.float32))
 
 
 def test_cli_both_ways(tmp_path):

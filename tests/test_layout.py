@@ -1,5 +1,5 @@
 """The package's import graph has no cycles, lazy (function-level) imports included: each module can be
-read knowing only the modules below it."""
+read knowing only the modules below it; modules and functions stay small enough to read at once."""
 
 import ast
 from pathlib import Path
@@ -44,3 +44,21 @@ def test_no_import_cycles():
         if m not in state:
             visit(m, [])
     assert "yarn_jax.attention.ring" in graph and "yarn_jax.llama" in graph  # the graph was built
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
+
+
+def test_modules_and_functions_stay_small():
+    """No module over 400 lines, no function (or method) over 60: each can be read at once."""
+    long_modules, long_functions = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            long_modules.append(f"{path.name}: {len(text.splitlines())}")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{path.name}:{node.lineno} {node.name}: {lines}")
+    assert not long_modules and not long_functions, (long_modules, long_functions)

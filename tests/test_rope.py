@@ -14,7 +14,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama import modeling_llama
 
 from tests.reference import original_yarn as ref
-from tests.tolerances import ANGLE_ATOL, ROPE_RTOL
+from tests.tolerances import ANGLE_ATOL, FLOAT64_ATOL, ROPE_RTOL
 from yarn_jax import rope as R
 from yarn_jax import scaling as S
 
@@ -126,7 +126,7 @@ def test_ntk_matches_original_formula(alpha, head_dim, theta):
                                                        (8192, 128, 5e5, (32, 1)), (512, 64, 1e4, (32, 1))])
 def test_yarn_ramp_matches_original_formula(truncate, orig, head_dim, theta, betas):
     ours = S.yarn_ramp(head_dim, theta, orig, *betas, truncate)
-    np.testing.assert_allclose(ours, ref.ramp(head_dim, theta, orig, *betas, truncate), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ours, ref.ramp(head_dim, theta, orig, *betas, truncate), rtol=0, atol=FLOAT64_ATOL)
     assert 0.0 < ours.mean() < 1.0  # some dimensions kept, some interpolated at these settings
 
 
@@ -144,7 +144,7 @@ def test_dynamic_yarn_matches_original_formula(finetuned, seq_len):
 def test_yarn_equals_finetuned_dynamic_yarn_at_its_own_scale():
     yarn = R.frequencies(R.Rope(128, 1e4, 65536, S.Yarn(16.0, 4096)), dtype=np.float64)
     dyn = R.frequencies(R.Rope(128, 1e4, 65536, S.DynamicYarn(4096, finetuned=True)), 1000, dtype=np.float64)
-    np.testing.assert_allclose(yarn[0], dyn[0], rtol=1e-12)
+    np.testing.assert_allclose(yarn[0], dyn[0], rtol=0, atol=FLOAT64_ATOL)
     assert yarn[1] == pytest.approx(0.1 * math.log(16) + 1) == dyn[1]
 
 
@@ -178,4 +178,4 @@ def test_apply_rope_matches_transformers():
     cos, sin = torch.tensor(np.cos(emb) * factor), torch.tensor(np.sin(emb) * factor)
     xt = torch.tensor(x.astype(np.float64)).transpose(1, 2)  # HF: [B, N, T, H]
     want, _ = modeling_llama.apply_rotary_pos_emb(xt, xt, cos, sin)
-    np.testing.assert_allclose(np.asarray(ours), want.transpose(1, 2).numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours), want.transpose(1, 2).numpy(), atol=ANGLE_ATOL)
