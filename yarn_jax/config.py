@@ -240,3 +240,22 @@ def llama3_8b(**kw: Any) -> LlamaConfig:
 
 
 PRESETS = {f.__name__: f for f in (tiny, llama2_7b, llama2_13b, llama2_70b, llama3_8b)}
+
+
+def with_rope(hf: dict[str, Any], rope: dict[str, Any]) -> dict[str, Any]:
+    """A Hugging Face config dict with RoPE overrides applied, by the one rule of train (`rope`), convert
+    (`--rope-type`, `--factor`, ...) and eval (`--rope`): an override naming `rope_type` replaces the
+    scaling, other keys update it; `max_position_embeddings` and `rope_theta` set the top-level keys."""
+    hf = dict(hf)
+    rope = {k: v for k, v in rope.items() if v is not None}
+    for key in ("max_position_embeddings", "rope_theta"):
+        if key in rope:
+            hf[key] = rope.pop(key)
+    if not rope:
+        return hf
+    current = dict(hf.pop("rope_scaling", None) or hf.pop("rope_parameters", None) or {})
+    current.pop("rope_theta", None)
+    if "rope_type" in rope:
+        current = {}
+    hf["rope_scaling"] = {**current, **rope}
+    return hf

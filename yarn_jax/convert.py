@@ -26,7 +26,7 @@ import numpy as np
 
 from yarn_jax import checkpoint, cli, hf_files, hf_layout
 from yarn_jax import scaling as scaling_lib
-from yarn_jax.config import _DTYPES, LlamaConfig
+from yarn_jax.config import _DTYPES, LlamaConfig, with_rope
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -93,24 +93,7 @@ def read_hf_config(hf_dir: Path, rope: dict[str, Any] | None = None) -> dict[str
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return apply_rope_overrides(hf, rope or {})
-
-
-def apply_rope_overrides(hf: dict[str, Any], rope: dict[str, Any]) -> dict[str, Any]:
-    """--rope-type replaces the scaling; other rope options update it; max/theta set top-level keys."""
-    hf = dict(hf)
-    rope = {k: v for k, v in rope.items() if v is not None}
-    for key in ("max_position_embeddings", "rope_theta"):
-        if key in rope:
-            hf[key] = rope.pop(key)
-    if not rope:
-        return hf
-    current = dict(hf.pop("rope_scaling", None) or hf.pop("rope_parameters", None) or {})
-    current.pop("rope_theta", None)
-    if "rope_type" in rope:
-        current = {}
-    hf["rope_scaling"] = {**current, **rope}
-    return hf
+    return with_rope(hf, rope or {})
 
 
 def _check_names(cfg: LlamaConfig, weights: hf_files.HfWeights) -> None:

@@ -44,12 +44,7 @@ def model_config(config: ml_collections.ConfigDict) -> tuple[config_lib.LlamaCon
     else:
         shape = {k: v for k, v in config.model.items() if k not in keys and k != "preset" and v is not None}
         base = config_lib.PRESETS[config.model.preset](**shape).to_hf()
-    rope = dict(config.get("rope", {}) or {})
-    for key in ("max_position_embeddings", "rope_theta"):
-        if key in rope:
-            base[key] = rope.pop(key)
-    if rope:
-        base["rope_scaling"] = rope
+    base = config_lib.with_rope(base, dict(config.get("rope", {}) or {}))
     return config_lib.LlamaConfig.from_hf(base, **execution), config.init_from or None
 
 

@@ -79,8 +79,7 @@ def _mesh(spec: str) -> dict[str, int]:
 def models(args) -> tuple[list[tuple[str, Any, Any]], Any]:
     """([(label, cfg, params) for every source x rope variant], mesh or None)."""
     from yarn_jax import checkpoint, convert, sharding
-    from yarn_jax.config import LlamaConfig
-    from yarn_jax.convert import apply_rope_overrides
+    from yarn_jax.config import LlamaConfig, with_rope
 
     ropes = [(spec, _rope(spec)) for spec in args.rope or ["none"]]  # bad specs fail before any loading
     mesh = sharding.make_mesh(**_mesh(args.mesh)) if args.mesh else None
@@ -105,7 +104,7 @@ def models(args) -> tuple[list[tuple[str, Any, Any]], Any]:
 
             params = jax.device_put(params)
         for spec, rope in ropes:
-            hf = apply_rope_overrides(cfg.to_hf(), rope)
+            hf = with_rope(cfg.to_hf(), rope)
             variant = LlamaConfig.from_hf(hf, dtype=cfg.dtype, param_dtype=cfg.param_dtype, attention=cfg.attention)
             out.append((label if spec == "none" else f"{label} {spec}", variant, params))
     return out, mesh
