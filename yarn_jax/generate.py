@@ -65,18 +65,14 @@ def step(cfg: LlamaConfig, params: Any, cache: Cache, tokens: jax.Array, start: 
     with ring attention, and each decode step writes its token to that token's slot and attends to
     every shard (`attention.decode_for_mesh`)."""
     b, t = tokens.shape
-    ring_size = 1 if mesh is None else mesh.shape["seq"]
-    slot_index = None
-    if ring_size > 1:
-        perm = attention.ring.permutation(cache.k.shape[2], ring_size, cfg.ring_layout)  # static numpy
-        slot_index = jnp.asarray(perm, jnp.int32)
-    if prefill and slot_index is not None:  # in the ring's order
-        tokens = tokens[:, perm]
-        positions = jnp.broadcast_to(slot_index, (b, t))
-        last = jnp.take(jnp.asarray(np.argsort(perm), jnp.int32), last)  # the slot of token `last`
+    attend, layout = attention.for_mesh(cfg, mesh, cache.k.shape[2])  # the cache's slots are in its order
+    slot_index = None if layout.perm is None else jnp.asarray(layout.perm, jnp.int32)
+    if prefill and slot_index is not None:  # the whole cache, in the layout's order
+        tokens, positions = layout.apply(tokens), layout.index(b, t)
+        last = jnp.take(jnp.asarray(np.argsort(layout.perm), jnp.int32), last)  # the slot of token `last`
     else:
         positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    net = model(cfg, attention.for_mesh(cfg, mesh), attention.decode_for_mesh(mesh))
+    net = model(cfg, attend, attention.decode_for_mesh(mesh))
     hidden, cache = net.apply({"params": params}, tokens, positions=positions, cache=cache, start=start,
                               freqs=freqs, prefill=prefill, slot_index=slot_index, method=Llama.decode)
     return net.apply({"params": params}, jnp.take(hidden, last, axis=1), method=Llama.unembed), cache

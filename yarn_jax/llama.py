@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
@@ -281,17 +280,11 @@ def unembed(cfg: LlamaConfig, params: Any, hidden: jax.Array) -> jax.Array:
 @jax.jit(static_argnames=("cfg", "seq_len", "mesh"))
 def _forward(cfg, params, tokens, positions, segment_ids, seq_len, mesh):
     b, t = tokens.shape
-    if mesh is None or mesh.shape["seq"] == 1:
-        hidden = hidden_states(cfg, params, tokens, positions, segment_ids, seq_len=seq_len,
-                               attend=attention.for_mesh(cfg, mesh))
-        return unembed(cfg, params, hidden)
-    perm = attention.ring.permutation(t, mesh.shape["seq"], cfg.ring_layout)  # static numpy
+    attend, layout = attention.for_mesh(cfg, mesh, t)
     positions = jnp.broadcast_to(jnp.arange(t), (b, t)) if positions is None else positions
-    permute = lambda x: None if x is None else x[:, perm]  # noqa: E731
-    index = jnp.broadcast_to(jnp.asarray(perm, jnp.int32), (b, t))
-    hidden = hidden_states(cfg, params, permute(tokens), permute(positions), permute(segment_ids), index,
-                           seq_len=seq_len or t, attend=attention.for_mesh(cfg, mesh))
-    return unembed(cfg, params, hidden)[:, np.argsort(perm)]
+    hidden = hidden_states(cfg, params, layout.apply(tokens), layout.apply(positions), layout.apply(segment_ids),
+                           layout.index(b, t), seq_len=seq_len or t, attend=attend)
+    return layout.restore(unembed(cfg, params, hidden))
 
 
 def forward(cfg: LlamaConfig, params: Any, tokens: jax.Array, positions: jax.Array | None = None,

@@ -65,11 +65,8 @@ def loss_fn(cfg: LlamaConfig, mesh: Mesh | None, loss_chunk: int, segment_mask: 
     if "weights" in batch:
         w = w * batch["weights"]
     b, t = tokens.shape
-    index = None
-    if mesh is not None and mesh.shape["seq"] > 1:
-        perm = attention.ring.permutation(t, mesh.shape["seq"], cfg.ring_layout)
-        tokens, positions, segment_ids, tgt, w = (x[:, perm] for x in (tokens, positions, segment_ids, tgt, w))
-        index = jnp.broadcast_to(jnp.asarray(perm, jnp.int32), (b, t))
-    hidden = hidden_states(cfg, params, tokens, positions, segment_ids if segment_mask else None, index,
-                           attend=attention.for_mesh(cfg, mesh))
+    attend, layout = attention.for_mesh(cfg, mesh, t)
+    tokens, positions, segment_ids, tgt, w = (layout.apply(x) for x in (tokens, positions, segment_ids, tgt, w))
+    hidden = hidden_states(cfg, params, tokens, positions, segment_ids if segment_mask else None,
+                           layout.index(b, t), attend=attend)
     return chunked_nll(cfg, params, hidden, tgt, w, loss_chunk), jnp.sum(w)

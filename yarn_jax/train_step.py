@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from yarn_jax import data, sharding
+from yarn_jax import attention, data, sharding
 from yarn_jax.config import LlamaConfig
 from yarn_jax.llama import param_shardings
 from yarn_jax.loss import loss_fn
@@ -123,10 +123,7 @@ def build(config: Any, cfg: LlamaConfig, mesh: Mesh) -> Step:
     builder of train, aot and the benchmarks. Checks that the batch and sequence divide over the mesh."""
     t, d = config.train, config.data
     sharding.check_batch(mesh, d.batch_size // t.grad_accum, d.seq_len)
-    if mesh.shape["seq"] > 1:
-        from yarn_jax.attention import ring
-
-        ring.permutation(d.seq_len, mesh.shape["seq"], cfg.ring_layout)  # validates the layout's divisibility
+    attention.layout(cfg, mesh, d.seq_len)  # checks that the sequence divides over the ring
     tx = optimizer(OptimConfig.of_run(config))
     abstract, shardings = state_shardings(cfg, mesh, tx)
     positions = member("data.positions", data.Positions, d.positions)

@@ -10,9 +10,13 @@ Segment ids None means one document per row.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from yarn_jax.attention import block_xla, cudnn, reference, ring
@@ -71,12 +75,43 @@ def decode_for_mesh(mesh: Mesh | None) -> AttentionFn:
     return reference.attention
 
 
-def for_mesh(cfg: LlamaConfig, mesh: Mesh | None) -> AttentionFn:
-    """Ring attention over 'seq' when the mesh splits the sequence, else the per-device kernel, both for
-    the mesh's platform (which may differ from the host's when compiling ahead of time for a TPU topology)."""
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The order of a sequence's T tokens along the mesh: 0..T-1 on one device; the ring's permutation when
+    the mesh splits the sequence (each device then holds its contiguous block of the permuted sequence)."""
+
+    perm: np.ndarray | None  # [T] the token at each place; None: the identity
+
+    def apply(self, x: Any) -> Any:
+        """[B, T, ...] in token order -> in layout order (None stays None)."""
+        return x if self.perm is None or x is None else x[:, self.perm]
+
+    def restore(self, x: Any) -> Any:
+        """[B, T, ...] in layout order -> in token order."""
+        return x if self.perm is None else x[:, np.argsort(self.perm)]
+
+    def index(self, batch: int, seq_len: int) -> jax.Array:
+        """[B, T] int32: the token index at each place (what attention's causality compares)."""
+        order = np.arange(seq_len) if self.perm is None else self.perm
+        return jnp.broadcast_to(jnp.asarray(order, jnp.int32), (batch, seq_len))
+
+
+def layout(cfg: LlamaConfig, mesh: Mesh | None, seq_len: int) -> Layout:
+    """The sequence layout of `mesh` for `seq_len` tokens (checks that they divide over the ring)."""
+    if mesh is None or mesh.shape["seq"] == 1:
+        return Layout(None)
+    return Layout(ring.permutation(seq_len, mesh.shape["seq"], cfg.ring_layout))
+
+
+def for_mesh(cfg: LlamaConfig, mesh: Mesh | None, seq_len: int) -> tuple[AttentionFn, Layout]:
+    """(attend, layout), decided once per mesh: ring attention over 'seq' with the ring's layout when the
+    mesh splits the sequence, else the per-device kernel and the identity; kernels for the mesh's platform
+    (which may differ from the host's when compiling ahead of time for a TPU topology). Callers put their
+    [B, T] inputs in `layout` order, pass `layout.index` as the token index, and restore per-token outputs."""
+    order = layout(cfg, mesh, seq_len)
     if mesh is None:
-        return select(cfg.attention)
+        return select(cfg.attention), order
     platform = mesh.devices.flat[0].platform
     if mesh.shape["seq"] > 1:
-        return ring.ring_attention(mesh, block_kernel(cfg.attention, platform), cfg.ring_layout)
-    return per_device(select(cfg.attention, platform), mesh)
+        return ring.ring_attention(mesh, block_kernel(cfg.attention, platform), cfg.ring_layout), order
+    return per_device(select(cfg.attention, platform), mesh), order
