@@ -14,9 +14,10 @@ from yarn_jax.run_config import base
 def get_config():
     c = base()
     c.model.update(dict(preset="llama2_7b", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                        num_layers=22, num_heads=32, num_kv_heads=4, head_dim=64, max_position_embeddings=8192,
+                        num_layers=22, num_heads=32, num_kv_heads=4, head_dim=64, max_position_embeddings=2048,
                         remat="none", scan_unroll=22))
-    c.rope.update(dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=2048))
+    c.rope.update(dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=2048,
+                       max_position_embeddings=8192))
     c.data.update(dict(seq_len=8192, batch_size=1))
     c.train.update(dict(steps=100))
     c.mesh.update(dict(data=1, fsdp=1, seq=1, tensor=1))

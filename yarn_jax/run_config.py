@@ -22,7 +22,10 @@ def base() -> ml_collections.ConfigDict:
         preset="llama2_7b",  # shape when not initialising from a checkpoint; the shape keys below override it
         dtype="bfloat16", param_dtype="float32", remat="full", attention="auto", ring_layout="zigzag",
         **{key: placeholder(kind) for key, kind in SHAPE_KEYS.items()}))  # unset: the preset's value
-    c.rope = ml_collections.ConfigDict()  # replaces the checkpoint's scaling, e.g. rope_type/factor/original_...
+    # the extension: the scaling (rope_type, factor, original_max_position_embeddings, ...: see
+    # config.with_rope) and the extended max_position_embeddings, the one home of the extended length;
+    # model.max_position_embeddings is the preset's trained length (ignored with init_from)
+    c.rope = ml_collections.ConfigDict()
     c.data = ml_collections.ConfigDict(dict(
         sources=(),  # files or globs; empty: the Python standard library's *.py files
         format="text", field="text", tokenizer="", tokenizer_vocab=32000, cache_dir="~/.cache/yarn_jax",

@@ -16,7 +16,8 @@ def get_config(method: str = "yarn"):
     c.init_from = ""  # the pretraining run's checkpoints directory
     c.model.update(dict(remat="none"))
     c.rope.update(repro.finetune_rope(method, original=512, factor=8))
-    c.data.update(dict(sources=tuple(repro.corpus()[0]), tokenizer_vocab=8192, packing="fit", seq_len=4096, batch_size=8))
+    c.data.update(dict(sources=tuple(repro.corpus()[0]), tokenizer_vocab=8192, packing="fit", seq_len=4096,
+                       batch_size=8))
     c.optim.update(dict(lr=1e-4, warmup_steps=20, schedule="constant"))
     c.train.update(dict(steps=200, loss_chunk=2048, save_every=25, keep=1000))
     c.mesh.update(dict(data=-1, fsdp=1, seq=1, tensor=1))

@@ -18,7 +18,8 @@ def get_config():
     c.model.update(dict(preset="tiny", vocab_size=8192, hidden_size=512, intermediate_size=1536, num_layers=8,
                         num_heads=8, num_kv_heads=2, head_dim=64, max_position_embeddings=512, rope_theta=10000.0,
                         tie_word_embeddings=False, remat="none"))
-    c.data.update(dict(sources=tuple(repro.corpus()[0]), tokenizer_vocab=8192, packing="fit", seq_len=512, batch_size=64))
+    c.data.update(dict(sources=tuple(repro.corpus()[0]), tokenizer_vocab=8192, packing="fit", seq_len=512,
+                       batch_size=64))
     c.optim.update(dict(lr=1e-3, warmup_steps=100, schedule="cosine", weight_decay=0.1))
     c.train.update(dict(steps=1500, loss_chunk=512, save_every=500, keep=1))
     c.mesh.update(dict(data=-1, fsdp=1, seq=1, tensor=1))

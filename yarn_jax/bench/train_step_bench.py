@@ -67,7 +67,9 @@ def setup(config, seq: int):
 
     config.data.update(dict(seq_len=seq, batch_size=1, positions="chunk"))
     config.train.grad_accum = 1
-    config.model.max_position_embeddings = max(seq, config.model.max_position_embeddings or 0)
+    # the model takes `seq` tokens: the extended length (rope's, else the preset's) is at least seq
+    config.rope.max_position_embeddings = max(seq, config.rope.get("max_position_embeddings")
+                                              or config.model.max_position_embeddings or 0)
     mesh = sharding.make_mesh(data=1, fsdp=1, seq=1, tensor=1, devices=jax.devices()[:1])
     cfg, tx, traced = aot.trace_step(config, mesh)
     with sharding.rules_context(mesh):
