@@ -18,7 +18,7 @@ import numpy as np
 
 from yarn_jax import rope as rope_lib
 from yarn_jax import scaling as scaling_lib
-from yarn_jax.validate import member, number
+from yarn_jax.validate import member, number, set_field
 
 
 class Remat(enum.Enum):
@@ -84,7 +84,7 @@ class LlamaConfig:
     scan_unroll: int = 1  # layers per iteration of the scan over layers (num_layers: no loop, only with remat none)
 
     def __post_init__(self):
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        set_ = functools.partial(set_field, self)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
             set_(name, number(name, getattr(self, name), integer=True, gt=0))

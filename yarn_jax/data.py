@@ -1,5 +1,5 @@
-"""The input pipeline (grain): documents -> SentencePiece -> BOS/EOS bookends -> concat-then-split into
-fixed-length chunks -> per-process batches of (tokens, positions, segment_ids).
+"""The input pipeline (grain): documents -> SentencePiece -> BOS/EOS bookends -> rows of seq_len tokens
+(concat-then-split, or fit) -> per-process batches of (tokens, positions, segment_ids).
 
 `packing` says how documents (bookended with BOS and EOS) become rows of `seq_len` tokens:
   "concat"   concatenated and split into chunks (grain's ConcatThenSplitIterDataset), the paper's way: no
@@ -30,7 +30,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from yarn_jax.validate import member
+from yarn_jax.validate import member, set_field
 
 
 class Format(enum.Enum):
@@ -67,7 +67,7 @@ class DataConfig:
 
     def __post_init__(self):
         for name, kind in (("format", Format), ("positions", Positions), ("packing", Packing)):
-            object.__setattr__(self, name, member(f"data.{name}", kind, getattr(self, name)))
+            set_field(self, name, member(f"data.{name}", kind, getattr(self, name)))
         for name in ("seq_len", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"data.{name}: expected a positive integer, got {getattr(self, name)!r}")

@@ -23,7 +23,7 @@ from yarn_jax import attention, data, sharding
 from yarn_jax.config import LlamaConfig
 from yarn_jax.llama import param_shardings
 from yarn_jax.loss import loss_fn
-from yarn_jax.validate import member
+from yarn_jax.validate import member, set_field
 
 
 class Schedule(enum.Enum):  # the learning rate after warm-up
@@ -44,7 +44,7 @@ class OptimConfig:
     total_steps: int = 400
 
     def __post_init__(self):
-        object.__setattr__(self, "schedule", member("optim.schedule", Schedule, self.schedule))
+        set_field(self, "schedule", member("optim.schedule", Schedule, self.schedule))
         if not self.lr > 0:
             raise ValueError(f"optim.lr: expected a positive number, got {self.lr!r}")
 

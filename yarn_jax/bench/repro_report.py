@@ -19,13 +19,24 @@ def _ppl_table(results: dict) -> dict[str, dict[int, float]]:
     return table
 
 
-def _passkey_table(results: dict) -> dict[str, dict[int, float]]:
+DEPTH_BINS = 5  # the passkey heat maps' depth bins
+
+
+def passkey_accuracy(rows: list[dict]) -> dict[str, dict]:
+    """Passkey accuracy per model, from the trial rows: per length ("passkey_accuracy") and per length x
+    depth bin ("passkey_by_depth", None where a bin holds no trial)."""
     from yarn_jax.eval.passkey import accuracy
 
-    out = {}
-    for label in dict.fromkeys(r["model"] for r in results["passkey"]):
-        out[label] = accuracy([r for r in results["passkey"] if r["model"] == label])[0]
-    return out
+    labels = dict.fromkeys(r["model"] for r in rows)
+    tables = {label: accuracy([r for r in rows if r["model"] == label], DEPTH_BINS) for label in labels}
+    return {"passkey_accuracy": {label: per_length for label, (per_length, _, _) in tables.items()},
+            "passkey_by_depth": {label: {"depth_bins": DEPTH_BINS, "lengths": lengths,
+                                         "accuracy": [[None if v != v else v for v in row] for row in grid.tolist()]}
+                                 for label, (_, grid, lengths) in tables.items()}}
+
+
+def _passkey_table(results: dict) -> dict[str, dict[int, float]]:
+    return passkey_accuracy(results["passkey"])["passkey_accuracy"]
 
 
 def claims(results: dict) -> dict[str, tuple[bool, str]]:

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from yarn_jax.bench.repro_report import report
+from yarn_jax.bench.repro_report import DEPTH_BINS, passkey_accuracy, report
 from yarn_jax.repro import FACTOR, METHODS, PASSKEY_DOCS, corpus, finetune_rope, passkey_documents
 
 
@@ -197,7 +197,7 @@ def run_seed(out: Path, seed: int, tokenizer: str, opts: Options = Options(), sy
     timings["steps_s"] = time.perf_counter() - t0
     results = {"seed": seed, "stride": ev["stride"], "lengths": lengths, "original": original, "extended": extended,
                "train": train, "perplexity": ppl, "passkey": pk, "target": target, "curves": curves,
-               **_passkey_accuracy(pk),
+               **passkey_accuracy(pk),
                "steps_to_target": {m: next((k for k, p in c if p <= target), None) for m, c in curves.items()},
                "timings": timings, "heldout_docs": [str(Path(f).name) for f in heldout], "machine": _machine()}
     _plots(root, results)
@@ -234,20 +234,7 @@ def _steps_to_target(root: Path, ft_cfgs: dict[str, Any], static: dict[str, str]
     return target, curves
 
 
-def _passkey_accuracy(rows: list[dict]) -> dict[str, dict]:
-    """Accuracy per model: per length, and per length x depth bin (None: no trial in the bin)."""
-    from yarn_jax.eval.passkey import accuracy
-
-    by_model = {label: [r for r in rows if r["model"] == label] for label in dict.fromkeys(r["model"] for r in rows)}
-    grids = {label: accuracy(rows, DEPTH_BINS) for label, rows in by_model.items()}
-    return {"passkey_accuracy": {label: accuracy(rows)[0] for label, rows in by_model.items()},
-            "passkey_by_depth": {label: {"depth_bins": DEPTH_BINS, "lengths": lengths,
-                                         "accuracy": [[None if v != v else v for v in row] for row in grid.tolist()]}
-                                 for label, (_, grid, lengths) in grids.items()}}
-
-
 EVAL = {"stride": 512, "docs": 0, "batch_size": 8, "trials": 50, "passkey_min_length": 512}
-DEPTH_BINS = 5  # the passkey heat maps' depth bins
 EVAL_SMOKE = {"stride": 512, "docs": 1, "batch_size": 2, "trials": 2, "passkey_min_length": 256}
 
 
