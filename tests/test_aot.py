@@ -70,7 +70,7 @@ def test_ring_inside_a_layer_scan_stays_linear_in_memory():
 
     from yarn_jax import attention, sharding
     from yarn_jax.attention import ring
-    from yarn_jax.config import AttentionImpl, RingLayout
+    from yarn_jax.execution import AttentionImpl, RingLayout
 
     _, _, devices = aot.topology_devices("v4-16")
     mesh = sharding.make_mesh(seq=8, devices=devices)
@@ -116,7 +116,7 @@ def test_visible_fraction_matches_the_mask(monkeypatch):
     import numpy as np
 
     from yarn_jax.attention import block_xla, ring
-    from yarn_jax.config import RingLayout
+    from yarn_jax.execution import RingLayout
 
     assert ring.visible_fraction(65536, 8, RingLayout.ZIGZAG) == 1.0  # its schedule computes visible blocks only
     assert 0.5 < ring.visible_fraction(65536, 8, RingLayout.STRIPED) < 0.6  # causal: half, plus the diagonal

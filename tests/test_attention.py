@@ -9,7 +9,7 @@ import pytest
 from tests.tolerances import TOL
 from yarn_jax import sharding
 from yarn_jax.attention import block_cudnn, block_splash, block_xla, reference, ring
-from yarn_jax.config import RingLayout
+from yarn_jax.execution import RingLayout
 
 
 def _inputs(seed, b=2, t=64, n=4, k=2, h=8, segments=True):
@@ -134,7 +134,7 @@ def test_ring_errors():
 
 def test_kernel_platform_mismatch_is_an_error():
     from yarn_jax import attention
-    from yarn_jax.config import AttentionImpl
+    from yarn_jax.execution import AttentionImpl
 
     with pytest.raises(ValueError, match="'cudnn' needs platform 'gpu', but this is 'cpu'"):
         attention.select(AttentionImpl.CUDNN, "cpu")

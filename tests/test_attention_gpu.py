@@ -16,7 +16,7 @@ from tests.tolerances import LSE_BF16_ATOL
 from yarn_jax import sharding
 from yarn_jax.attention import block_cudnn, block_xla, cudnn, reference, ring
 from yarn_jax.attention.block import Mask
-from yarn_jax.config import RingLayout
+from yarn_jax.execution import RingLayout
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU with cuDNN")
 

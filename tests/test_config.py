@@ -53,9 +53,9 @@ def test_invalid_config_names_the_field(case, hf, field):
 
 def test_invalid_execution_policy_names_the_field():
     with pytest.raises(ValueError, match="^dtype: "):
-        C.tiny(dtype="fp8")
+        C.Execution(dtype="fp8")
     with pytest.raises(ValueError, match="^remat: "):
-        C.tiny(remat="sometimes")
+        C.Execution(remat="sometimes")
 
 
 def test_unrecognised_rope_keys_warn_with_their_names():

@@ -66,7 +66,7 @@ def test_bf16_compute_stays_close_to_float32():
     params = yarn_jax.init_params(cfg, jax.random.key(0))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 64))
     f32 = yarn_jax.forward(cfg, params, tokens)
-    bf16 = yarn_jax.forward(cfg.replace(dtype=jnp.bfloat16), params, tokens)
+    bf16 = yarn_jax.forward(cfg.with_execution(dtype=jnp.bfloat16), params, tokens)
     assert bf16.dtype == jnp.float32
     assert float(jnp.abs(bf16 - f32).max()) < 0.05 * float(jnp.abs(f32).max())
 
@@ -81,7 +81,7 @@ def test_remat_policies_do_not_change_gradients(remat):
         return jnp.mean(yarn_jax.forward(c, p, tokens) ** 2)
 
     want = jax.grad(loss)(params, cfg)
-    got = jax.grad(loss)(params, cfg.replace(remat=remat))
+    got = jax.grad(loss)(params, cfg.with_execution(remat=remat))
     jax.tree.map(_close_grads, got, want)
 
 
@@ -92,8 +92,9 @@ def test_unrolled_layers_compute_the_same_gradients_and_refuse_remat():
     loss = lambda p, c: jnp.mean(yarn_jax.forward(c, p, tokens) ** 2)  # noqa: E731
     want = jax.grad(loss)(params, cfg)
     for unroll in (2, 4):
-        got = jax.grad(loss)(params, cfg.replace(scan_unroll=unroll))
+        got = jax.grad(loss)(params, cfg.with_execution(scan_unroll=unroll))
         jax.tree.map(_close_grads, got, want)
     with pytest.raises(ValueError, match="scan_unroll: 4 unrolls all 4 layers.*remat 'none'"):
-        cfg.replace(scan_unroll=4, remat="full")
-    assert cfg.replace(num_layers=1, remat="full").scan_unroll == 1  # the default stays valid for one layer
+        cfg.with_execution(scan_unroll=4, remat="full")
+    one_layer = cfg.replace(num_layers=1).with_execution(remat="full")
+    assert one_layer.execution.scan_unroll == 1  # the default stays valid for one layer

@@ -28,7 +28,7 @@ def _topology_mesh(shape):
 def test_train_gradient_compiles_for_tpu_v4(mesh_shape, attention):
     cfg = yarn_jax.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
                                num_kv_heads=2, head_dim=64, rope_scaling=yarn_jax.scaling.Yarn(4.0, 256),
-                               attention=attention, remat="full")
+                               execution=yarn_jax.Execution(attention=attention, remat="full"))
     mesh = _topology_mesh(mesh_shape)
     p_shard = yarn_jax.llama.param_shardings(cfg, mesh)
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),

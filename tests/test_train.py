@@ -145,6 +145,8 @@ def test_nan_stops_the_run_naming_the_step(cache, tmp_path):
     (lambda c: c.mesh.update(seq=8, fsdp=1, data=1), "seq_len: expected a multiple of 2 x the ring size \\(16\\)"),
     (lambda c: c.mesh.update(data=8, fsdp=1, seq=1), "batch: expected a multiple of data\\*fsdp = 8, got 4"),
     (lambda c: c.data.update(positions="sometimes"), "data.positions: expected"),
+    (lambda c: c.mesh.update(seq=0), "mesh.seq: expected a positive integer or -1, got 0"),
+    (lambda c: c.model.update(remat="sometimes"), "remat: expected one of"),
 ])
 def test_bad_config_is_a_clear_error(cache, tmp_path, change, message):
     c = tiny_run_config(cache)

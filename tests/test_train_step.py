@@ -29,7 +29,7 @@ def reference_loss(cfg, params, tokens, positions, segment_ids, packed):
     hidden = yarn_jax.hidden_states(cfg, params, tokens, positions, segment_ids if packed else None,
                                     attend=reference.attention)  # [B, T, D]
     w = params["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]  # [D, V]
-    logits = jnp.einsum("BTD,DV->BTV", hidden, w.astype(cfg.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("BTD,DV->BTV", hidden, w.astype(cfg.execution.dtype), preferred_element_type=jnp.float32)
     logp = jax.nn.log_softmax(logits)
     picked = jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
     w = (segment_ids[:, 1:] == segment_ids[:, :-1]).astype(jnp.float32)
@@ -67,10 +67,10 @@ def test_step_loss_and_grads_equal_plain_autodiff(dtype, case):
                         jnp.float32(1.0))
 
     args = (params, tokens, positions, segment_ids, packed)
-    want_loss, want = jax.value_and_grad(reference_loss, argnums=1)(cfg.replace(dtype=jnp.float32), *args)
+    want_loss, want = jax.value_and_grad(reference_loss, argnums=1)(cfg.with_execution(dtype=jnp.float32), *args)
     # bf16 compute: within bf16 tolerance of the float32 gradients and within twice the error of plain autodiff
     # of the same bf16 model, per tensor (the logits backward in bf16 adds its rounding)
-    _, plain = jax.value_and_grad(reference_loss, argnums=1)(cfg.replace(remat="none", scan_unroll=1), *args)
+    _, plain = jax.value_and_grad(reference_loss, argnums=1)(cfg.with_execution(remat="none", scan_unroll=1), *args)
     rel = lambda a, b_: float(jnp.linalg.norm(a - b_) / jnp.linalg.norm(b_))  # noqa: E731
     rtol, _ = TOL[jnp.dtype(dtype).type]
     np.testing.assert_allclose(metrics["loss"], want_loss, rtol=rtol, atol=0)

@@ -6,7 +6,8 @@ Dimension alphabet, used in einsums, shape comments and docstrings throughout:
 """
 
 from yarn_jax.checkpoint import load_checkpoint
-from yarn_jax.config import AttentionImpl, LlamaConfig, Remat, RingLayout
+from yarn_jax.config import LlamaConfig
+from yarn_jax.execution import AttentionImpl, Execution, Remat, RingLayout
 from yarn_jax.llama import forward, hidden_states, init_params, logical_axes, unembed
 from yarn_jax.rope import apply_rope, cos_sin
 from yarn_jax.rope import frequencies as rope_frequencies
@@ -24,6 +25,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "AttentionImpl",
+    "Execution",
     "LlamaConfig",
     "Remat",
     "RingLayout",

@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 from yarn_jax import cli, hlo, run_config, sharding, train_step
 from yarn_jax.attention import ring
 from yarn_jax.config import LlamaConfig
+from yarn_jax.execution import Remat
 from yarn_jax.hardware import Chip, parse_topology
 
 
@@ -86,15 +87,14 @@ def program_flops(jaxpr: jax.extend.core.Jaxpr) -> tuple[float, float]:
 
 def trace_step(config: Any, mesh: Mesh):
     """(model config, optimizer, the traced train step) for `config` on `mesh` (abstract inputs only:
-    nothing is allocated); `.lower().compile()` it inside `sharding.rules_context(mesh)`."""
+    nothing is allocated) to `.lower().compile()`."""
     from yarn_jax.run_config import model_config
 
     cfg, _ = model_config(config)
     step = train_step.build(config, cfg, mesh)
     batch = {k: jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len), jnp.int32,
                                      sharding=step.batch_sharding) for k in ("tokens", "positions", "segment_ids")}
-    with sharding.rules_context(mesh):
-        return cfg, step.tx, step.fn.trace(step.abstract, batch, jax.ShapeDtypeStruct((), jnp.float32))
+    return cfg, step.tx, step.fn.trace(step.abstract, batch, jax.ShapeDtypeStruct((), jnp.float32))
 
 
 def program_bytes(compiled: Any) -> int:
@@ -112,8 +112,8 @@ def step_flops(config: Any, mesh: Mesh, cfg: LlamaConfig, traced: Any) -> dict[s
     # the step's conditionals: in the zigzag ring, its choice between two equal-cost blocks (always run);
     # in the striped ring, the XLA block kernel's chunk-pair skips, run for the visible pairs. Kernels' own
     # skips (splash's causal blocks, the XLA kernel's inside the zigzag ring's diagonal) are counted whole.
-    visible = ring.visible_fraction(config.data.seq_len, ring_size, cfg.ring_layout) if ring_size > 1 else 1.0
-    recompute = 1.0 + (1 / 3 if cfg.remat.value != "none" else 0.0)
+    visible = ring.visible_fraction(config.data.seq_len, ring_size, cfg.execution.ring_layout) if ring_size > 1 else 1.0
+    recompute = 1.0 + (1 / 3 if cfg.execution.remat is not Remat.NONE else 0.0)
     model = config.data.batch_size * config.data.seq_len * train_step.flops_per_token(cfg, config.data.seq_len)
     return {"flops": upper - (1.0 - visible) * conditional, "flops_upper": upper, "visible": visible,
             "model_flops": model, "analytic_flops": model * recompute}
@@ -122,12 +122,10 @@ def step_flops(config: Any, mesh: Mesh, cfg: LlamaConfig, traced: Any) -> dict[s
 def report(config: Any, topology: str, num_slices: int = 1) -> tuple[dict[str, float], list[str]]:
     """(figures, lines to print). Memory is per chip (devices of a chip summed), FLOPs per step."""
     chip, chips, devices = topology_devices(topology, num_slices)
-    mesh_cfg = dict(config.mesh)
-    mesh = sharding.make_mesh(**mesh_cfg, devices=devices)
+    mesh = sharding.MeshShape.of(config.mesh).build(devices)
     try:
         cfg, _, traced = trace_step(config, mesh)
-        with sharding.rules_context(mesh):
-            compiled = traced.lower().compile()
+        compiled = traced.lower().compile()
     except Exception as e:  # noqa: BLE001  XLA refuses steps far over HBM while compiling
         first = str(e).splitlines()[0][:300]
         if "RESOURCE_EXHAUSTED" not in first:  # config errors (ValueError) and other failures pass through
@@ -157,7 +155,7 @@ def report(config: Any, topology: str, num_slices: int = 1) -> tuple[dict[str, f
     lines = [
         f"{topology} ({chips} chips, {len(devices)} devices, mesh {dict(mesh.shape)}): {cfg.num_params():,} "
         f"parameters, {config.data.batch_size} x {config.data.seq_len} tokens per step, grad_accum "
-        f"{config.train.grad_accum}, remat {cfg.remat.value}",
+        f"{config.train.grad_accum}, remat {cfg.execution.remat.value}",
         "| per chip | GiB |", "|---|---|",
         f"| parameters + optimizer state (arguments) | {figures['state_gib']:.2f} |",
         f"| activations / temporaries | {figures['temp_gib']:.2f} |",
@@ -187,9 +185,9 @@ def generation_report(config: Any, topology: str, new_tokens: int = 64) -> tuple
     from yarn_jax.run_config import model_config
 
     chip, chips, devices = topology_devices(topology)
-    mesh = sharding.make_mesh(**dict(config.mesh), devices=devices)
+    mesh = sharding.MeshShape.of(config.mesh).build(devices)
     cfg, _ = model_config(config)
-    cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16", remat="none")
+    cfg = cfg.with_execution(dtype="bfloat16", param_dtype="bfloat16", remat="none")
     t0 = config.data.seq_len
     length = generate.cache_length(t0 + new_tokens, mesh.shape["seq"])
     sharding.check_batch(mesh, 1, length)
@@ -200,12 +198,11 @@ def generation_report(config: Any, topology: str, new_tokens: int = 64) -> tuple
     cache = Cache(*(jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=kv),) * 2)
     freqs = generate.frequencies(cfg, t0)
     per_chip, rows = len(devices) // chips, {}
-    with sharding.rules_context(mesh):
-        for name, t in (("prefill", length), ("decode", 1)):
-            tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
-            compiled = generate.step.lower(cfg, params, cache, tokens, jnp.int32(0), freqs, jnp.int32(t0 - 1),
-                                           prefill=name == "prefill", mesh=mesh).compile()
-            rows[name] = program_bytes(compiled) * per_chip / 2**30
+    for name, t in (("prefill", length), ("decode", 1)):
+        tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
+        compiled = generate.step.lower(cfg, params, cache, tokens, jnp.int32(0), freqs, jnp.int32(t0 - 1),
+                                       prefill=name == "prefill", mesh=mesh).compile()
+        rows[name] = program_bytes(compiled) * per_chip / 2**30
     cache_gib = 2 * math.prod(shape) * 2 / chips / 2**30
     worst = max(rows.values())
     figures = {"prefill_gib": rows["prefill"], "decode_gib": rows["decode"], "cache_gib": cache_gib,

@@ -191,14 +191,14 @@ def load_checkpoint(path: str | Path, mesh: Mesh | None = None, *, step: int | N
                     **execution: Any) -> tuple[LlamaConfig, Any]:
     """(cfg, params) from a checkpoint of `convert from-hf` or of the trainer (newest step by default).
 
-    With `mesh`, parameters restore straight onto their shardings (sharding.RULES) in cfg.param_dtype;
-    without, as numpy in the stored dtype.
-    `execution` overrides execution fields of the config (dtype, remat, attention).
+    With `mesh`, parameters restore straight onto their shardings (sharding.RULES) in the execution's
+    param_dtype; without, as numpy in the stored dtype. `execution`: fields of the `Execution` the returned
+    config runs with (dtype, param_dtype, remat, ...; the rest default).
     """
     from yarn_jax.llama import init_params, param_shardings
 
     reader = Reader(path, step)
-    cfg = reader.cfg.replace(**execution) if execution else reader.cfg
+    cfg = reader.cfg.with_execution(**execution)
     structure = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     shardings = param_shardings(cfg, mesh) if mesh is not None else None
     params = reader.leaves(structure, shardings)

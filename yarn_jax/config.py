@@ -1,4 +1,5 @@
-"""`LlamaConfig`: the model's shape, its RoPE scaling and how it executes, validated once at the boundary.
+"""`LlamaConfig`: the model's architecture (shape, RoPE scaling) and the `Execution` it runs with, validated
+once at the boundary.
 
 Read and written in Hugging Face's `config.json` keys: `from_hf` accepts the old `rope_scaling` (with
 `type` or `rope_type`) and transformers 5's `rope_parameters`; `to_hf` writes `rope_scaling` plus a
@@ -8,53 +9,18 @@ top-level `rope_theta`, which every transformers version reads.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 import json
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from yarn_jax import rope as rope_lib
 from yarn_jax import scaling as scaling_lib
-from yarn_jax.validate import member, number, set_field
+from yarn_jax.execution import Execution, Remat
+from yarn_jax.validate import number, set_field
 
-
-class Remat(enum.Enum):
-    """What each scanned layer keeps for the backward pass (the rest is recomputed)."""
-
-    NONE = "none"  # keep everything: fastest, most memory
-    FULL = "full"  # keep only the layer input
-    DOTS = "dots"  # keep matmul outputs without batch dims (projections), recompute attention & elementwise
-    ATTENTION = "attention"  # keep q, k, v, the attention output (and cuDNN's softmax statistics); recompute the MLP
-
-
-class AttentionImpl(enum.Enum):
-    """Per-device attention kernel; AUTO picks the platform's fastest at call time."""
-
-    AUTO = "auto"
-    REFERENCE = "reference"
-    CUDNN = "cudnn"
-    SPLASH = "splash"
-
-
-class RingLayout(enum.Enum):
-    """How ring attention balances causal work over the 'seq' axis (see ring.py)."""
-
-    ZIGZAG = "zigzag"
-    STRIPED = "striped"
-
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _LLAMA_MODEL_TYPES = {"llama"}
-
-
-def _dtype(field: str, value: Any) -> np.dtype:
-    name = np.dtype(value).name if not isinstance(value, str) else value
-    if name not in _DTYPES:
-        raise ValueError(f"{field}: expected one of {sorted(_DTYPES)}, got {value!r}")
-    return np.dtype(_DTYPES[name])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +41,7 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 2
-    # execution policy (not part of the checkpointed architecture)
-    dtype: Any = jnp.bfloat16  # activations and matmul inputs
-    param_dtype: Any = jnp.float32
-    remat: Remat = Remat.NONE
-    attention: AttentionImpl = AttentionImpl.AUTO
-    ring_layout: RingLayout = RingLayout.ZIGZAG
-    scan_unroll: int = 1  # layers per iteration of the scan over layers (num_layers: no loop, only with remat none)
+    execution: Execution = Execution()  # how it runs: not part of the checkpointed architecture
 
     def __post_init__(self):
         set_ = functools.partial(set_field, self)
@@ -91,24 +51,21 @@ class LlamaConfig:
         for name in ("bos_token_id", "eos_token_id"):
             set_(name, number(name, getattr(self, name), integer=True, ge=0))
         set_("rms_norm_eps", number("rms_norm_eps", self.rms_norm_eps, gt=0.0))
-        set_("scan_unroll", number("scan_unroll", self.scan_unroll, integer=True, gt=0))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_key_value_heads: expected a divisor of num_attention_heads ({self.num_heads}), "
                              f"got {self.num_kv_heads}")
         for name in ("tie_word_embeddings",):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
-        set_("dtype", _dtype("dtype", self.dtype))
-        set_("param_dtype", _dtype("param_dtype", self.param_dtype))
-        set_("remat", member("remat", Remat, self.remat))
-        if self.remat is not Remat.NONE and self.scan_unroll > 1 and self.scan_unroll >= self.num_layers:
+        if not isinstance(self.execution, Execution):
+            raise ValueError(f"execution: expected an Execution, got {type(self.execution).__name__}")
+        x = self.execution
+        if x.remat is not Remat.NONE and x.scan_unroll > 1 and x.scan_unroll >= self.num_layers:
             # straight-line code leaves the compiler free to recompute early: measured, the compiled step
             # kept every activation (CPU memory analysis; out of memory on the H200 at 131072 tokens)
-            raise ValueError(f"scan_unroll: {self.scan_unroll} unrolls all {self.num_layers} layers, which keeps every "
-                             f"activation whatever remat says ({self.remat.value!r}); use remat 'none' or a smaller "
+            raise ValueError(f"scan_unroll: {x.scan_unroll} unrolls all {self.num_layers} layers, which keeps every "
+                             f"activation whatever remat says ({x.remat.value!r}); use remat 'none' or a smaller "
                              "scan_unroll")
-        set_("attention", member("attention", AttentionImpl, self.attention))
-        set_("ring_layout", member("ring_layout", RingLayout, self.ring_layout))
         _ = self.rope  # validates head_dim parity, theta and the scaling against head_dim
 
     @functools.cached_property
@@ -117,7 +74,12 @@ class LlamaConfig:
         return rope_lib.Rope(self.head_dim, self.rope_theta, self.max_position_embeddings, self.rope_scaling)
 
     def replace(self, **changes: Any) -> LlamaConfig:
+        """Architecture fields changed (`with_execution` changes how it runs)."""
         return dataclasses.replace(self, **changes)
+
+    def with_execution(self, **changes: Any) -> LlamaConfig:
+        """The same architecture run differently: `changes` are `Execution` fields (dtype, remat, ...)."""
+        return dataclasses.replace(self, execution=self.execution.replace(**changes))
 
     def num_params(self) -> int:
         """Parameter count, computed from the shapes (equal to `init_params` leaves' total size)."""
@@ -129,8 +91,8 @@ class LlamaConfig:
     # ------------------------------------------------------------------------- Hugging Face
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
-        """From a transformers `config.json` dict; `overrides` set execution fields (dtype, remat, ...)."""
+    def from_hf(cls, hf: dict[str, Any], **execution: Any) -> LlamaConfig:
+        """From a transformers `config.json` dict, run with `Execution(**execution)` (dtype, remat, ...)."""
         if not isinstance(hf, dict):
             raise ValueError(f"config: expected a dict of config.json keys, got {type(hf).__name__}")
         model_type = hf.get("model_type", "llama")
@@ -171,7 +133,7 @@ class LlamaConfig:
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             bos_token_id=hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 1,
             eos_token_id=_first(hf.get("eos_token_id"), 2),
-            **overrides,
+            execution=Execution(**execution),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -196,7 +158,7 @@ class LlamaConfig:
             "eos_token_id": self.eos_token_id,
             "attention_bias": False,
             "mlp_bias": False,
-            "torch_dtype": np.dtype(self.param_dtype).name,
+            "torch_dtype": np.dtype(self.execution.param_dtype).name,
         }
 
     def to_json(self) -> str:

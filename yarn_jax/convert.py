@@ -26,7 +26,8 @@ import numpy as np
 
 from yarn_jax import checkpoint, cli, hf_files, hf_layout
 from yarn_jax import scaling as scaling_lib
-from yarn_jax.config import _DTYPES, LlamaConfig, with_rope
+from yarn_jax.config import LlamaConfig, with_rope
+from yarn_jax.execution import DTYPES
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -80,9 +81,9 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
 def _target_dtype(dtype: str | None) -> np.dtype | None:
     if dtype is None:
         return None
-    if dtype not in _DTYPES:
-        raise ValueError(f"--dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
-    return np.dtype(_DTYPES[dtype])
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    return np.dtype(DTYPES[dtype])
 
 
 def read_hf_config(hf_dir: Path, rope: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -204,7 +205,7 @@ def write_hf_metadata(out: Path, cfg: LlamaConfig, dtype: Any, tokenizer: str | 
 
 
 def load_hf(path: str | Path, **execution: Any) -> tuple[LlamaConfig, dict[str, Any]]:
-    """(cfg, params as numpy) from an HF directory; `execution` sets dtype/remat/attention fields."""
+    """(cfg, params as numpy) from an HF directory; `execution`: fields of the config's `Execution`."""
     cfg = LlamaConfig.from_hf(read_hf_config(Path(path)), **execution)
     weights = hf_files.HfWeights(Path(path))
     _check_names(cfg, weights)
@@ -231,7 +232,7 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("from-hf", help="HF directory -> Orbax checkpoint")
     a.add_argument("hf_dir")
     a.add_argument("ckpt_dir")
-    a.add_argument("--dtype", choices=sorted(_DTYPES))
+    a.add_argument("--dtype", choices=sorted(DTYPES))
     a.add_argument("--overwrite", action="store_true")
     g = a.add_argument_group("rope scaling written into the checkpoint's config")
     g.add_argument("--rope-type", choices=["default", "linear", "ntk", "dynamic", "yarn", "dynamic_yarn", "llama3"])
@@ -246,7 +247,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("ckpt_dir")
     b.add_argument("hf_dir")
     b.add_argument("--step", type=int)
-    b.add_argument("--dtype", choices=sorted(_DTYPES))
+    b.add_argument("--dtype", choices=sorted(DTYPES))
     b.add_argument("--max-shard-size", default="5GB")
     b.add_argument("--tokenizer")
     b.add_argument("--overwrite", action="store_true")

@@ -13,7 +13,6 @@ that dynamic methods scale to up to a multiple of the bucket, so rebuilds happen
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import sys
@@ -43,7 +42,7 @@ def cache_length(tokens: int, ring: int = 1) -> int:
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> Cache:
     """An empty cache, (k, v) [L, B, S, K, H] in the compute dtype."""
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return Cache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+    return Cache(jnp.zeros(shape, cfg.execution.dtype), jnp.zeros(shape, cfg.execution.dtype))
 
 
 def frequencies(cfg: LlamaConfig, length: int) -> tuple[tuple[np.ndarray, ...], float]:
@@ -65,14 +64,14 @@ def step(cfg: LlamaConfig, params: Any, cache: Cache, tokens: jax.Array, start: 
     with ring attention, and each decode step writes its token to that token's slot and attends to
     every shard (`attention.decode_for_mesh`)."""
     b, t = tokens.shape
-    attend, layout = attention.for_mesh(cfg, mesh, cache.k.shape[2])  # the cache's slots are in its order
+    attend, layout = attention.for_mesh(cfg.execution, mesh, cache.k.shape[2])  # the cache's slots are in its order
     slot_index = None if layout.perm is None else jnp.asarray(layout.perm, jnp.int32)
     if prefill and slot_index is not None:  # the whole cache, in the layout's order
         tokens, positions = layout.apply(tokens), layout.index(b, t)
         last = jnp.take(jnp.asarray(np.argsort(layout.perm), jnp.int32), last)  # the slot of token `last`
     else:
         positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    net = model(cfg, attend, attention.decode_for_mesh(mesh))
+    net = model(cfg, attend, attention.decode_for_mesh(mesh), mesh)
     hidden, cache = net.apply({"params": params}, tokens, positions=positions, cache=cache, start=start,
                               freqs=freqs, prefill=prefill, slot_index=slot_index, method=Llama.decode)
     return net.apply({"params": params}, jnp.take(hidden, last, axis=1), method=Llama.unembed), cache
@@ -99,15 +98,12 @@ def generate(cfg: LlamaConfig, params: Any, prompt: np.ndarray, max_new: int, *,
     # `step` takes the frequencies as an argument, so the scaling method need not key its compilation:
     # every RoPE variant of one model shape shares the compiled prefill and decode steps.
     net_cfg = cfg.replace(rope_scaling=scaling_lib.Default())
-    context = contextlib.nullcontext()
     if mesh is not None:
         sharding.check_batch(mesh, b, cache.k.shape[2])
         params = jax.device_put(params, param_shardings(cfg, mesh))
         kv = sharding.logical_sharding(mesh, ("layers", "batch", "seq", "kv_heads", "head_dim"))
         cache = jax.device_put(cache, Cache(kv, kv))
-        context = sharding.rules_context(mesh)
-    with context:
-        return _decode(cfg, net_cfg, params, cache, prompt, max_new, temperature, key, eos_id, scale_len, mesh)
+    return _decode(cfg, net_cfg, params, cache, prompt, max_new, temperature, key, eos_id, scale_len, mesh)
 
 
 def _decode(cfg, net_cfg, params, cache, prompt, max_new, temperature, key, eos_id, scale_len, mesh) -> np.ndarray:

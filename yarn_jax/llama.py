@@ -22,7 +22,8 @@ from jax.sharding import Mesh
 from yarn_jax import attention, sharding
 from yarn_jax import rope as rope_lib
 from yarn_jax.attention import reference
-from yarn_jax.config import LlamaConfig, Remat
+from yarn_jax.config import LlamaConfig
+from yarn_jax.execution import Remat
 
 _INIT = nn.initializers.normal(0.02)  # transformers' initializer_range
 
@@ -43,11 +44,7 @@ _REMAT_POLICIES = {
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
            init: Callable = _INIT) -> jax.Array:
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, module.cfg.param_dtype)
-
-
-def _constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    return nn.with_logical_constraint(x, axes)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, module.cfg.execution.param_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -60,16 +57,19 @@ class RMSNorm(nn.Module):
         scale = _param(self, "scale", (self.cfg.hidden_size,), ("embed",), nn.initializers.ones)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
-        return scale.astype(self.cfg.dtype) * y.astype(self.cfg.dtype)
+        dtype = self.cfg.execution.dtype
+        return scale.astype(dtype) * y.astype(dtype)
 
 
 class Attention(nn.Module):
     """GQA self-attention; the kernels are pluggable behind one signature: `attend` for whole sequences
-    (training, prefill), `attend_cache` for a few new tokens against the KV cache (masks by slot)."""
+    (training, prefill), `attend_cache` for a few new tokens against the KV cache (masks by slot).
+    Activations are constrained to their logical axes on `mesh` (none: no constraints)."""
 
     cfg: LlamaConfig
     attend: Callable[..., jax.Array]
     attend_cache: Callable[..., jax.Array] = reference.attention
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids, index, kv=None, cache=None, prefill=False):  # x [B, T, D]
@@ -77,18 +77,18 @@ class Attention(nn.Module):
         layer's (k, v) [B, S, K, H], keys after RoPE; the new tokens go to slots slot..slot+T. prefill: the
         new tokens are the whole sequence (from slot 0), so they attend to each other with `attend`.
         Returns (out, cache)."""
-        c = self.cfg
+        c, dtype = self.cfg, self.cfg.execution.dtype
         d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        wq = _param(self, "q", (d, n, h), ("embed", "heads", "head_dim")).astype(c.dtype)
-        wk = _param(self, "k", (d, k, h), ("embed", "kv_heads", "head_dim")).astype(c.dtype)
-        wv = _param(self, "v", (d, k, h), ("embed", "kv_heads", "head_dim")).astype(c.dtype)
-        wo = _param(self, "o", (n, h, d), ("heads", "head_dim", "embed")).astype(c.dtype)
+        wq = _param(self, "q", (d, n, h), ("embed", "heads", "head_dim")).astype(dtype)
+        wk = _param(self, "k", (d, k, h), ("embed", "kv_heads", "head_dim")).astype(dtype)
+        wv = _param(self, "v", (d, k, h), ("embed", "kv_heads", "head_dim")).astype(dtype)
+        wo = _param(self, "o", (n, h, d), ("heads", "head_dim", "embed")).astype(dtype)
         q = rope_lib.rotate(jnp.einsum("BTD,DNH->BTNH", x, wq), cos, sin)  # [B, T, N, H]
         k_ = rope_lib.rotate(jnp.einsum("BSD,DKH->BSKH", x, wk), cos, sin)  # [B, S, K, H]
         v = jnp.einsum("BSD,DKH->BSKH", x, wv)  # [B, S, K, H]
-        q = _constrain(checkpoint_name(q, "q"), ("batch", "seq", "heads", "head_dim"))
-        k_ = _constrain(checkpoint_name(k_, "k"), ("batch", "seq", "kv_heads", "head_dim"))
-        v = _constrain(checkpoint_name(v, "v"), ("batch", "seq", "kv_heads", "head_dim"))
+        q = sharding.constrain(checkpoint_name(q, "q"), self.mesh, ("batch", "seq", "heads", "head_dim"))
+        k_ = sharding.constrain(checkpoint_name(k_, "k"), self.mesh, ("batch", "seq", "kv_heads", "head_dim"))
+        v = sharding.constrain(checkpoint_name(v, "v"), self.mesh, ("batch", "seq", "kv_heads", "head_dim"))
         if cache is None:
             out = self.attend(q, k_, v, segment_ids, segment_ids, index, index)  # [B, T, N, H]
         else:
@@ -107,15 +107,16 @@ class Mlp(nn.Module):
     """SwiGLU: down(silu(gate x) * up x)."""
 
     cfg: LlamaConfig
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x):  # x [B, T, D]
-        c = self.cfg
-        gate = _param(self, "gate", (c.hidden_size, c.intermediate_size), ("embed", "mlp")).astype(c.dtype)
-        up = _param(self, "up", (c.hidden_size, c.intermediate_size), ("embed", "mlp")).astype(c.dtype)
-        down = _param(self, "down", (c.intermediate_size, c.hidden_size), ("mlp", "embed")).astype(c.dtype)
+        c, dtype = self.cfg, self.cfg.execution.dtype
+        gate = _param(self, "gate", (c.hidden_size, c.intermediate_size), ("embed", "mlp")).astype(dtype)
+        up = _param(self, "up", (c.hidden_size, c.intermediate_size), ("embed", "mlp")).astype(dtype)
+        down = _param(self, "down", (c.intermediate_size, c.hidden_size), ("mlp", "embed")).astype(dtype)
         hidden = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, gate)) * jnp.einsum("BTD,DF->BTF", x, up)
-        hidden = _constrain(hidden, ("batch", "seq", "mlp"))  # [B, T, F]
+        hidden = sharding.constrain(hidden, self.mesh, ("batch", "seq", "mlp"))  # [B, T, F]
         return jnp.einsum("BTF,FD->BTD", hidden, down)
 
 
@@ -125,14 +126,15 @@ class Block(nn.Module):
     cfg: LlamaConfig
     attend: Callable[..., jax.Array]
     attend_cache: Callable[..., jax.Array] = reference.attention
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids, index, kv=None, cache=None, prefill=False):
-        attn = Attention(self.cfg, self.attend, self.attend_cache, name="attn")
+        attn = Attention(self.cfg, self.attend, self.attend_cache, self.mesh, name="attn")
         y, cache = attn(RMSNorm(self.cfg, name="attn_norm")(x), cos, sin, segment_ids, index, kv, cache, prefill)
         x = x + y
-        x = x + Mlp(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
-        return _constrain(x, ("batch", "seq", "embed")), cache
+        x = x + Mlp(self.cfg, self.mesh, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
+        return sharding.constrain(x, self.mesh, ("batch", "seq", "embed")), cache
 
 
 class Cache(NamedTuple):
@@ -144,11 +146,13 @@ class Cache(NamedTuple):
 
 class Llama(nn.Module):
     """tokens [B, T] -> final hidden states [B, T, D] (after the last norm); `unembed` gives logits,
-    `decode` runs new tokens against a KV cache."""
+    `decode` runs new tokens against a KV cache. `mesh`: where activations are constrained to lie (by
+    sharding.RULES); none for one device."""
 
     cfg: LlamaConfig
     attend: Callable[..., jax.Array]
     attend_cache: Callable[..., jax.Array] = reference.attention
+    mesh: Mesh | None = None
 
     def setup(self):
         c = self.cfg
@@ -156,13 +160,13 @@ class Llama(nn.Module):
         if not c.tie_word_embeddings:
             self.lm_head = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
         self.final_norm = RMSNorm(c)
-        block = Block
-        if c.remat is not Remat.NONE:
-            block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
+        block, remat = Block, c.execution.remat
+        if remat is not Remat.NONE:
+            block = nn.remat(Block, policy=_REMAT_POLICIES[remat], prevent_cse=False)
         self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                               in_axes=(nn.broadcast,) * 5 + (0, nn.broadcast), length=c.num_layers,
-                              unroll=c.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"},
-                              )(c, self.attend, self.attend_cache)
+                              unroll=c.execution.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"},
+                              )(c, self.attend, self.attend_cache, self.mesh)
 
     def __call__(self, tokens: jax.Array, *, positions: jax.Array, index: jax.Array,
                  segment_ids: jax.Array | None = None, seq_len: int | None = None) -> jax.Array:
@@ -194,14 +198,14 @@ class Llama(nn.Module):
     def _embed(self, tokens, positions, freqs) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(embeddings [B, T, D], cos, sin [B, T, H/2]: shared by all layers)."""
         cos, sin = rope_lib.cos_sin(positions, *freqs)
-        x = jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.dtype)
-        return _constrain(x, ("batch", "seq", "embed")), cos, sin
+        x = jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.execution.dtype)
+        return sharding.constrain(x, self.mesh, ("batch", "seq", "embed")), cos, sin
 
     def unembed(self, x: jax.Array) -> jax.Array:
         """Hidden states [..., D] -> logits [..., V] in float32."""
         c = self.cfg
         w = self.embedding.T if c.tie_word_embeddings else self.lm_head  # [D, V]
-        return _logits(x, w.astype(c.dtype))
+        return _logits(x, w.astype(c.execution.dtype))
 
 
 @jax.custom_vjp
@@ -228,8 +232,8 @@ _logits.defvjp(_logits_fwd, _logits_bwd)
 
 
 def model(cfg: LlamaConfig, attend: Callable[..., jax.Array] | None = None,
-          attend_cache: Callable[..., jax.Array] = reference.attention) -> Llama:
-    return Llama(cfg, attend or attention.select(cfg.attention), attend_cache)
+          attend_cache: Callable[..., jax.Array] = reference.attention, mesh: Mesh | None = None) -> Llama:
+    return Llama(cfg, attend or attention.select(cfg.execution.attention), attend_cache, mesh)
 
 
 def _init(cfg: LlamaConfig, key: jax.Array) -> Any:
@@ -247,29 +251,31 @@ def logical_axes(cfg: LlamaConfig) -> Any:
     return nn.get_partition_spec(jax.eval_shape(lambda: _init(cfg, jax.random.key(0)))["params"])
 
 
-
 def param_shardings(cfg: LlamaConfig, mesh: Mesh) -> Any:
     """NamedShardings for the parameter tree of `cfg` (same structure as init_params), by sharding.RULES."""
     return jax.tree.map(lambda spec: sharding.logical_sharding(mesh, spec), logical_axes(cfg),
                         is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
+
 def hidden_states(cfg: LlamaConfig, params: Any, tokens: jax.Array, positions: jax.Array | None = None,
                   segment_ids: jax.Array | None = None, index: jax.Array | None = None, *,
-                  seq_len: int | None = None, attend: Callable[..., jax.Array] | None = None) -> jax.Array:
-    """Final-norm hidden states [B, T, D] in cfg.dtype.
+                  seq_len: int | None = None, attend: Callable[..., jax.Array] | None = None,
+                  mesh: Mesh | None = None) -> jax.Array:
+    """Final-norm hidden states [B, T, D] in the execution dtype.
 
     positions [B, T]: RoPE positions (default 0..T-1). segment_ids [B, T]: packed documents attend only
     within their segment (default None: one document per row). index [B, T]: each token's place in the
     sequence, for causality (default 0..T-1; ring attention passes its permutation). seq_len: the length
-    dynamic RoPE methods scale to (default T).
+    dynamic RoPE methods scale to (default T). attend: the attention (default: the execution's kernel on one
+    device). mesh: activations are constrained to their sharding on it (`attention.for_mesh` gives its attend).
     """
     b, t = tokens.shape
     arange = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     positions = arange if positions is None else positions.astype(jnp.int32)
     index = arange if index is None else index.astype(jnp.int32)
     segment_ids = None if segment_ids is None else segment_ids.astype(jnp.int32)
-    return model(cfg, attend).apply({"params": params}, tokens, positions=positions, index=index,
-                                    segment_ids=segment_ids, seq_len=seq_len or t)
+    return model(cfg, attend, mesh=mesh).apply({"params": params}, tokens, positions=positions, index=index,
+                                               segment_ids=segment_ids, seq_len=seq_len or t)
 
 
 def unembed(cfg: LlamaConfig, params: Any, hidden: jax.Array) -> jax.Array:
@@ -280,10 +286,10 @@ def unembed(cfg: LlamaConfig, params: Any, hidden: jax.Array) -> jax.Array:
 @jax.jit(static_argnames=("cfg", "seq_len", "mesh"))
 def _forward(cfg, params, tokens, positions, segment_ids, seq_len, mesh):
     b, t = tokens.shape
-    attend, layout = attention.for_mesh(cfg, mesh, t)
+    attend, layout = attention.for_mesh(cfg.execution, mesh, t)
     positions = jnp.broadcast_to(jnp.arange(t), (b, t)) if positions is None else positions
     hidden = hidden_states(cfg, params, layout.apply(tokens), layout.apply(positions), layout.apply(segment_ids),
-                           layout.index(b, t), seq_len=seq_len or t, attend=attend)
+                           layout.index(b, t), seq_len=seq_len or t, attend=attend, mesh=mesh)
     return layout.restore(unembed(cfg, params, hidden))
 
 
@@ -292,13 +298,11 @@ def forward(cfg: LlamaConfig, params: Any, tokens: jax.Array, positions: jax.Arr
     """tokens [B, T] int -> logits [B, T, V] float32 (jitted). See `hidden_states` for the arguments.
 
     With `mesh`, runs sharded by sharding.RULES (parameters should already be placed, e.g. by
-    load_checkpoint(path, mesh) or sharding.shard_params); ring attention when the mesh's seq axis > 1.
+    load_checkpoint(path, mesh) or device_put onto param_shardings); ring attention when the mesh's seq axis > 1.
     """
     tokens = jnp.asarray(tokens)
     positions = None if positions is None else jnp.asarray(positions)
     segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
-    if mesh is None:
-        return _forward(cfg, params, tokens, positions, segment_ids, seq_len, None)
-    sharding.check_batch(mesh, *tokens.shape)
-    with sharding.rules_context(mesh):
-        return _forward(cfg, params, tokens, positions, segment_ids, seq_len, mesh)
+    if mesh is not None:
+        sharding.check_batch(mesh, *tokens.shape)
+    return _forward(cfg, params, tokens, positions, segment_ids, seq_len, mesh)

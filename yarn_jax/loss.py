@@ -65,8 +65,8 @@ def loss_fn(cfg: LlamaConfig, mesh: Mesh | None, loss_chunk: int, segment_mask: 
     if "weights" in batch:
         w = w * batch["weights"]
     b, t = tokens.shape
-    attend, layout = attention.for_mesh(cfg, mesh, t)
+    attend, layout = attention.for_mesh(cfg.execution, mesh, t)
     tokens, positions, segment_ids, tgt, w = (layout.apply(x) for x in (tokens, positions, segment_ids, tgt, w))
     hidden = hidden_states(cfg, params, tokens, positions, segment_ids if segment_mask else None,
-                           layout.index(b, t), attend=attend)
+                           layout.index(b, t), attend=attend, mesh=mesh)
     return chunked_nll(cfg, params, hidden, tgt, w, loss_chunk), jnp.sum(w)

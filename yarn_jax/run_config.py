@@ -1,17 +1,20 @@
 """The run configuration's keys and defaults (an ml_collections.ConfigDict); configs/*.py start from
 `base()` and change what their run needs. Defaults are the paper's fine-tuning recipe (section 4)."""
 
+import dataclasses
 from pathlib import Path
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from yarn_jax import checkpoint
+from yarn_jax import checkpoint, sharding
 from yarn_jax import config as config_lib
+from yarn_jax.execution import Execution
 
 SHAPE_KEYS = {"vocab_size": int, "hidden_size": int, "intermediate_size": int, "num_layers": int, "num_heads": int,
               "num_kv_heads": int, "head_dim": int, "max_position_embeddings": int, "rope_theta": float,
-              "rms_norm_eps": float, "tie_word_embeddings": bool, "scan_unroll": int}
+              "rms_norm_eps": float, "tie_word_embeddings": bool}
+EXECUTION_KEYS = tuple(f.name for f in dataclasses.fields(Execution))  # model.* keys that fill `Execution`
 
 
 def base() -> ml_collections.ConfigDict:
@@ -20,7 +23,7 @@ def base() -> ml_collections.ConfigDict:
     c.init_from = ""  # a `convert from-hf` checkpoint (or a trainer's); empty: random init from `model`
     c.model = ml_collections.ConfigDict(dict(
         preset="llama2_7b",  # shape when not initialising from a checkpoint; the shape keys below override it
-        dtype="bfloat16", param_dtype="float32", remat="full", attention="auto", ring_layout="zigzag",
+        dtype="bfloat16", param_dtype="float32", remat="full", attention="auto", ring_layout="zigzag", scan_unroll=1,
         **{key: placeholder(kind) for key, kind in SHAPE_KEYS.items()}))  # unset: the preset's value
     # the extension: the scaling (rope_type, factor, original_max_position_embeddings, ...: see
     # config.with_rope) and the extended max_position_embeddings, the one home of the extended length;
@@ -39,13 +42,13 @@ def base() -> ml_collections.ConfigDict:
 
 
 def model_config(config: ml_collections.ConfigDict) -> tuple[config_lib.LlamaConfig, str | None]:
-    """(LlamaConfig, checkpoint to initialise from or None) from the run config."""
-    keys = ("dtype", "param_dtype", "remat", "attention", "ring_layout", "scan_unroll")
-    execution = {k: config.model[k] for k in keys if config.model.get(k) is not None}
+    """(LlamaConfig, checkpoint to initialise from or None) from the run config: the architecture from
+    `init_from` or `model.preset` and the shape keys, RoPE from `rope`, the execution from model.dtype etc."""
+    execution = {k: config.model[k] for k in EXECUTION_KEYS}
     if config.init_from:
         base = checkpoint.Reader(config.init_from).cfg.to_hf()
     else:
-        shape = {k: v for k, v in config.model.items() if k not in keys and k != "preset" and v is not None}
+        shape = {k: v for k, v in config.model.items() if k in SHAPE_KEYS and v is not None}
         base = config_lib.PRESETS[config.model.preset](**shape).to_hf()
     base = config_lib.with_rope(base, dict(config.get("rope", {}) or {}))
     return config_lib.LlamaConfig.from_hf(base, **execution), config.init_from or None
@@ -64,6 +67,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _count("train.keep", t.keep, 0, " (0 keeps every checkpoint)")
     for name in ("seq_len", "batch_size"):
         _count(f"data.{name}", d[name])
+    sharding.MeshShape.of(config.mesh)
     if d.batch_size % t.grad_accum:
         raise ValueError(f"train.grad_accum: expected a divisor of data.batch_size ({d.batch_size}), "
                          f"got {t.grad_accum}")

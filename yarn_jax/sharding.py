@@ -8,6 +8,7 @@ while activations, whose batch already took 'fsdp' and sequence 'seq', keep D wh
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -30,50 +31,72 @@ RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshShape:
+    """The run config's `mesh`: the size of each axis; one axis may be -1, "the rest of the devices"."""
+
+    data: int = 1  # data parallel: parameters replicated
+    fsdp: int = 1  # data parallel with parameters and optimizer state sharded (ZeRO-3)
+    seq: int = 1  # the sequence split over a ring (ring attention)
+    tensor: int = 1  # heads and the MLP's hidden units split (Megatron)
+
+    def __post_init__(self):
+        for name in AXES:
+            n = getattr(self, name)
+            if not isinstance(n, int) or isinstance(n, bool) or (n < 1 and n != -1):
+                raise ValueError(f"mesh.{name}: expected a positive integer or -1, got {n!r}")
+        rest = [name for name in AXES if getattr(self, name) == -1]
+        if len(rest) > 1:
+            raise ValueError(f"mesh: at most one axis may be -1, got {rest}")
+
+    @classmethod
+    def of(cls, axes: Any) -> MeshShape:
+        """From a mapping of axis sizes (the run config's `mesh`; missing axes are 1)."""
+        axes = dict(axes)
+        unknown = sorted(set(axes) - set(AXES))
+        if unknown:
+            raise ValueError(f"mesh: unknown axis {unknown}; the mesh axes are {list(AXES)}")
+        return cls(**axes)
+
+    def sizes(self, devices: int) -> dict[str, int]:
+        """Every axis' size over `devices` devices (-1 resolved)."""
+        sizes = {name: getattr(self, name) for name in AXES}
+        known = math.prod(n for n in sizes.values() if n != -1)
+        rest = [name for name, n in sizes.items() if n == -1]
+        if rest:
+            if devices % known:
+                raise ValueError(f"mesh.{rest[0]}: the other axes multiply to {known}, which does not divide the "
+                                 f"{devices} devices")
+            sizes[rest[0]] = devices // known
+        if math.prod(sizes.values()) != devices:
+            raise ValueError(f"mesh: data*fsdp*seq*tensor = {math.prod(sizes.values())} but there are "
+                             f"{devices} devices")
+        return sizes
+
+    def build(self, devices: list[Any] | None = None) -> Mesh:
+        """The mesh over `devices` (default: all, of every process), placed by the topology where it has one."""
+        devices = list(jax.devices() if devices is None else devices)
+        shape = tuple(self.sizes(len(devices)).values())
+        try:  # topology-aware placement on TPU/GPU; CPU devices have no topology
+            grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+        except Exception:  # noqa: BLE001 - fall back to the given order
+            grid = np.asarray(devices).reshape(shape)
+        return Mesh(grid, AXES)
+
+
 def make_mesh(*, devices: list[Any] | None = None, **axes: int) -> Mesh:
-    """A mesh over `devices` (default: all, of every process) with axis sizes `axes` (data, fsdp, seq,
-    tensor; missing ones are 1). One axis may be -1: "the rest"."""
-    unknown = sorted(set(axes) - set(AXES))
-    if unknown:
-        raise ValueError(f"mesh: unknown axis {unknown}; the mesh axes are {list(AXES)}")
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = {name: axes.get(name, 1) for name in AXES}
-    for name, n in sizes.items():
-        if not isinstance(n, int) or isinstance(n, bool) or (n < 1 and n != -1):
-            raise ValueError(f"mesh.{name}: expected a positive integer or -1, got {n!r}")
-    rest = [k for k, n in sizes.items() if n == -1]
-    if len(rest) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got {rest}")
-    known = math.prod(n for n in sizes.values() if n != -1)
-    if rest:
-        if len(devices) % known:
-            raise ValueError(f"mesh.{rest[0]}: the other axes multiply to {known}, which does not divide the "
-                             f"{len(devices)} devices")
-        sizes[rest[0]] = len(devices) // known
-    if math.prod(sizes.values()) != len(devices):
-        raise ValueError(f"mesh: data*fsdp*seq*tensor = {math.prod(sizes.values())} but there are "
-                         f"{len(devices)} devices")
-    shape = tuple(sizes[a] for a in AXES)
-    try:  # topology-aware placement on TPU/GPU; CPU devices have no topology
-        grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-    except Exception:  # noqa: BLE001 - fall back to the given order
-        grid = np.asarray(devices).reshape(shape)
-    return Mesh(grid, AXES)
-
-
-def rules_context(mesh: Mesh):
-    """The context in which the model's logical activation constraints resolve on `mesh` (enter it
-    around tracing: jit, lower, or the first call of a jitted function)."""
-    import contextlib
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(mesh)
-    stack.enter_context(nn.logical_axis_rules(RULES))
-    return stack
+    """A mesh over `devices` (default: all) with axis sizes `axes` (data, fsdp, seq, tensor; missing ones
+    are 1, one may be -1): `MeshShape.of(axes).build(devices)`."""
+    return MeshShape.of(axes).build(devices)
 
 
 def logical_sharding(mesh: Mesh, axes: tuple[str | None, ...] | PartitionSpec) -> NamedSharding:
     return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(axes), RULES))
+
+
+def constrain(x: jax.Array, mesh: Mesh | None, axes: tuple[str | None, ...]) -> jax.Array:
+    """`x` constrained to the sharding of its logical `axes` on `mesh` (by RULES); unchanged without a mesh."""
+    return x if mesh is None else jax.lax.with_sharding_constraint(x, logical_sharding(mesh, axes))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -98,7 +98,7 @@ class Run:
         self.dcfg = data_config(config)
         data.check_fits(data.load_tokenizer(self.dcfg.tokenizer), self.cfg.vocab_size, "data.tokenizer",
                         self.dcfg.tokenizer)
-        self.mesh = sharding.make_mesh(**config.mesh)
+        self.mesh = sharding.MeshShape.of(config.mesh).build()
         step = ts.build(config, self.cfg, self.mesh)
         self.tx, self.abstract, self.shardings = step.tx, step.abstract, step.shardings
         self.batch_sharding, self.step_fn = step.batch_sharding, step.fn
@@ -111,14 +111,14 @@ class Run:
 
     def _initial_state(self, init_from: str | None) -> ts.TrainState:
         if init_from:
-            _, params = checkpoint.load_checkpoint(init_from, self.mesh, **_execution(self.cfg))
+            _, params = checkpoint.load_checkpoint(init_from, self.mesh,
+                                                  param_dtype=self.cfg.execution.param_dtype)
         else:
             from yarn_jax.llama import init_params
 
             init = jax.jit(lambda k: init_params(self.cfg, k), out_shardings=self.shardings.params)
             params = init(jax.random.key(self.config.seed))
-        with sharding.rules_context(self.mesh):
-            opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
         return jax.device_put(ts.TrainState(params, opt_state, jnp.zeros((), jnp.int32)), self.shardings)
 
     def _restore(self) -> ts.TrainState | None:
@@ -235,8 +235,7 @@ class Run:
         local = next(self.batches)
         t1 = time.perf_counter()
         scale = jnp.float32(np.nan if step == self.config.train.get("inject_nan_at", -1) else 1.0)
-        with sharding.rules_context(self.mesh):
-            self.state, m = self.step_fn(self.state, self._global_batch(local), scale)
+        self.state, m = self.step_fn(self.state, self._global_batch(local), scale)
         loss, grad_norm = float(m["loss"]), float(m["grad_norm"])  # the step's only host sync
         t2 = time.perf_counter()
         if not (np.isfinite(loss) and np.isfinite(grad_norm)):
@@ -281,11 +280,6 @@ class _Log:
         self.file.close()
         if self.board is not None:
             self.board.close()
-
-
-def _execution(cfg: config_lib.LlamaConfig) -> dict[str, Any]:
-    return {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "remat": cfg.remat, "attention": cfg.attention,
-            "ring_layout": cfg.ring_layout}
 
 
 def _tensorboard(workdir: Path):

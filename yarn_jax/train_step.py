@@ -12,7 +12,6 @@ import dataclasses
 import enum
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,8 +81,8 @@ def make_step(cfg: LlamaConfig, mesh: Mesh | None, tx: optax.GradientTransformat
 
     def step(state: TrainState, batch: dict[str, jax.Array], loss_scale: jax.Array):
         # micro-batch j takes rows j, j + A, j + 2A, ...: every device holds its share of each micro-batch
-        micro = {k: nn.with_logical_constraint(
-            jnp.swapaxes(v.reshape(v.shape[0] // grad_accum, grad_accum, *v.shape[1:]), 0, 1),
+        micro = {k: sharding.constrain(
+            jnp.swapaxes(v.reshape(v.shape[0] // grad_accum, grad_accum, *v.shape[1:]), 0, 1), mesh,
             (None, "batch", "seq")) for k, v in batch.items()}
 
         def acc(carry, mb):
@@ -123,7 +122,7 @@ def build(config: Any, cfg: LlamaConfig, mesh: Mesh) -> Step:
     builder of train, aot and the benchmarks. Checks that the batch and sequence divide over the mesh."""
     t, d = config.train, config.data
     sharding.check_batch(mesh, d.batch_size // t.grad_accum, d.seq_len)
-    attention.layout(cfg, mesh, d.seq_len)  # checks that the sequence divides over the ring
+    attention.layout(cfg.execution, mesh, d.seq_len)  # checks that the sequence divides over the ring
     tx = optimizer(OptimConfig.of_run(config))
     abstract, shardings = state_shardings(cfg, mesh, tx)
     positions = member("data.positions", data.Positions, d.positions)

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from yarn_jax.attention import block_xla, cudnn, reference, ring
 from yarn_jax.attention.block import BlockKernel
 from yarn_jax.attention.sharded import per_device
-from yarn_jax.config import AttentionImpl, LlamaConfig
+from yarn_jax.execution import AttentionImpl, Execution
 
 AttentionFn = Callable[..., jax.Array]
 _PLATFORMS = {AttentionImpl.REFERENCE: None, AttentionImpl.CUDNN: "gpu", AttentionImpl.SPLASH: "tpu"}
@@ -96,22 +96,22 @@ class Layout:
         return jnp.broadcast_to(jnp.asarray(order, jnp.int32), (batch, seq_len))
 
 
-def layout(cfg: LlamaConfig, mesh: Mesh | None, seq_len: int) -> Layout:
+def layout(execution: Execution, mesh: Mesh | None, seq_len: int) -> Layout:
     """The sequence layout of `mesh` for `seq_len` tokens (checks that they divide over the ring)."""
     if mesh is None or mesh.shape["seq"] == 1:
         return Layout(None)
-    return Layout(ring.permutation(seq_len, mesh.shape["seq"], cfg.ring_layout))
+    return Layout(ring.permutation(seq_len, mesh.shape["seq"], execution.ring_layout))
 
 
-def for_mesh(cfg: LlamaConfig, mesh: Mesh | None, seq_len: int) -> tuple[AttentionFn, Layout]:
+def for_mesh(execution: Execution, mesh: Mesh | None, seq_len: int) -> tuple[AttentionFn, Layout]:
     """(attend, layout), decided once per mesh: ring attention over 'seq' with the ring's layout when the
     mesh splits the sequence, else the per-device kernel and the identity; kernels for the mesh's platform
     (which may differ from the host's when compiling ahead of time for a TPU topology). Callers put their
     [B, T] inputs in `layout` order, pass `layout.index` as the token index, and restore per-token outputs."""
-    order = layout(cfg, mesh, seq_len)
+    order, impl = layout(execution, mesh, seq_len), execution.attention
     if mesh is None:
-        return select(cfg.attention), order
+        return select(impl), order
     platform = mesh.devices.flat[0].platform
     if mesh.shape["seq"] > 1:
-        return ring.ring_attention(mesh, block_kernel(cfg.attention, platform), cfg.ring_layout), order
-    return per_device(select(cfg.attention, platform), mesh), order
+        return ring.ring_attention(mesh, block_kernel(impl, platform), execution.ring_layout), order
+    return per_device(select(impl, platform), mesh), order

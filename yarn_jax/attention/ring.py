@@ -34,7 +34,7 @@ from jax.sharding import Mesh, PartitionSpec
 from yarn_jax.attention import block_xla
 from yarn_jax.attention.block import BlockKernel, Mask
 from yarn_jax.attention.sharded import BATCH_AXES, HEAD_AXIS
-from yarn_jax.config import RingLayout
+from yarn_jax.execution import RingLayout
 
 _log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ def model_check(impl: str) -> float:
                                dtype="bfloat16")
     params = yarn_jax.init_params(cfg, jax.random.key(0))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 2048))
-    want = yarn_jax.forward(cfg.replace(attention="reference"), params, tokens)
-    got = yarn_jax.forward(cfg.replace(attention=impl), params, tokens)
+    want = yarn_jax.forward(cfg.with_execution(attention="reference"), params, tokens)
+    got = yarn_jax.forward(cfg.with_execution(attention=impl), params, tokens)
     return float(abs(got - want).max() / abs(want).max())
 
 
@@ -64,7 +64,7 @@ def _time(attend, q, k, v, flops: float) -> dict[str, float]:
 
 def kernel_rows(impl: str, seqs: list[int], n: int, kv_list: list[int], h: int) -> list[dict]:
     from yarn_jax import attention
-    from yarn_jax.config import AttentionImpl
+    from yarn_jax.execution import AttentionImpl
 
     fn = attention.select(AttentionImpl(impl))
     rows = []
@@ -86,7 +86,7 @@ def ring_rows(block: str, seqs: list[int], rings: list[int], n: int, kv_list: li
     """Per ring size: the single-device kernel at T / R tokens, then the first and last ring device."""
     from yarn_jax import attention
     from yarn_jax.attention import ring
-    from yarn_jax.config import AttentionImpl
+    from yarn_jax.execution import AttentionImpl
 
     kernel = attention.block_kernel(AttentionImpl(block))
     single = attention.select(AttentionImpl(block))
@@ -113,7 +113,7 @@ def ring_check() -> float:
 
     from yarn_jax import attention, sharding
     from yarn_jax.attention import reference, ring
-    from yarn_jax.config import AttentionImpl, RingLayout
+    from yarn_jax.execution import AttentionImpl, RingLayout
 
     t, devices = 2048, jax.device_count()
     perm = ring.permutation(t, devices, RingLayout.ZIGZAG)

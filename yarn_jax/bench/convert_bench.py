@@ -22,6 +22,7 @@ import numpy as np
 
 from yarn_jax import config as config_lib
 from yarn_jax import convert, hf_files, hf_layout
+from yarn_jax.execution import DTYPES
 
 
 def write_random_hf(cfg: config_lib.LlamaConfig, out: Path, dtype: np.dtype, seed: int = 0) -> None:
@@ -79,7 +80,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default="bench_results/convert.json")
     a = p.parse_args(argv)
     cfg = config_lib.PRESETS[a.preset]()
-    dtype = np.dtype(config_lib._DTYPES[a.dtype])
+    dtype = np.dtype(DTYPES[a.dtype])
     work = Path(a.workdir)
     shutil.rmtree(work, ignore_errors=True)
     write_random_hf(cfg, work / "hf", dtype)

@@ -57,8 +57,8 @@ def ours(config, prompt: int, new: int) -> dict:
     from yarn_jax.run_config import model_config
 
     cfg, _ = model_config(config)
-    cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16", max_position_embeddings=max(prompt + new,
-                                                                                           cfg.max_position_embeddings))
+    cfg = cfg.replace(max_position_embeddings=max(prompt + new, cfg.max_position_embeddings))
+    cfg = cfg.with_execution(dtype="bfloat16", param_dtype="bfloat16")
     params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(0))
     length = generate.cache_length(prompt + new)
     tokens = np.zeros((1, length), np.int32)

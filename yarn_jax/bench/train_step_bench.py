@@ -72,12 +72,11 @@ def setup(config, seq: int):
                                               or config.model.max_position_embeddings or 0)
     mesh = sharding.make_mesh(data=1, fsdp=1, seq=1, tensor=1, devices=jax.devices()[:1])
     cfg, tx, traced = aot.trace_step(config, mesh)
-    with sharding.rules_context(mesh):
-        step = traced.lower().compile()
-        shardings = step.input_shardings[0][0]  # the train state's, as the step expects them
-        params = jax.jit(lambda k: init_params(cfg, k), out_shardings=shardings.params)(jax.random.key(0))
-        state = train_step.TrainState(params, jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
-                                      jnp.zeros((), jnp.int32))
+    step = traced.lower().compile()
+    shardings = step.input_shardings[0][0]  # the train state's, as the step expects them
+    params = jax.jit(lambda k: init_params(cfg, k), out_shardings=shardings.params)(jax.random.key(0))
+    state = train_step.TrainState(params, jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
+                                  jnp.zeros((), jnp.int32))
     batch = {"tokens": np.random.default_rng(0).integers(0, cfg.vocab_size, (1, seq), dtype=np.int32),
              "positions": np.arange(seq, dtype=np.int32)[None], "segment_ids": np.ones((1, seq), np.int32)}
     return cfg, step, state, jax.device_put(batch, sharding.batch_sharding(mesh))
@@ -93,12 +92,13 @@ def kernel_bound(cfg, seq: int) -> dict:
     d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     matmul_params = cfg.num_layers * (d * h * (2 * n + 2 * k) + 3 * d * f) + cfg.vocab_size * d  # lm head too
     rows = min(seq, 16384)  # the MLP up-projection of `rows` tokens: a GEMM of the step's own shape
-    x, w = (jax.random.normal(key, shape, cfg.dtype) for key, shape in zip(jax.random.split(jax.random.key(0)),
-                                                                            ((rows, d), (d, f)), strict=True))
+    dtype = cfg.execution.dtype
+    x, w = (jax.random.normal(key, shape, dtype) for key, shape in zip(jax.random.split(jax.random.key(0)),
+                                                                        ((rows, d), (d, f)), strict=True))
     matmul_rate = 2 * rows * d * f / kernel_time(jax.jit(jnp.dot), x, w, calls=20)
-    kernel = attention.select(cfg.attention)
+    kernel = attention.select(cfg.execution.attention)
     index = jnp.arange(seq, dtype=jnp.int32)[None]
-    qs = [jax.random.normal(key, (1, seq, heads, h), cfg.dtype)
+    qs = [jax.random.normal(key, (1, seq, heads, h), dtype)
           for key, heads in zip(jax.random.split(jax.random.key(1), 4), (n, k, k, n), strict=True)]
 
     attend = fwd_bwd(lambda q, k_, v: kernel(q, k_, v, None, None, index, index))
@@ -126,7 +126,7 @@ def ours(config, seq: int, steps: int) -> dict:
     need = aot.program_bytes(step)  # this program's own need (peak_bytes_in_use is the process's maximum)
     return {"step_s": statistics.median(times), "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
             "program_gib": need / 2**30, "loss": float(m["loss"]),
-            "flops_per_token": train_step.flops_per_token(cfg, seq), "remat": cfg.remat.value}
+            "flops_per_token": train_step.flops_per_token(cfg, seq), "remat": cfg.execution.remat.value}
 
 
 def peer(config, seq: int, steps: int, remat: bool, compiled: bool) -> dict:

@@ -105,7 +105,7 @@ def models(args) -> tuple[list[tuple[str, Any, Any]], Any]:
             params = jax.device_put(params)
         for spec, rope in ropes:
             hf = with_rope(cfg.to_hf(), rope)
-            variant = LlamaConfig.from_hf(hf, dtype=cfg.dtype, param_dtype=cfg.param_dtype, attention=cfg.attention)
+            variant = LlamaConfig.from_hf(hf).replace(execution=cfg.execution)
             out.append((label if spec == "none" else f"{label} {spec}", variant, params))
     return out, mesh
 
