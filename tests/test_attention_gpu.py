@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.tolerances import LSE_BF16_ATOL
+from tests.tolerances import LSE_BF16_ATOL, TOL
 from yarn_jax import sharding
 from yarn_jax.attention import block_cudnn, block_xla, cudnn, reference, ring
 from yarn_jax.attention.block import Mask
@@ -86,3 +86,36 @@ def test_a_ring_devices_work_with_cudnn_blocks_equals_the_xla_blocks(device):
     want = ring.device_work(block_xla.Kernel(), 4, device)
     errs = _errors(jax.jit(got), want, q, k, v, do)
     assert all(e <= b for e, b in zip(errs, bound, strict=True)), (errs, bound)
+
+
+def test_generation_with_cudnn_prefill_equals_the_reference_kernel():
+    """`generate.step` on the GPU with YaRN: a cuDNN prefill of a 300-token prompt (padded to the cache) and
+    8 decode steps against the cache, teacher-forced, give the logits of the same bf16 model with the
+    reference attention within bf16 tolerance (relative to the largest logit)."""
+    import yarn_jax
+    from yarn_jax import generate, scaling
+
+    cfg = yarn_jax.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                               num_kv_heads=2, head_dim=64, max_position_embeddings=1024,
+                               rope_scaling=scaling.Yarn(4.0, 256))
+    params = jax.tree.map(lambda x: x * 4, yarn_jax.init_params(cfg, jax.random.key(0)))  # sharper logits
+    seq = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 308)).astype(np.int32)
+    prompt, length = 300, generate.cache_length(308)
+    freqs = generate.frequencies(cfg, prompt)
+
+    def logits(impl):
+        run = cfg.with_execution(attention=impl)
+        cache = generate.init_cache(run, 1, length)
+        padded = np.zeros((1, length), np.int32)
+        padded[:, :prompt] = seq[:, :prompt]
+        out, cache = generate.step(run, params, cache, jnp.asarray(padded), jnp.int32(0), freqs,
+                                   jnp.int32(prompt - 1), prefill=True)
+        rows = [out]
+        for i in range(prompt, seq.shape[1]):
+            out, cache = generate.step(run, params, cache, jnp.asarray(seq[:, i:i + 1]), jnp.int32(i), freqs,
+                                       prefill=False)
+            rows.append(out)
+        return np.stack([np.asarray(r, np.float32) for r in rows])
+
+    got, want = logits("cudnn"), logits("reference")
+    assert _rel(got, want) <= TOL[jnp.bfloat16][0], _rel(got, want)

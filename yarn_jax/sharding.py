@@ -3,7 +3,9 @@
 Modules name logical axes only (llama.py); `RULES` decides where each goes. Flax resolves rules in order
 and skips mesh axes already used by an earlier dimension of the same array, so 'embed' shards
 parameters over fsdp x seq (ZeRO-3 over every chip that holds the same weights: the ring's chips too)
-while activations, whose batch already took 'fsdp' and sequence 'seq', keep D whole.
+while activations, whose batch already took 'fsdp' and sequence 'seq', keep D whole. Parameters get
+their shardings from `logical_sharding`; activations are pinned by `constrain(x, mesh, axes)`, the mesh
+passed by the caller (the model holds it), so there is no rules context to enter around tracing.
 """
 
 from __future__ import annotations
