@@ -51,13 +51,6 @@ def test_invalid_config_names_the_field(case, hf, field):
         C.LlamaConfig.from_hf(hf)
 
 
-def test_invalid_execution_policy_names_the_field():
-    with pytest.raises(ValueError, match="^dtype: "):
-        C.Execution(dtype="fp8")
-    with pytest.raises(ValueError, match="^remat: "):
-        C.Execution(remat="sometimes")
-
-
 def test_unrecognised_rope_keys_warn_with_their_names():
     with pytest.warns(UserWarning, match=r"\['low_freq_factor', 'wibble'\]"):
         C.LlamaConfig.from_hf(_with({**YARN, "wibble": 1, "low_freq_factor": 1.0}))

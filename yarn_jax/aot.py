@@ -108,7 +108,7 @@ def step_flops(config: Any, mesh: Mesh, cfg: LlamaConfig, traced: Any) -> dict[s
     `flops_upper` (every conditional branch run) and `analytic_flops` ((6N + 6LdS) per token, x 4/3 with
     remat: one more forward)."""
     upper, conditional = program_flops(traced.jaxpr.jaxpr)
-    ring_size = mesh.shape["seq"]
+    ring_size = sharding.ring_size(mesh)
     # the step's conditionals: in the zigzag ring, its choice between two equal-cost blocks (always run);
     # in the striped ring, the XLA block kernel's chunk-pair skips, run for the visible pairs. Kernels' own
     # skips (splash's causal blocks, the XLA kernel's inside the zigzag ring's diagonal) are counted whole.
@@ -162,7 +162,7 @@ def report(config: Any, topology: str, num_slices: int = 1) -> tuple[dict[str, f
         f"| total (arguments + temporaries + outputs - donated) | {figures['total_gib']:.2f} |",
         f"| HBM | {figures['hbm_gib']:.0f} ({figures['total_gib'] / figures['hbm_gib']:.0%} used) |",
         f"FLOPs per step: program {flops:.3e} ("
-        + (f"{fl['visible']:.0%} of ring chunk pairs run; " if mesh.shape["seq"] > 1 else "")
+        + (f"{fl['visible']:.0%} of ring chunk pairs run; " if sharding.ring_size(mesh) > 1 else "")
         + f"every branch: {fl['flops_upper']:.3e}), analytic (6N + 6LdS) x "
         f"{fl['analytic_flops'] / fl['model_flops']:.2f} remat = {fl['analytic_flops']:.3e} (ratio "
         f"{flops / fl['analytic_flops']:.2f}); XLA cost analysis {xla_flops:.3e} (loop bodies once)",
@@ -189,7 +189,7 @@ def generation_report(config: Any, topology: str, new_tokens: int = 64) -> tuple
     cfg, _ = model_config(config)
     cfg = cfg.with_execution(dtype="bfloat16", param_dtype="bfloat16", remat="none")
     t0 = config.data.seq_len
-    length = generate.cache_length(t0 + new_tokens, mesh.shape["seq"])
+    length = generate.cache_length(t0 + new_tokens, sharding.ring_size(mesh))
     sharding.check_batch(mesh, 1, length)
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))), param_shardings(cfg, mesh))

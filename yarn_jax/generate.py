@@ -94,7 +94,7 @@ def generate(cfg: LlamaConfig, params: Any, prompt: np.ndarray, max_new: int, *,
     prompt = np.asarray(prompt, np.int32)
     b, t0 = prompt.shape
     scale_len = lambda n: -(-n // dynamic_bucket) * dynamic_bucket  # noqa: E731
-    cache = init_cache(cfg, b, cache_length(t0 + max_new, 1 if mesh is None else mesh.shape["seq"]))
+    cache = init_cache(cfg, b, cache_length(t0 + max_new, sharding.ring_size(mesh)))
     # `step` takes the frequencies as an argument, so the scaling method need not key its compilation:
     # every RoPE variant of one model shape shares the compiled prefill and decode steps.
     net_cfg = cfg.replace(rope_scaling=scaling_lib.Default())

@@ -92,8 +92,21 @@ def make_mesh(*, devices: list[Any] | None = None, **axes: int) -> Mesh:
     return MeshShape.of(axes).build(devices)
 
 
+def spec(axes: tuple[str | None, ...] | PartitionSpec) -> PartitionSpec:
+    """The mesh PartitionSpec of logical `axes`, by RULES."""
+    return nn.logical_to_mesh_axes(tuple(axes), RULES)
+
+
+SEQ_AXIS: str = spec(("seq",))[0]  # the mesh axis RULES split the sequence over (ring attention's)
+
+
+def ring_size(mesh: Mesh | None) -> int:
+    """How many devices one sequence is split over (1 without a mesh)."""
+    return 1 if mesh is None else mesh.shape[SEQ_AXIS]
+
+
 def logical_sharding(mesh: Mesh, axes: tuple[str | None, ...] | PartitionSpec) -> NamedSharding:
-    return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(axes), RULES))
+    return NamedSharding(mesh, spec(axes))
 
 
 def constrain(x: jax.Array, mesh: Mesh | None, axes: tuple[str | None, ...]) -> jax.Array:
@@ -110,5 +123,5 @@ def check_batch(mesh: Mesh, batch: int, seq_len: int) -> None:
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch % dp:
         raise ValueError(f"batch: expected a multiple of data*fsdp = {dp}, got {batch}")
-    if seq_len % mesh.shape["seq"]:
-        raise ValueError(f"seq_len: expected a multiple of the seq axis ({mesh.shape['seq']}), got {seq_len}")
+    if seq_len % ring_size(mesh):
+        raise ValueError(f"seq_len: expected a multiple of the seq axis ({ring_size(mesh)}), got {seq_len}")

@@ -23,6 +23,7 @@ from yarn_jax.attention import block_xla, cudnn, reference, ring
 from yarn_jax.attention.block import BlockKernel
 from yarn_jax.attention.sharded import per_device
 from yarn_jax.execution import AttentionImpl, Execution
+from yarn_jax.sharding import ring_size
 
 AttentionFn = Callable[..., jax.Array]
 _PLATFORMS = {AttentionImpl.REFERENCE: None, AttentionImpl.CUDNN: "gpu", AttentionImpl.SPLASH: "tpu"}
@@ -70,7 +71,7 @@ def block_kernel(impl: AttentionImpl, platform: str | None = None) -> BlockKerne
 def decode_for_mesh(mesh: Mesh | None) -> AttentionFn:
     """Attention of a few new tokens to the KV cache: the reference (masks by cache slot, which fused
     kernels do not take), or, with the cache split over the mesh's 'seq' axis, per shard merged by lse."""
-    if mesh is not None and mesh.shape["seq"] > 1:
+    if ring_size(mesh) > 1:
         return ring.decode_attention(mesh)
     return reference.attention
 
@@ -98,9 +99,9 @@ class Layout:
 
 def layout(execution: Execution, mesh: Mesh | None, seq_len: int) -> Layout:
     """The sequence layout of `mesh` for `seq_len` tokens (checks that they divide over the ring)."""
-    if mesh is None or mesh.shape["seq"] == 1:
+    if ring_size(mesh) == 1:
         return Layout(None)
-    return Layout(ring.permutation(seq_len, mesh.shape["seq"], execution.ring_layout))
+    return Layout(ring.permutation(seq_len, ring_size(mesh), execution.ring_layout))
 
 
 def for_mesh(execution: Execution, mesh: Mesh | None, seq_len: int) -> tuple[AttentionFn, Layout]:
@@ -112,6 +113,6 @@ def for_mesh(execution: Execution, mesh: Mesh | None, seq_len: int) -> tuple[Att
     if mesh is None:
         return select(impl), order
     platform = mesh.devices.flat[0].platform
-    if mesh.shape["seq"] > 1:
+    if ring_size(mesh) > 1:
         return ring.ring_attention(mesh, block_kernel(impl, platform), execution.ring_layout), order
     return per_device(select(impl, platform), mesh), order

@@ -33,8 +33,9 @@ from jax.sharding import Mesh, PartitionSpec
 
 from yarn_jax.attention import block_xla
 from yarn_jax.attention.block import BlockKernel, Mask
-from yarn_jax.attention.sharded import BATCH_AXES, HEAD_AXIS
+from yarn_jax.attention.sharded import specs
 from yarn_jax.execution import RingLayout
+from yarn_jax.sharding import SEQ_AXIS, ring_size
 
 _log = logging.getLogger(__name__)
 
@@ -224,20 +225,20 @@ def _kernel_for(kernel: BlockKernel, layout: RingLayout, segments: bool) -> Bloc
     return block_xla.Kernel()
 
 
-def ring_attention(mesh: Mesh, kernel: BlockKernel, layout: RingLayout, axis: str = "seq"):
-    """An attention function (the signature of yarn_jax.attention) running the ring over `axis` of `mesh`
-    with `kernel` for its blocks. Inputs are global arrays whose sequence is permuted by
-    `permutation(T, ring, layout)`."""
-    ring = mesh.shape[axis]
-    qkv, ids = PartitionSpec(BATCH_AXES, axis, HEAD_AXIS, None), PartitionSpec(BATCH_AXES, axis)
+def ring_attention(mesh: Mesh, kernel: BlockKernel, layout: RingLayout):
+    """An attention function (the signature of yarn_jax.attention) running the ring over the sequence axis
+    of `mesh` (SEQ_AXIS) with `kernel` for its blocks. Inputs are global arrays whose sequence is permuted
+    by `permutation(T, ring, layout)`."""
+    axis, ring = SEQ_AXIS, ring_size(mesh)
+    q_spec, kv_spec, ids = specs(True)
 
     def attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx):
         body = functools.partial(_ring, _kernel_for(kernel, layout, q_seg is not None),
                                  functools.partial(_shift, axis, ring), ring, layout)
         devices = jnp.arange(ring, dtype=jnp.int32)  # [R] over the ring: each device gets its own position
         return jax.shard_map(lambda d, *xs: body(d[0], *xs), mesh=mesh,
-                             in_specs=(PartitionSpec(axis), qkv, qkv, qkv, ids, ids, ids, ids), out_specs=qkv,
-                             check_vma=False)(devices, q, k, v, q_seg, kv_seg, q_idx, kv_idx)
+                             in_specs=(PartitionSpec(axis), q_spec, kv_spec, kv_spec, ids, ids, ids, ids),
+                             out_specs=q_spec, check_vma=False)(devices, q, k, v, q_seg, kv_seg, q_idx, kv_idx)
 
     return attend
 
@@ -256,20 +257,18 @@ def device_work(kernel: BlockKernel, ring: int, device: int, layout: RingLayout 
     return work
 
 
-def decode_attention(mesh: Mesh, axis: str = "seq"):
-    """Attention of a few new queries (on every device of `axis`) to a KV cache split over `axis`, with the
+def decode_attention(mesh: Mesh):
+    """Attention of a few new queries (on every device of SEQ_AXIS) to a KV cache split over it, with the
     signature of yarn_jax.attention: q [B, t, N, H]; k, v [B, S, K, H] (S split); segment ids / token
     indices [B, t] and [B, S] by cache slot (the cache may be in the ring's order). Each device attends to
     its own slots (the XLA block kernel, masks by token index); the partial (out, lse) merge through the
     log-sum-exp after one all-gather of [B, t, N, H + 1] per device."""
-    q_spec = PartitionSpec(BATCH_AXES, None, HEAD_AXIS, None)
-    kv_spec = PartitionSpec(BATCH_AXES, axis, HEAD_AXIS, None)
-    q_ids, kv_ids = PartitionSpec(BATCH_AXES, None), PartitionSpec(BATCH_AXES, axis)
+    (q_spec, _, q_ids), (_, kv_spec, kv_ids) = specs(False), specs(True)
 
     def local(q, k, v, q_seg, kv_seg, q_idx, kv_idx):
         out, lse = block_xla.forward(q, k, v, Mask(True, q_seg, kv_seg, q_idx, kv_idx))  # this device's slots
         both = jnp.concatenate([out.astype(jnp.float32), lse.transpose(0, 2, 1)[..., None]], axis=-1)
-        parts = jax.lax.all_gather(both, axis)  # [R, B, t, N, H + 1]
+        parts = jax.lax.all_gather(both, SEQ_AXIS)  # [R, B, t, N, H + 1]
         outs, lses = parts[..., :-1], parts[..., -1]
         w = jnp.exp(lses - lses.max(axis=0))  # [R, B, t, N]: shards with no visible slot weigh 0
         return (jnp.einsum("RBTN,RBTNH->BTNH", w, outs) / w.sum(axis=0)[..., None]).astype(q.dtype)
