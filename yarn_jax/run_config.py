@@ -68,6 +68,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in ("seq_len", "batch_size"):
         _count(f"data.{name}", d[name])
     sharding.MeshShape.of(config.mesh)
+    Execution(**{k: config.model[k] for k in EXECUTION_KEYS})
     if d.batch_size % t.grad_accum:
         raise ValueError(f"train.grad_accum: expected a divisor of data.batch_size ({d.batch_size}), "
                          f"got {t.grad_accum}")

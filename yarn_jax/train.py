@@ -321,6 +321,7 @@ def main(argv: list[str]) -> int:
             return 0
         if not work:
             raise ValueError("--workdir: required (where checkpoints and metrics.jsonl go)")
+        validate(config)  # before anything is written to the work directory
         from absl import logging
 
         # Orbax logs every file it renames (INFO), deprecations (WARNING) and, when a background save fails,
