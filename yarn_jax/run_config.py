@@ -41,17 +41,21 @@ def base() -> ml_collections.ConfigDict:
     return c
 
 
+def execution(config: ml_collections.ConfigDict) -> Execution:
+    """How the run's model executes: model.dtype, model.remat, ... (EXECUTION_KEYS)."""
+    return Execution(**{k: config.model[k] for k in EXECUTION_KEYS})
+
+
 def model_config(config: ml_collections.ConfigDict) -> tuple[config_lib.LlamaConfig, str | None]:
     """(LlamaConfig, checkpoint to initialise from or None) from the run config: the architecture from
     `init_from` or `model.preset` and the shape keys, RoPE from `rope`, the execution from model.dtype etc."""
-    execution = {k: config.model[k] for k in EXECUTION_KEYS}
     if config.init_from:
         base = checkpoint.Reader(config.init_from).cfg.to_hf()
     else:
         shape = {k: v for k, v in config.model.items() if k in SHAPE_KEYS and v is not None}
         base = config_lib.PRESETS[config.model.preset](**shape).to_hf()
     base = config_lib.with_rope(base, dict(config.get("rope", {}) or {}))
-    return config_lib.LlamaConfig.from_hf(base, **execution), config.init_from or None
+    return config_lib.LlamaConfig.from_hf(base).replace(execution=execution(config)), config.init_from or None
 
 
 def _count(name: str, value, minimum: int = 1, meaning: str = "") -> None:
@@ -67,8 +71,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _count("train.keep", t.keep, 0, " (0 keeps every checkpoint)")
     for name in ("seq_len", "batch_size"):
         _count(f"data.{name}", d[name])
-    sharding.MeshShape.of(config.mesh)
-    Execution(**{k: config.model[k] for k in EXECUTION_KEYS})
+    sharding.MeshShape.of(config.mesh)  # the typed mesh and execution refuse their bad values here
+    execution(config)
     if d.batch_size % t.grad_accum:
         raise ValueError(f"train.grad_accum: expected a divisor of data.batch_size ({d.batch_size}), "
                          f"got {t.grad_accum}")
