@@ -1,12 +1,21 @@
-"""`python -m yarn_jax.aot` on real TPU topologies, compiled on this CPU host through libtpu."""
+"""Compiled for real TPU topologies on this CPU host through libtpu: `python -m yarn_jax.aot`, the model's
+gradient with splash and the ring, the generation steps. One file, so that one test process at a time holds
+libtpu's machine-wide lock (pytest-xdist's `--dist loadfile` keeps a file on one worker)."""
 
 import importlib.util
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+import yarn_jax
 from tests.train_helpers import ROOT
-from yarn_jax import aot, run_config
+from yarn_jax import aot, attention, hlo, run_config, sharding
+from yarn_jax.attention import block_xla, ring
+from yarn_jax.execution import AttentionImpl, RingLayout
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 
@@ -44,7 +53,7 @@ def test_config_that_cannot_fit_fails_with_a_clear_message(capsys):
 def test_optimizer_moments_are_sharded_like_their_parameters_on_tpu():
     # the compiler's own choice for tx.init's outputs was "replicated" on TPU topologies: 12 bytes per
     # parameter on every chip instead of 12 / fsdp
-    from yarn_jax import sharding, train_step
+    from yarn_jax import train_step
     from yarn_jax.run_config import model_config
 
     config = run_config.load(str(ROOT / "configs/tiny.py"), ["mesh.fsdp=4", "mesh.seq=1", "mesh.data=1"])
@@ -64,14 +73,6 @@ def test_ring_inside_a_layer_scan_stays_linear_in_memory():
     # once and broadcast over heads: 7.9 / 30.3 GiB at 16k / 32k here instead of 0.77 / 1.46 (bf16 matmul
     # operands; 0.88 / 1.57 with float32 ones). At 8k each device holds one query chunk, so 16k is the
     # first size where doubling the tokens doubles the per-device work.
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from yarn_jax import attention, sharding
-    from yarn_jax.attention import ring
-    from yarn_jax.execution import AttentionImpl, RingLayout
-
     _, _, devices = aot.topology_devices("v4-16")
     mesh = sharding.make_mesh(seq=8, devices=devices)
     attend = ring.ring_attention(mesh, attention.block_kernel(AttentionImpl.AUTO, "tpu"), RingLayout.ZIGZAG)
@@ -93,11 +94,6 @@ def test_ring_inside_a_layer_scan_stays_linear_in_memory():
 
 
 def test_program_flops_counts_loops_devices_and_conditionals():
-    import jax.numpy as jnp
-    from jax.sharding import PartitionSpec as P
-
-    from yarn_jax import sharding
-
     mesh = sharding.make_mesh(data=4, devices=jax.devices()[:4])
 
     def per_device(x, w):  # x [2, 16], w [16, 32] on each device
@@ -113,11 +109,6 @@ def test_program_flops_counts_loops_devices_and_conditionals():
 
 
 def test_visible_fraction_matches_the_mask(monkeypatch):
-    import numpy as np
-
-    from yarn_jax.attention import block_xla, ring
-    from yarn_jax.execution import RingLayout
-
     assert ring.visible_fraction(65536, 8, RingLayout.ZIGZAG) == 1.0  # its schedule computes visible blocks only
     assert 0.5 < ring.visible_fraction(65536, 8, RingLayout.STRIPED) < 0.6  # causal: half, plus the diagonal
     monkeypatch.setattr(block_xla, "Q_CHUNK", 4)
@@ -130,8 +121,6 @@ def test_visible_fraction_matches_the_mask(monkeypatch):
 
 @pytest.mark.parametrize("name,topology", [("v4_64k", "v4-32"), ("v4_128k", "v4-32")])
 def test_paper_configs_step_flops_agree_with_the_analytic_count(name, topology):
-    from yarn_jax import sharding
-
     config = run_config.load(str(ROOT / f"configs/{name}.py"), [])
     mesh = sharding.make_mesh(**config.mesh, devices=aot.topology_devices(topology)[2])
     cfg, _, traced = aot.trace_step(config, mesh)
@@ -146,3 +135,31 @@ def test_generation_steps_compile_with_the_cache_split_over_seq(capsys):
     assert rc == 0, out
     assert "mesh {'data': 1, 'fsdp': 1, 'seq': 4, 'tensor': 1}" in out and "KV cache (bf16, split over seq)" in out
     assert "prefill program" in out and "decode step program" in out and "fits with" in out
+
+
+@pytest.mark.parametrize("mesh_shape,attention", [((1, 4, 1, 1), "splash"), ((1, 2, 2, 1), "auto"),
+                                                  ((1, 1, 4, 1), "auto")])
+def test_train_gradient_compiles_for_tpu_v4(mesh_shape, attention):
+    cfg = yarn_jax.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                               num_kv_heads=2, head_dim=64, rope_scaling=yarn_jax.scaling.Yarn(4.0, 256),
+                               execution=yarn_jax.Execution(attention=attention, remat="full"))
+    mesh = Mesh(np.asarray(aot.topology_devices("v4-8")[2][: int(np.prod(mesh_shape))]).reshape(mesh_shape),
+                sharding.AXES)
+    p_shard = yarn_jax.llama.param_shardings(cfg, mesh)
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          jax.eval_shape(lambda: yarn_jax.init_params(cfg, jax.random.key(0))), p_shard)
+    tokens = jax.ShapeDtypeStruct((4, 2048), jnp.int32, sharding=sharding.batch_sharding(mesh))
+    segments = jax.ShapeDtypeStruct((4, 2048), jnp.int32, sharding=sharding.batch_sharding(mesh))
+
+    def loss(p, t, s):
+        return -jnp.mean(jax.nn.log_softmax(yarn_jax.forward(cfg, p, t, segment_ids=s, mesh=mesh))[..., 0])
+
+    compiled = jax.jit(jax.grad(loss)).lower(params, tokens, segments).compile()
+    text = compiled.as_text()
+    assert compiled.memory_analysis().temp_size_in_bytes > 0
+    if attention == "splash":
+        assert "splash" in text or "tpu_custom_call" in text
+    if mesh_shape[2] > 1:  # K/V travel around the ring, every ring loop running splash blocks
+        assert "collective-permute" in text
+        loops = hlo.ring_loop_kernels(text)  # a ring of 2 has one step after its first: no loop is left
+        assert (loops or mesh_shape[2] == 2) and all(kernels["tpu_custom_call"] > 0 for kernels in loops), loops
