@@ -62,3 +62,13 @@ def test_modules_and_functions_stay_small():
                 if lines > MAX_FUNCTION_LINES:
                     long_functions.append(f"{path.name}:{node.lineno} {node.name}: {lines}")
     assert not long_modules and not long_functions, (long_modules, long_functions)
+
+
+def test_only_test_aot_compiles_for_tpu_topologies():
+    """libtpu lets one process at a time hold it, and the suite runs test files on two workers
+    (`--dist loadfile`): every test that reaches libtpu must sit in test_aot.py."""
+    reaching = ("topology_devices", "get_topology_desc", "aot.report(", "aot.generation_report(")
+    tests = Path(__file__).resolve().parent
+    offenders = [p.name for p in tests.glob("*.py") if p.name not in ("test_aot.py", Path(__file__).name)
+                 and any(name in p.read_text() for name in reaching)]
+    assert not offenders, offenders
