@@ -198,7 +198,10 @@ class Llama(nn.Module):
     def _embed(self, tokens, positions, freqs) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(embeddings [B, T, D], cos, sin [B, T, H/2]: shared by all layers)."""
         cos, sin = rope_lib.cos_sin(positions, *freqs)
-        x = jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.execution.dtype)
+        # gathered from a table with D whole (one all-gather, as for every layer's weights): rows taken from
+        # the D-sharded table cannot be moved to the batch / sequence split without replicating them
+        table = sharding.constrain(self.embedding.astype(self.cfg.execution.dtype), self.mesh, ("vocab", None))
+        x = jnp.take(table, tokens, axis=0)  # [B, T, D]
         return sharding.constrain(x, self.mesh, ("batch", "seq", "embed")), cos, sin
 
     def unembed(self, x: jax.Array) -> jax.Array:
