@@ -8,10 +8,10 @@ not fit): seq 16 (ring attention over 16 chips, 8k tokens each; parameters and o
 over all 16 chips); gradient accumulation 64 (one sequence per micro-batch).
 
 AOT figures (`python -m yarn_jax.bench tpu-aot`, 2026-12-01 session 8, jax 0.10.2 + libtpu, splash blocks in the ring):
-per chip 4.71 GiB parameters + optimizer state, 14.71 GiB temporaries, 19.42 of 32 GiB (39% headroom); FLOPs
+per chip 4.71 GiB parameters + optimizer state, 14.45 GiB temporaries, 19.16 of 32 GiB (40% headroom); FLOPs
 per step 1.80e18 counted on the traced program vs 1.61e18 analytic (6N + 6LdS, x 4/3 for full remat; ratio
 1.12); compute-only roofline 408 s per step, 20.5k tokens/s, MFU 67% (an upper bound). On v4-128
-(`--config.mesh.fsdp=4 --config.train.grad_accum=16`): 10.43 GiB per chip, 102 s per step, 82k tokens/s.
+(`--config.mesh.fsdp=4 --config.train.grad_accum=16`): 10.20 GiB per chip, 102 s per step, 82k tokens/s.
 """
 
 from yarn_jax.run_config import base

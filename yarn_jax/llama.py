@@ -199,9 +199,10 @@ class Llama(nn.Module):
         """(embeddings [B, T, D], cos, sin [B, T, H/2]: shared by all layers)."""
         cos, sin = rope_lib.cos_sin(positions, *freqs)
         # gathered from a table with D whole (one all-gather, as for every layer's weights): rows taken from
-        # the D-sharded table cannot be moved to the batch / sequence split without replicating them
-        table = sharding.constrain(self.embedding.astype(self.cfg.execution.dtype), self.mesh, ("vocab", None))
-        x = jnp.take(table, tokens, axis=0)  # [B, T, D]
+        # the D-sharded table cannot be moved to the batch / sequence split without replicating them. In
+        # the parameter dtype, so that the backward sums each token's gradients in float32
+        table = sharding.constrain(self.embedding, self.mesh, ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(self.cfg.execution.dtype)  # [B, T, D]
         return sharding.constrain(x, self.mesh, ("batch", "seq", "embed")), cos, sin
 
     def unembed(self, x: jax.Array) -> jax.Array:
