@@ -173,8 +173,8 @@ class Llama(nn.Module):
         """tokens, positions (RoPE), index (causal order) [B, T] -> hidden [B, T, D]. segment_ids [B, T]:
         packed documents (None: one per row). seq_len: the length dynamic RoPE methods scale to (default T)."""
         c = self.cfg
-        inv_freq, factor = rope_lib.frequencies(c.rope, seq_len or tokens.shape[1], dtype=jnp.float64)
-        x, cos, sin = self._embed(tokens, positions, (rope_lib.turn_parts(inv_freq), factor))  # static: exact
+        inv_freq, factor = rope_lib.frequencies(c.rope, seq_len or tokens.shape[1], dtype=jnp.float64)  # static: exact
+        x, cos, sin = self._embed(tokens, positions, (rope_lib.turn_parts(inv_freq), factor), whole_table=True)
         x, _ = self.layers(x, cos, sin, segment_ids, index, None, None, False)
         return self.final_norm(x)
 
@@ -185,7 +185,7 @@ class Llama(nn.Module):
         serves every length). prefill: the tokens are the whole sequence (start 0), attending to each other
         with the model's kernel; otherwise they attend to the cache's slots. slot_index [S]: the token index
         each slot holds (default 0..S-1; a cache split over a ring holds its slots in the ring's order)."""
-        x, cos, sin = self._embed(tokens, positions, freqs)
+        x, cos, sin = self._embed(tokens, positions, freqs, whole_table=prefill)
         b, s = cache.k.shape[1:3]
         held = jnp.arange(s, dtype=jnp.int32) if slot_index is None else slot_index  # [S]
         slot = start if slot_index is None else jnp.argmax(held == start).astype(jnp.int32)  # of token start
@@ -195,13 +195,14 @@ class Llama(nn.Module):
         x, (k, v) = self.layers(x, cos, sin, ones, positions, kv, tuple(cache), prefill)
         return self.final_norm(x), Cache(k, v)
 
-    def _embed(self, tokens, positions, freqs) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(embeddings [B, T, D], cos, sin [B, T, H/2]: shared by all layers)."""
+    def _embed(self, tokens, positions, freqs, *, whole_table: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(embeddings [B, T, D], cos, sin [B, T, H/2]: shared by all layers). whole_table: gather from the
+        table with D whole (one all-gather, as for every layer's weights), for whole sequences: their rows,
+        taken from the D-sharded table, could reach the batch / sequence split only by being replicated. A
+        decode step's few rows are replicated instead (far less than the table, at every token)."""
         cos, sin = rope_lib.cos_sin(positions, *freqs)
-        # gathered from a table with D whole (one all-gather, as for every layer's weights): rows taken from
-        # the D-sharded table cannot be moved to the batch / sequence split without replicating them. In
-        # the parameter dtype, so that the backward sums each token's gradients in float32
-        table = sharding.constrain(self.embedding, self.mesh, ("vocab", None))
+        # in the parameter dtype, so that the backward sums each token's gradient rows in float32
+        table = sharding.constrain(self.embedding, self.mesh, ("vocab", None)) if whole_table else self.embedding
         x = jnp.take(table, tokens, axis=0).astype(self.cfg.execution.dtype)  # [B, T, D]
         return sharding.constrain(x, self.mesh, ("batch", "seq", "embed")), cos, sin
 
