@@ -115,6 +115,61 @@ def test_cli_both_ways(tmp_path):
     assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--overwrite"]) == 0
 
 
+def _tree(root):
+    """Every file under `root` with its bytes (hidden files included)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["to-hf-onto-ckpt", "from-hf-onto-hf", "to-hf-onto-run", "to-hf-into-ckpt",
+                                  "onto-foreign-dir"])
+def test_overwrite_never_destroys_an_input_or_a_foreign_directory(tmp_path, capsys, case):
+    """The three data-loss cases of a new user's run (and their mirror images): refused before anything
+    is written, whatever --overwrite says; every input byte-for-byte intact."""
+    src = _hf_dir(tmp_path)
+    run = tmp_path / "run"
+    convert.from_hf(src, run / "checkpoints")
+    (run / "metrics.jsonl").write_text('{"step": 0}\n')
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    argv, message = {
+        "to-hf-onto-ckpt": (["to-hf", run / "checkpoints", run / "checkpoints"], "is the input"),
+        "from-hf-onto-hf": (["from-hf", src, src], "is the input"),
+        "to-hf-onto-run": (["to-hf", run / "checkpoints", run], "contains the input"),
+        "to-hf-into-ckpt": (["to-hf", run / "checkpoints", run / "checkpoints/export"], "lies inside the input"),
+        "onto-foreign-dir": (["to-hf", run / "checkpoints", foreign], "replaces only a directory written by"),
+    }[case]
+    before = _tree(tmp_path)
+    capsys.readouterr()
+    assert convert.main([str(a) for a in argv] + ["--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert _tree(tmp_path) == before
+
+
+def test_sigterm_during_a_conversion_leaves_nothing_behind(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = _save(hf_models.hf_model(hf_models.hf_config(layers=2)), tmp_path / "hf")
+    code = ("import os, signal, sys; from yarn_jax import convert, checkpoint\n"
+            "real = checkpoint.save_params_streamed\n"
+            "def slow(*a, **k):\n"
+            "    real(*a, **k); print('written', flush=True); signal.pause()\n"
+            "checkpoint.save_params_streamed = slow\n"
+            f"sys.exit(convert.main(['from-hf', {str(src)!r}, {str(tmp_path / 'ckpt')!r}]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.stdout.readline().strip() == "written"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "error: stopped by SIGTERM", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no output, no hidden temporary
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -201,6 +256,8 @@ def test_unknown_dtype_and_existing_output(tmp_path):
     (tmp_path / "ckpt/keep.txt").write_text("mine")
     with pytest.raises(ValueError, match="output directory exists"):
         convert.from_hf(d, tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="replaces only a directory written by yarn_jax.convert"):
+        convert.from_hf(d, tmp_path / "ckpt", overwrite=True)
     assert (tmp_path / "ckpt/keep.txt").read_text() == "mine"
 
 

@@ -9,11 +9,13 @@ its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
+import signal
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 BAD_INPUT, FAILED = 2, 1
@@ -60,9 +62,23 @@ def run(fn: Callable[[], int]) -> int:
         if e.errno in _OS_REASONS:
             return fail(os_message(e))
         raise
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"error: {e or 'interrupted'}", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt in the main thread while the block runs, as Ctrl-C does, so that
+    clean-up (`finally`, `except BaseException`) runs and `run` prints one line."""
+    def stop(signum, _frame):
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class ArgumentParser(argparse.ArgumentParser):

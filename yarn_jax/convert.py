@@ -5,8 +5,10 @@
     python -m yarn_jax.convert to-hf CKPT_DIR HF_DIR [--step N] [--dtype bfloat16] [--max-shard-size 5GB] \
         [--tokenizer tokenizer.model]
 
-Output goes to a temporary sibling directory renamed into place on success: a failure leaves nothing
-behind and never touches the input. An existing output is an error unless --overwrite.
+Output goes to a temporary sibling directory renamed into place on success: a failure, SIGTERM or Ctrl-C
+leaves nothing behind and never touches the input. An output that is, contains or lies inside an input is
+refused; an existing output is an error unless --overwrite, which replaces only a directory an earlier
+conversion wrote (it holds the MARKER file).
 """
 
 from __future__ import annotations
@@ -52,19 +54,43 @@ def _remove_stale(out: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+MARKER = ".yarn_jax_convert"  # in every directory `convert` writes: what --overwrite may replace
+
+
+def check_output(out: str | Path, inputs: list[str | Path], overwrite: bool) -> Path:
+    """`out` as an absolute path, refused (ValueError naming it) when it is, contains or lies inside one
+    of `inputs` (whatever --overwrite says), or exists and is not a directory this command wrote before
+    (--overwrite replaces only a directory holding MARKER). Checked before anything is read or written."""
+    out = Path(out).expanduser().absolute()
+    real = out.resolve()
+    for inp in inputs:
+        src = Path(inp).expanduser().resolve()
+        if real == src or src.is_relative_to(real) or real.is_relative_to(src):
+            relation = "is" if real == src else "contains" if src.is_relative_to(real) else "lies inside"
+            raise ValueError(f"{out}: the output directory {relation} the input {src}; choose an output "
+                             "outside it (nothing was written)")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise ValueError(f"{out}: output directory exists; pass --overwrite to replace it")
+        if not out.is_dir() or not (out / MARKER).is_file():
+            raise ValueError(f"{out}: --overwrite replaces only a directory written by yarn_jax.convert (it "
+                             f"holds {MARKER}); this one was not: remove it yourself or choose another output")
+    return out
+
+
 @contextlib.contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(out: str | Path, inputs: list[str | Path] = (), overwrite: bool = False) -> Iterator[Path]:
     """Yields a fresh temporary directory next to `out`; renames it to `out` only if the block succeeds
-    (a failure, a full disk included, leaves any previous `out` as it was). The result gets the
+    (a failure, a full disk or a signal included, leaves any previous `out` as it was). `out` is checked
+    against `inputs` and --overwrite first (`check_output`). The result holds MARKER and gets the
     process's normal permissions (umask), not the temporary directory's 0700."""
-    out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out}: output directory exists; pass --overwrite to replace it")
+    out = check_output(out, list(inputs), overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
+        (tmp / MARKER).write_text("written by python -m yarn_jax.convert; --overwrite may replace it\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -132,7 +158,7 @@ def from_hf(hf_dir: str | Path, ckpt_dir: str | Path, *, dtype: str | None = Non
         return checkpoint.LeafSource(t.path, shape, stored, t.per_layer, fill)
 
     leaves = [source(t) for t in hf_layout.layout(cfg)]
-    with atomic_dir(ckpt_dir, overwrite) as out:
+    with atomic_dir(ckpt_dir, [hf_dir], overwrite) as out:
         checkpoint.save_params_streamed(out, cfg, leaves)
     return cfg
 
@@ -157,7 +183,7 @@ def to_hf(ckpt_dir: str | Path, hf_dir: str | Path, *, step: int | None = None, 
             del w
             checkpoint.release_freed_memory()
 
-    with atomic_dir(hf_dir, overwrite) as out:
+    with atomic_dir(hf_dir, [ckpt_dir] + ([tokenizer] if tokenizer else []), overwrite) as out:
         hf_files.write_weights(out, specs, arrays(), max_bytes)
         write_hf_metadata(out, cfg, specs[0][2], tokenizer)
     reader.close()
@@ -217,7 +243,7 @@ def save_hf(cfg: LlamaConfig, params: Any, path: str | Path, *, max_shard_size: 
     """Writes `params` (any arrays) as an HF directory for transformers.LlamaForCausalLM."""
     pairs = list(hf_layout.params_to_hf(cfg, params))
     specs = [(name, a.shape, a.dtype) for name, a in pairs]
-    with atomic_dir(path, overwrite) as out:
+    with atomic_dir(path, [tokenizer] if tokenizer else [], overwrite) as out:
         hf_files.write_weights(out, specs, (a for _, a in pairs), hf_files.parse_size(max_shard_size))
         write_hf_metadata(out, cfg, specs[0][2], tokenizer)
 
@@ -258,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     from absl import logging
 
     logging.set_verbosity(logging.ERROR)  # Orbax's deprecation and tuning warnings, a dozen per leaf
-    return cli.run(lambda: _run(_parser().parse_args(argv)))
+    with cli.interruptible():  # SIGTERM as Ctrl-C: the temporary output is removed, one line, status 130
+        return cli.run(lambda: _run(_parser().parse_args(argv)))
 
 
 def _run(args) -> int:
