@@ -100,15 +100,16 @@ def test_scalings_transformers_lacks_are_refused_on_export():
 
 
 def test_cli_both_ways(tmp_path):
-    model = hf_models.hf_model(hf_models.hf_config())
+    from tests.test_tokenizer import make_bpe
+
+    model = hf_models.hf_model(hf_models.hf_config(vocab=400))
     src = _save(model, tmp_path / "hf")
-    spm = tmp_path / "tok.model"
-    spm.write_bytes(b"not really a sentencepiece model")
+    tok = make_bpe(tmp_path / "tok", bos=True)
     assert convert.main(["from-hf", str(src), str(tmp_path / "ckpt"), "--rope-type", "yarn", "--factor", "4",
                          "--original-max-position-embeddings", "64", "--max-position-embeddings", "256"]) == 0
     assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--dtype", "bfloat16",
-                         "--tokenizer", str(spm)]) == 0
-    assert (tmp_path / "out/tokenizer.model").read_bytes() == spm.read_bytes()
+                         "--tokenizer", str(tok.parent)]) == 0
+    assert (tmp_path / "out/tokenizer.json").read_bytes() == tok.read_bytes()
     assert json.loads((tmp_path / "out/config.json").read_text())["torch_dtype"] == "bfloat16"
     assert json.loads((tmp_path / "out/generation_config.json").read_text())["eos_token_id"] == 2
     assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 2  # exists

@@ -8,6 +8,7 @@ import pytest
 
 from tests.train_helpers import corpus
 from yarn_jax import data
+from yarn_jax import tokenizer as tokenizer_lib
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +30,9 @@ def test_one_epoch_loses_and_duplicates_nothing(tokenizer):
     batches = _all(cfg)
     # the epoch's last chunk is padded with id 0 (unk: never produced, the tokenizer falls back to bytes)
     stream = np.trim_zeros(np.concatenate([b["tokens"].reshape(-1) for b in batches]), "b")
-    sp = data.load_tokenizer(tokenizer)
+    sp = tokenizer_lib.load(tokenizer)
     order = list(data.documents(cfg).shuffle(seed=3))
-    docs = [np.asarray([sp.bos_id(), *sp.encode(data._read_text(f)), sp.eos_id()]) for f in order]
+    docs = [np.asarray([sp.bos_id, *sp.encode(data._read_text(f)), sp.eos_id]) for f in order]
     want = np.concatenate(docs)
     # concat-then-split: the emitted chunks are the concatenation cut into seq_len pieces; only the tail of the
     # last, partial batch is dropped
@@ -39,18 +40,18 @@ def test_one_epoch_loses_and_duplicates_nothing(tokenizer):
     np.testing.assert_array_equal(stream, want[: len(stream)])
     ends = np.cumsum([len(d) for d in docs])
     started, completed = int((ends - [len(d) for d in docs] < len(stream)).sum()), int((ends <= len(stream)).sum())
-    assert (stream == sp.bos_id()).sum() == started  # BOS exactly once per document
-    assert (stream == sp.eos_id()).sum() == completed  # EOS exactly once per document
+    assert (stream == sp.bos_id).sum() == started  # BOS exactly once per document
+    assert (stream == sp.eos_id).sum() == completed  # EOS exactly once per document
     assert completed > 5
 
 
 def test_document_positions_restart_and_chunk_positions_run(tokenizer):
-    sp = data.load_tokenizer(tokenizer)
+    sp = tokenizer_lib.load(tokenizer)
     for b in _all(_cfg(tokenizer, positions="document"))[:20]:
         for tok, pos, seg in zip(b["tokens"], b["positions"], b["segment_ids"], strict=True):
             starts = np.flatnonzero(np.diff(seg)) + 1
             assert all(pos[s] == 0 for s in starts)  # a new segment starts at position 0
-            assert all(tok[s] == sp.bos_id() for s in starts)  # ... and with BOS
+            assert all(tok[s] == sp.bos_id for s in starts)  # ... and with BOS
             inside = np.ones(len(pos), bool)
             inside[starts] = False
             inside[0] = False
@@ -73,8 +74,8 @@ def test_fit_packing_cuts_only_at_row_multiples_and_loses_nothing(tokenizer, tmp
     cfg = _cfg(tokenizer, sources=(*corpus()[:4], str(tmp_path / "*.txt")), shuffle=False, packing="fit",
                positions="document", batch_size=1, seq_len=256)
     rows = [{k: v[0] for k, v in b.items()} for b in _all(cfg)]
-    sp = data.load_tokenizer(tokenizer)
-    docs = [np.asarray([sp.bos_id(), *sp.encode(data._read_text(f)), sp.eos_id()]) for f in data.documents(cfg)]
+    sp = tokenizer_lib.load(tokenizer)
+    docs = [np.asarray([sp.bos_id, *sp.encode(data._read_text(f)), sp.eos_id]) for f in data.documents(cfg)]
     want = sorted(tuple(d[i:i + 256]) for d in docs for i in range(0, len(d), 256))
     got = sorted(tuple(t) for r in rows for t in _segments(r))
     assert got == want
@@ -141,7 +142,7 @@ def test_errors(tokenizer):
     with pytest.raises(ValueError, match=r"data.packing: expected one of \['concat', 'fit'\], got 'best'"):
         _cfg(tokenizer, packing="best")
     with pytest.raises(ValueError, match="data.tokenizer: /nope.model does not exist"):
-        data.load_tokenizer("/nope.model")
+        tokenizer_lib.load("/nope.model", "data.tokenizer")
 
 
 def test_tokenizer_is_the_same_in_every_process(tmp_path):

@@ -12,6 +12,7 @@ from tests.train_helpers import corpus as small_corpus
 from yarn_jax import config as config_lib
 from yarn_jax import data, repro, scaling
 from yarn_jax import rope as rope_lib
+from yarn_jax import tokenizer as tokenizer_lib
 from yarn_jax.bench import repro_report, reproduce
 from yarn_jax.eval import passkey
 
@@ -32,7 +33,7 @@ def tokenizer(tmp_path_factory):
 
 def test_passkey_documents_fit_the_trained_length_and_answer_their_key(tokenizer, tmp_path):
     paths = repro.passkey_documents(tmp_path, tokenizer, 512, n=40)
-    sp = data.load_tokenizer(tokenizer)
+    sp = tokenizer_lib.load(tokenizer)
     lengths, distances = [], []
     for path in paths:
         text = Path(path).read_text()
@@ -63,9 +64,9 @@ def test_passkey_documents_reach_the_model_whole(tokenizer, tmp_path):
         config.data.update(dict(sources=(*small_corpus()[:3], *paths), seq_len=seq_len, batch_size=1))
         cfg = dataclasses.replace(data_config(config), num_epochs=1)
         rows = [bytes(np.asarray(r, np.int32)) for b in data.dataset(cfg) for r in b["tokens"]]
-        sp = data.load_tokenizer(tokenizer)
+        sp = tokenizer_lib.load(tokenizer)
         for path in paths:
-            doc = bytes(np.asarray([sp.bos_id(), *sp.encode(Path(path).read_text()), sp.eos_id()], np.int32))
+            doc = bytes(np.asarray([sp.bos_id, *sp.encode(Path(path).read_text()), sp.eos_id], np.int32))
             assert sum(r.find(doc) % 4 == 0 for r in rows) == 1, path  # found once, at a token boundary
 
 
@@ -80,8 +81,8 @@ def test_scorer_reads_the_key_whatever_the_tokenizer_does_with_digits(tmp_path, 
     digit per piece does a key tokenize the same in the key line and in the answer ("56002." was
     '00', '2.' in one and '002' in the other: with documents cut by packing, why the miniature's base
     model could not retrieve)."""
-    tokenizers = {"split": data.load_tokenizer(_tokenizer_with({}, tmp_path / "split", monkeypatch)),
-                  "merged": data.load_tokenizer(_tokenizer_with(dict(split_digits=False, character_coverage=0.98),
+    tokenizers = {"split": tokenizer_lib.load(_tokenizer_with({}, tmp_path / "split", monkeypatch)),
+                  "merged": tokenizer_lib.load(_tokenizer_with(dict(split_digits=False, character_coverage=0.98),
                                                                 tmp_path / "merged", monkeypatch))}
     keys = np.random.default_rng(0).integers(1, 100000, 200)
     one_digit = {}
@@ -92,7 +93,7 @@ def test_scorer_reads_the_key_whatever_the_tokenizer_does_with_digits(tmp_path, 
             ids = sp.encode(f"{passkey.QUESTION} {key}.")
             assert ids[:len(prompt)] == prompt
             assert passkey.first_integer(sp.decode(ids[len(prompt):])) == key
-            pieces += [sp.id_to_piece(i) for i in sp.encode(passkey.key_line(int(key)))]
+            pieces += [sp.backend.id_to_piece(i) for i in sp.encode(passkey.key_line(int(key)))]
         one_digit[name] = all(sum(c.isdigit() for c in p) <= 1 for p in pieces)
     assert one_digit == {"split": True, "merged": False}
 

@@ -141,7 +141,7 @@ def test_nan_stops_the_run_naming_the_step(cache, tmp_path):
 
 @pytest.mark.parametrize("change,message", [
     (lambda c: c.data.update(sources=["/nonexistent/*.txt"]), "data.sources: '/nonexistent/\\*.txt' matches no"),
-    (lambda c: c.model.update(vocab_size=300), "vocabulary of 512 pieces is larger than the model's vocab_size"),
+    (lambda c: c.model.update(vocab_size=300), "vocabulary of 512 tokens is larger than the model's vocab_size"),
     (lambda c: c.mesh.update(seq=8, fsdp=1, data=1), "seq_len: expected a multiple of 2 x the ring size \\(16\\)"),
     (lambda c: c.mesh.update(data=8, fsdp=1, seq=1), "batch: expected a multiple of data\\*fsdp = 8, got 4"),
     (lambda c: c.data.update(positions="sometimes"), "data.positions: expected"),

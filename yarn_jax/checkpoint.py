@@ -6,6 +6,9 @@
                              TensorStore; the trainer writes it in one save
     CKPT_DIR/<step>/config   JSON: the model config in Hugging Face keys (LlamaConfig.to_hf)
     CKPT_DIR/<step>/...      the trainer adds opt_state, data iterator state, run config
+    CKPT_DIR/tokenizer/      the tokenizer's files (tokenizer.json or tokenizer.model, tokenizer_config.json):
+                             copied by `convert from-hf` from the HF directory, by the trainer from the one
+                             it trains with; eval, generate and `convert to-hf` use it by default
 
 `convert from-hf` writes step 0. Parameters restore leaf by leaf (partial restore), so a 7B model
 streams through a small machine, and straight onto a mesh's shardings (each host reads its shards).
@@ -14,6 +17,8 @@ streams through a small machine, and straight onto a mesh's shardings (each host
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +29,30 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from yarn_jax import hf_layout
+from yarn_jax import tokenizer as tokenizer_lib
 from yarn_jax.config import LlamaConfig
 
-PARAMS, CONFIG = "params", "config"
+PARAMS, CONFIG, TOKENIZER = "params", "config", "tokenizer"
+
+
+def tokenizer_of(ckpt_dir: str | Path) -> Path | None:
+    """The tokenizer a checkpoint carries (CKPT_DIR/tokenizer), or None."""
+    d = Path(ckpt_dir) / TOKENIZER
+    return d if tokenizer_lib.find(d) else None
+
+
+def save_tokenizer(ckpt_dir: str | Path, tok: tokenizer_lib.Tokenizer) -> None:
+    """Stores `tok` as CKPT_DIR/tokenizer, atomically (a complete directory or the previous one)."""
+    final = Path(ckpt_dir) / TOKENIZER
+    tmp = final.with_name(f".{TOKENIZER}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tok.save(tmp)
+    old = final.with_name(f".{TOKENIZER}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def manager(directory: str | Path, *, max_to_keep: int | None = None, save_interval_steps: int = 1,

@@ -1,5 +1,14 @@
-"""`LlamaConfig`: the model's architecture (shape, RoPE scaling) and the `Execution` it runs with, validated
-once at the boundary.
+"""`LlamaConfig`: the model's architecture (shape, RoPE scaling, family switches) and the `Execution` it
+runs with, validated once at the boundary.
+
+One model for the LLaMA family: Mistral, Qwen2 / Qwen2.5 and Qwen3 are LLaMA with a few switches
+(`Family` says which `transformers` class a config reads from and writes back to):
+
+    family   q/k/v bias      o bias          q/k RMSNorm per head   sliding window
+    llama    attention_bias  attention_bias  no                     no
+    mistral  no              no              no                     sliding_window (every layer)
+    qwen2    yes             no              no                     use_sliding_window (every layer)
+    qwen3    attention_bias  attention_bias  yes                    use_sliding_window (every layer)
 
 Read and written in Hugging Face's `config.json` keys: `from_hf` accepts the old `rope_scaling` (with
 `type` or `rope_type`) and transformers 5's `rope_parameters`; `to_hf` writes `rope_scaling` plus a
@@ -9,6 +18,7 @@ top-level `rope_theta`, which every transformers version reads.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import json
 from typing import Any
@@ -18,9 +28,24 @@ import numpy as np
 from yarn_jax import rope as rope_lib
 from yarn_jax import scaling as scaling_lib
 from yarn_jax.execution import Execution, Remat
-from yarn_jax.validate import number, set_field
+from yarn_jax.validate import member, number, set_field
 
-_LLAMA_MODEL_TYPES = {"llama"}
+
+class Family(enum.Enum):
+    """The transformers model a config is read from and exported as (its `model_type`)."""
+
+    LLAMA = "llama"
+    MISTRAL = "mistral"
+    QWEN2 = "qwen2"
+    QWEN3 = "qwen3"
+
+    @property
+    def architecture(self) -> str:
+        return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM"}[self.value]
+
+
+_WINDOWED = (Family.MISTRAL, Family.QWEN2, Family.QWEN3)  # families whose transformers class has a window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +66,11 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 2
+    family: Family = Family.LLAMA
+    qkv_bias: bool = False  # q, k, v projections with a bias (Qwen2; attention_bias of Llama / Qwen3)
+    o_bias: bool = False  # the output projection with a bias (attention_bias of Llama / Qwen3)
+    qk_norm: bool = False  # RMSNorm over H of each head of q and k, before RoPE (Qwen3)
+    sliding_window: int | None = None  # a query sees keys at most this many tokens back, itself included
     execution: Execution = Execution()  # how it runs: not part of the checkpointed architecture
 
     def __post_init__(self):
@@ -54,9 +84,13 @@ class LlamaConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_key_value_heads: expected a divisor of num_attention_heads ({self.num_heads}), "
                              f"got {self.num_kv_heads}")
-        for name in ("tie_word_embeddings",):
+        for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        set_("family", member("model_type", Family, self.family))
+        if self.sliding_window is not None:
+            set_("sliding_window", number("sliding_window", self.sliding_window, integer=True, gt=0))
+        self._check_family()
         if not isinstance(self.execution, Execution):
             raise ValueError(f"execution: expected an Execution, got {type(self.execution).__name__}")
         x = self.execution
@@ -67,6 +101,24 @@ class LlamaConfig:
                              f"activation whatever remat says ({x.remat.value!r}); use remat 'none' or a smaller "
                              "scan_unroll")
         _ = self.rope  # validates head_dim parity, theta and the scaling against head_dim
+
+    def _check_family(self) -> None:
+        """What the family's transformers class can hold (an export must load as the same model)."""
+        f = self.family
+        if self.qk_norm != (f is Family.QWEN3):
+            raise ValueError(f"qk_norm: {f.value} models {'always' if f is Family.QWEN3 else 'never'} normalise "
+                             f"q and k per head, got {self.qk_norm}")
+        if f is Family.QWEN2 and (not self.qkv_bias or self.o_bias):
+            raise ValueError("attention_bias: qwen2 has biases on q, k, v and none on o (transformers' Qwen2), got "
+                             f"qkv_bias={self.qkv_bias}, o_bias={self.o_bias}")
+        if f is Family.MISTRAL and (self.qkv_bias or self.o_bias):
+            raise ValueError("attention_bias: mistral has no attention biases")
+        if f in (Family.LLAMA, Family.QWEN3) and self.qkv_bias != self.o_bias:
+            raise ValueError(f"attention_bias: {f.value} has one switch for the q, k, v and o biases, got "
+                             f"qkv_bias={self.qkv_bias}, o_bias={self.o_bias}")
+        if self.sliding_window is not None and f not in _WINDOWED:
+            raise ValueError(f"sliding_window: {f.value} has no sliding window (mistral, qwen2 and qwen3 do), got "
+                             f"{self.sliding_window}")
 
     @functools.cached_property
     def rope(self) -> rope_lib.Rope:
@@ -85,6 +137,7 @@ class LlamaConfig:
         """Parameter count, computed from the shapes (equal to `init_params` leaves' total size)."""
         d, f, n, k, h = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
         layer = d * h * (2 * n + 2 * k) + 3 * d * f + 2 * d
+        layer += (n + 2 * k) * h * self.qkv_bias + d * self.o_bias + 2 * h * self.qk_norm
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.num_layers * layer + self.vocab_size * d + head + d
 
@@ -95,13 +148,9 @@ class LlamaConfig:
         """From a transformers `config.json` dict, run with `Execution(**execution)` (dtype, remat, ...)."""
         if not isinstance(hf, dict):
             raise ValueError(f"config: expected a dict of config.json keys, got {type(hf).__name__}")
-        model_type = hf.get("model_type", "llama")
-        if model_type not in _LLAMA_MODEL_TYPES:
-            raise ValueError(f"model_type: expected one of {sorted(_LLAMA_MODEL_TYPES)} (a LLaMA-compatible "
-                             f"architecture), got {model_type!r}")
-        for key in ("attention_bias", "mlp_bias"):
-            if hf.get(key):
-                raise ValueError(f"{key}: biases are not part of the LLaMA architecture supported here, got true")
+        family = member("model_type", Family, hf.get("model_type", "llama"))
+        if hf.get("mlp_bias"):
+            raise ValueError("mlp_bias: MLP biases are not part of the LLaMA family supported here, got true")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act: expected 'silu', got {hf['hidden_act']!r}")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
@@ -133,14 +182,16 @@ class LlamaConfig:
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             bos_token_id=hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 1,
             eos_token_id=_first(hf.get("eos_token_id"), 2),
+            family=family,
+            **_family_fields(family, hf),
             execution=Execution(**execution),
         )
 
     def to_hf(self) -> dict[str, Any]:
-        """config.json keys for `transformers.LlamaForCausalLM` (YaRN switched on via rope_scaling)."""
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+        """config.json keys for the family's transformers class (YaRN switched on via rope_scaling)."""
+        hf = {
+            "architectures": [self.family.architecture],
+            "model_type": self.family.value,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -156,14 +207,52 @@ class LlamaConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
-            "attention_bias": False,
-            "mlp_bias": False,
             "torch_dtype": np.dtype(self.execution.param_dtype).name,
         }
+        if self.family in (Family.LLAMA, Family.QWEN3):
+            hf.update(attention_bias=self.qkv_bias)
+        if self.family is Family.LLAMA:
+            hf.update(mlp_bias=False)
+        elif self.family is Family.MISTRAL:
+            hf.update(sliding_window=self.sliding_window)
+        else:  # the window on every layer: max_window_layers (the first layers without it) 0
+            windowed = self.sliding_window is not None
+            hf.update(use_sliding_window=windowed, sliding_window=self.sliding_window,
+                      max_window_layers=0 if windowed else self.num_layers)
+        return hf
 
     def to_json(self) -> str:
         """Architecture only (the checkpoint metadata); execution fields come from the run's config."""
         return json.dumps(self.to_hf(), indent=2, sort_keys=True)
+
+
+def _flag(hf: dict[str, Any], key: str) -> bool:
+    value = hf.get(key) or False
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _family_fields(family: Family, hf: dict[str, Any]) -> dict[str, Any]:
+    """qkv_bias, o_bias, qk_norm and sliding_window from the family's own config.json keys."""
+    bias = _flag(hf, "attention_bias") if family in (Family.LLAMA, Family.QWEN3) else False
+    out = dict(qkv_bias=bias or family is Family.QWEN2, o_bias=bias, qk_norm=family is Family.QWEN3,
+               sliding_window=None)
+    if family is Family.MISTRAL:
+        out["sliding_window"] = hf.get("sliding_window")
+    elif family in (Family.QWEN2, Family.QWEN3) and _flag(hf, "use_sliding_window"):
+        out["sliding_window"] = hf.get("sliding_window")
+        layers = number("num_hidden_layers", hf["num_hidden_layers"], integer=True, gt=0)
+        first = number("max_window_layers", hf.get("max_window_layers", 0), integer=True, ge=0)
+        types = hf.get("layer_types") or ["full_attention" if i < first else "sliding_attention" for i in range(layers)]
+        if not isinstance(types, list) or set(types) - {"full_attention", "sliding_attention"}:
+            raise ValueError(f"layer_types: expected a list of 'full_attention' / 'sliding_attention', got {types!r}")
+        if len(set(types)) > 1:
+            raise ValueError(f"layer_types: a sliding window on some layers only ({types.count('sliding_attention')} "
+                             f"of {len(types)}) is not supported; the window must cover every layer or none")
+        if types[0] == "full_attention":
+            out["sliding_window"] = None
+    return out
 
 
 def _first(value: Any, default: int) -> int:

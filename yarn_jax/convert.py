@@ -3,7 +3,10 @@
     python -m yarn_jax.convert from-hf HF_DIR CKPT_DIR [--dtype bfloat16] \
         [--rope-type yarn --factor 16 --original-max-position-embeddings 4096 --max-position-embeddings 65536]
     python -m yarn_jax.convert to-hf CKPT_DIR HF_DIR [--step N] [--dtype bfloat16] [--max-shard-size 5GB] \
-        [--tokenizer tokenizer.model]
+        [--tokenizer tokenizer.model|tokenizer.json|DIR]
+
+The tokenizer travels with the weights: from-hf copies the HF directory's into CKPT_DIR/tokenizer, to-hf
+writes the checkpoint's (or --tokenizer's) as AutoTokenizer reads it.
 
 Output goes to a temporary sibling directory renamed into place on success: a failure, SIGTERM or Ctrl-C
 leaves nothing behind and never touches the input. An output that is, contains or lies inside an input is
@@ -28,10 +31,9 @@ import numpy as np
 
 from yarn_jax import checkpoint, cli, hf_files, hf_layout
 from yarn_jax import scaling as scaling_lib
+from yarn_jax import tokenizer as tokenizer_lib
 from yarn_jax.config import LlamaConfig, with_rope
 from yarn_jax.execution import DTYPES
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def _alive(pid: int) -> bool:
@@ -132,15 +134,20 @@ def _check_names(cfg: LlamaConfig, weights: hf_files.HfWeights) -> None:
         raise ValueError(f"{weights.dir}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     unexpected = sorted(present - expected - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
     if unexpected:
-        raise ValueError(f"{weights.dir}: unexpected tensors {unexpected[:5]} for a LLaMA of this config")
+        raise ValueError(f"{weights.dir}: unexpected tensors {unexpected[:5]} for a {cfg.family.value} model of "
+                         "this config")
 
 
 def from_hf(hf_dir: str | Path, ckpt_dir: str | Path, *, dtype: str | None = None,
             rope: dict[str, Any] | None = None, overwrite: bool = False) -> LlamaConfig:
     """HF directory -> Orbax checkpoint (step 0), written one HF tensor (one layer) at a time into
-    per-layer chunks (checkpoint.save_params_streamed), so memory stays near one stacked parameter."""
+    per-layer chunks (checkpoint.save_params_streamed), so memory stays near one stacked parameter. The
+    directory's tokenizer (tokenizer.json or tokenizer.model), when it has one, goes with it."""
     hf_dir = Path(hf_dir)
     cfg = LlamaConfig.from_hf(read_hf_config(hf_dir, rope))
+    tok = tokenizer_lib.load(hf_dir, str(hf_dir)) if tokenizer_lib.find(hf_dir) else None
+    if tok is not None:
+        tok.check_fits(cfg.vocab_size, str(tok.path))
     target = _target_dtype(dtype)
     weights = hf_files.HfWeights(hf_dir)
     _check_names(cfg, weights)
@@ -160,18 +167,24 @@ def from_hf(hf_dir: str | Path, ckpt_dir: str | Path, *, dtype: str | None = Non
     leaves = [source(t) for t in hf_layout.layout(cfg)]
     with atomic_dir(ckpt_dir, [hf_dir], overwrite) as out:
         checkpoint.save_params_streamed(out, cfg, leaves)
+        if tok is not None:
+            checkpoint.save_tokenizer(out, tok)
     return cfg
 
 
 def to_hf(ckpt_dir: str | Path, hf_dir: str | Path, *, step: int | None = None, dtype: str | None = None,
           max_shard_size: str = "5GB", tokenizer: str | Path | None = None, overwrite: bool = False) -> LlamaConfig:
-    """Orbax checkpoint (converter's or trainer's) -> HF directory loadable by transformers with YaRN on."""
+    """Orbax checkpoint (converter's or trainer's) -> HF directory loadable by transformers with YaRN on,
+    with the checkpoint's tokenizer (or `tokenizer`, which overrides it) as AutoTokenizer reads it."""
     target = _target_dtype(dtype)
     max_bytes = hf_files.parse_size(max_shard_size)
-    if tokenizer is not None and not Path(tokenizer).exists():
-        raise ValueError(f"--tokenizer: {tokenizer} does not exist")
     reader = checkpoint.Reader(ckpt_dir, step)
     cfg, stored = reader.cfg, reader.metadata()
+    tok = tokenizer_lib.load(tokenizer) if tokenizer else None
+    if tok is None and checkpoint.tokenizer_of(ckpt_dir):
+        tok = tokenizer_lib.load(checkpoint.tokenizer_of(ckpt_dir), str(ckpt_dir))
+    if tok is not None:
+        tok.check_fits(cfg.vocab_size, "--tokenizer")
     tensors = hf_layout.layout(cfg)
     specs = [(name, t.hf_shape, target or hf_layout.get_path(stored, t.path).dtype)
              for t in tensors for name in hf_layout.names_of(t, cfg)]
@@ -185,7 +198,7 @@ def to_hf(ckpt_dir: str | Path, hf_dir: str | Path, *, step: int | None = None, 
 
     with atomic_dir(hf_dir, [ckpt_dir] + ([tokenizer] if tokenizer else []), overwrite) as out:
         hf_files.write_weights(out, specs, arrays(), max_bytes)
-        write_hf_metadata(out, cfg, specs[0][2], tokenizer)
+        write_hf_metadata(out, cfg, specs[0][2], tok)
     reader.close()
     return cfg
 
@@ -207,24 +220,14 @@ def transformers_config(cfg: LlamaConfig) -> dict[str, Any]:
     return hf
 
 
-def write_hf_metadata(out: Path, cfg: LlamaConfig, dtype: Any, tokenizer: str | Path | None) -> None:
-    """config.json, generation_config.json and, when given, the tokenizer files."""
+def write_hf_metadata(out: Path, cfg: LlamaConfig, dtype: Any, tok: tokenizer_lib.Tokenizer | None) -> None:
+    """config.json, generation_config.json and, when given, the tokenizer's files."""
     hf = {**transformers_config(cfg), "torch_dtype": np.dtype(dtype).name}
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    if tokenizer is None:
-        return
-    tokenizer = Path(tokenizer)
-    if tokenizer.is_dir():
-        for name in TOKENIZER_FILES:
-            if (tokenizer / name).exists():
-                shutil.copy(tokenizer / name, out / name)
-    else:  # a SentencePiece model
-        shutil.copy(tokenizer, out / "tokenizer.model")
-        (out / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-            "model_max_length": cfg.max_position_embeddings}, indent=2))
+    if tok is not None:
+        tok.save(out)
 
 
 # ----------------------------------------------------------------------------- in-memory API
@@ -240,12 +243,13 @@ def load_hf(path: str | Path, **execution: Any) -> tuple[LlamaConfig, dict[str, 
 
 def save_hf(cfg: LlamaConfig, params: Any, path: str | Path, *, max_shard_size: str = "5GB",
             tokenizer: str | Path | None = None, overwrite: bool = False) -> None:
-    """Writes `params` (any arrays) as an HF directory for transformers.LlamaForCausalLM."""
+    """Writes `params` (any arrays) as an HF directory for the family's transformers class (LlamaForCausalLM, ...)."""
     pairs = list(hf_layout.params_to_hf(cfg, params))
     specs = [(name, a.shape, a.dtype) for name, a in pairs]
+    tok = tokenizer_lib.load(tokenizer) if tokenizer else None
     with atomic_dir(path, [tokenizer] if tokenizer else [], overwrite) as out:
         hf_files.write_weights(out, specs, (a for _, a in pairs), hf_files.parse_size(max_shard_size))
-        write_hf_metadata(out, cfg, specs[0][2], tokenizer)
+        write_hf_metadata(out, cfg, specs[0][2], tok)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -275,7 +279,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--step", type=int)
     b.add_argument("--dtype", choices=sorted(DTYPES))
     b.add_argument("--max-shard-size", default="5GB")
-    b.add_argument("--tokenizer")
+    b.add_argument("--tokenizer", help="tokenizer.model, tokenizer.json or a directory holding one (default: the "
+                                       "checkpoint's own)")
     b.add_argument("--overwrite", action="store_true")
     return p
 

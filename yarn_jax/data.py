@@ -1,5 +1,6 @@
-"""The input pipeline (grain): documents -> SentencePiece -> BOS/EOS bookends -> rows of seq_len tokens
-(concat-then-split, or fit) -> per-process batches of (tokens, positions, segment_ids).
+"""The input pipeline (grain): documents -> tokenizer (SentencePiece or tokenizer.json) -> BOS/EOS bookends
+-> rows of seq_len tokens (concat-then-split, or fit) -> per-process batches of (tokens, positions,
+segment_ids).
 
 `packing` says how documents (bookended with BOS and EOS) become rows of `seq_len` tokens:
   "concat"   concatenated and split into chunks (grain's ConcatThenSplitIterDataset), the paper's way: no
@@ -30,6 +31,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from yarn_jax import tokenizer as tokenizer_lib
 from yarn_jax.validate import member, set_field
 
 
@@ -53,7 +55,7 @@ class Positions(enum.Enum):  # see the module docstring
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     sources: tuple[str, ...]  # files or globs
-    tokenizer: str  # SentencePiece .model
+    tokenizer: str  # SentencePiece .model, tokenizer.json, or a directory holding one (yarn_jax.tokenizer)
     seq_len: int
     batch_size: int  # global
     format: Format = Format.TEXT
@@ -81,7 +83,7 @@ class DataConfig:
         d = {k: v.value if isinstance(v, enum.Enum) else list(v) if isinstance(v, tuple) else v for k, v in d.items()}
         if self.packing is Packing.CONCAT:
             del d["packing"]
-        d["tokenizer"] = tokenizer_fingerprint(self.tokenizer)
+        d["tokenizer"] = tokenizer_lib.load(self.tokenizer, "data.tokenizer").fingerprint()
         return d
 
 
@@ -186,34 +188,6 @@ def _to_text(cfg: DataConfig, doc: Any) -> str:
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def load_tokenizer(path: str):
-    import sentencepiece as spm
-
-    if not Path(path).is_file():
-        raise ValueError(f"data.tokenizer: {path} does not exist")
-    try:
-        return spm.SentencePieceProcessor(model_file=path)
-    except (RuntimeError, OSError) as e:
-        reason = str(e).splitlines()[0][:120]
-        raise ValueError(f"data.tokenizer: {path} is not a SentencePiece model ({reason})") from None
-
-
-def check_fits(tok, vocab_size: int, field: str, path: str) -> None:
-    """Refuses a tokenizer with more pieces than the model has embeddings (not this model's tokenizer)."""
-    if tok.get_piece_size() > vocab_size:
-        raise ValueError(f"{field}: vocabulary of {tok.get_piece_size()} pieces is larger than the model's "
-                         f"vocab_size ({vocab_size}): {path} is not this model's tokenizer")
-
-
-def tokenizer_fingerprint(path: str) -> str:
-    """A hash of the tokenizer's pieces, scores and special ids: equal for equal vocabularies, whatever else
-    the model file records (SentencePiece stores the paths and process it was trained under)."""
-    sp = load_tokenizer(path)
-    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    specials = [sp.bos_id(), sp.eos_id(), sp.unk_id(), sp.pad_id()]
-    return hashlib.sha256(json.dumps([pieces, specials]).encode()).hexdigest()[:16]
-
-
 TOKENIZER_LINES = 200_000  # lines the tokenizer is trained on
 # LLaMA's choices: every digit its own piece (a number tokenizes the same wherever it stands, so copying
 # it is copying pieces), nearly every character covered, bytes for the rest
@@ -248,22 +222,23 @@ def train_tokenizer(files: list[str], vocab_size: int, cache_dir: str | Path) ->
 
 @dataclasses.dataclass(frozen=True)
 class _Tokenize:
-    """Document -> {'tokens': [BOS, ..., EOS]} (a picklable callable for grain)."""
+    """Document -> {'tokens': [BOS, ..., EOS]} (either bookend only where the tokenizer has it; a picklable
+    callable for grain)."""
 
     cfg: DataConfig
 
     def __call__(self, doc: Any) -> dict[str, np.ndarray]:
-        sp = _tokenizer(self.cfg.tokenizer)
-        ids = sp.encode(_to_text(self.cfg, doc))
-        return {"tokens": np.asarray([sp.bos_id(), *ids, sp.eos_id()], np.int32)}
+        tok = _tokenizer(self.cfg.tokenizer)
+        ids = tok.with_bos(tok.encode(_to_text(self.cfg, doc)))
+        return {"tokens": np.asarray(ids + ([] if tok.eos_id is None else [tok.eos_id]), np.int32)}
 
 
-_TOKENIZERS: dict[str, Any] = {}
+_TOKENIZERS: dict[str, tokenizer_lib.Tokenizer] = {}
 
 
-def _tokenizer(path: str):
+def _tokenizer(path: str) -> tokenizer_lib.Tokenizer:
     if path not in _TOKENIZERS:
-        _TOKENIZERS[path] = load_tokenizer(path)
+        _TOKENIZERS[path] = tokenizer_lib.load(path, "data.tokenizer")
     return _TOKENIZERS[path]
 
 

@@ -1,6 +1,6 @@
 """Greedy and sampled decoding with a KV cache, exact for dynamic RoPE scaling.
 
-    python -m yarn_jax.generate --checkpoint CKPT --tokenizer tok.model --prompt "..." [--max-new 64]
+    python -m yarn_jax.generate --checkpoint CKPT --prompt "..." [--max-new 64] [--tokenizer TOKENIZER]
 
 Dynamic NTK / dynamic YaRN change the frequencies as the sequence grows. Re-rotating cached keys (or
 caching them before RoPE) is not enough for exactness: from the second layer on, cached keys and values
@@ -139,13 +139,17 @@ def _same(a: tuple, b: tuple) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from yarn_jax import checkpoint, cli, convert, data
+    from pathlib import Path
+
+    from yarn_jax import checkpoint, cli, convert
+    from yarn_jax import tokenizer as tokenizer_lib
 
     p = cli.ArgumentParser(prog="python -m yarn_jax.generate", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint")
-    src.add_argument("--hf")
-    p.add_argument("--tokenizer", help="SentencePiece model (default: HF_DIR/tokenizer.model)")
+    src.add_argument("--checkpoint", help="an Orbax checkpoint directory (convert's or the trainer's)")
+    src.add_argument("--hf", help="a Hugging Face model directory")
+    p.add_argument("--tokenizer", help="tokenizer.model, tokenizer.json or a directory holding one (default: the "
+                                       "model's own)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new", type=cli.count(1), default=64)
     p.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 is greedy")
@@ -154,21 +158,20 @@ def main(argv: list[str] | None = None) -> int:
 
     def job() -> int:
         a = p.parse_args(argv)  # inside cli.run: argparse's refusal is a return status too
-        if a.temperature < 0:
-            raise ValueError(f"--temperature: expected >= 0 (0 is greedy), got {a.temperature}")
-        if a.checkpoint and not a.tokenizer:
-            raise ValueError("--tokenizer: required with --checkpoint (an --hf directory brings its own)")
-        tok_path = a.tokenizer or f"{a.hf}/tokenizer.model"
-        tok = data.load_tokenizer(tok_path)
+        if not a.temperature >= 0 or not math.isfinite(a.temperature):
+            raise ValueError(f"--temperature: expected a finite number >= 0 (0 is greedy), got {a.temperature}")
+        where = (f"--checkpoint {a.checkpoint}", checkpoint.tokenizer_of(a.checkpoint)) if a.checkpoint else \
+            (f"--hf {a.hf}", Path(a.hf))
+        tok = tokenizer_lib.resolve(a.tokenizer, [where])
         if a.checkpoint:
             cfg, params = checkpoint.load_checkpoint(a.checkpoint, dtype=a.dtype)
         else:
             cfg, params = convert.load_hf(a.hf, dtype=a.dtype)
-        data.check_fits(tok, cfg.vocab_size, "--tokenizer", tok_path)
-        ids = np.asarray([[tok.bos_id(), *tok.encode(a.prompt)]])
+        tok.check_fits(cfg.vocab_size, "--tokenizer")
+        ids = np.asarray([tok.with_bos(tok.encode(a.prompt))])
         out = generate(cfg, params, ids, a.max_new, temperature=a.temperature, key=jax.random.key(a.seed),
-                       eos_id=tok.eos_id())
-        print(tok.decode([int(x) for x in out[0, ids.shape[1]:] if x != tok.eos_id()]))
+                       eos_id=tok.eos_id)
+        print(tok.decode([int(x) for x in out[0, ids.shape[1]:] if x != tok.eos_id]))
         return 0
 
     return cli.run(job)

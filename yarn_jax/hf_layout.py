@@ -1,4 +1,5 @@
-"""The one place that knows how our parameter tree maps onto Hugging Face's LlamaForCausalLM tensors.
+"""The one place that knows how our parameter tree maps onto the Hugging Face tensors of the LLaMA family
+(LlamaForCausalLM, and the biases and per-head q/k norms of Mistral / Qwen2 / Qwen3: same names).
 
 Ours keep natural axes (q [D, N, H], o [N, H, D], mlp [D, F] / [F, D]); HF stores torch Linear weights
 [out, in]. Because both use the rotate-half RoPE layout, the mapping is transpose + reshape only:
@@ -56,13 +57,23 @@ def layout(cfg: LlamaConfig) -> list[Tensor]:
         Tensor(("layers", "mlp", "up"), layer + "mlp.up_proj.weight", (d, f), (f, d), True),
         Tensor(("layers", "mlp", "down"), layer + "mlp.down_proj.weight", (f, d), (d, f), True),
     ]
+    attn = layer + "self_attn."
+    if cfg.qkv_bias:
+        tensors += [Tensor(("layers", "attn", "q_bias"), attn + "q_proj.bias", (n, h), (n * h,), False),
+                    Tensor(("layers", "attn", "k_bias"), attn + "k_proj.bias", (k, h), (k * h,), False),
+                    Tensor(("layers", "attn", "v_bias"), attn + "v_proj.bias", (k, h), (k * h,), False)]
+    if cfg.o_bias:
+        tensors.append(Tensor(("layers", "attn", "o_bias"), attn + "o_proj.bias", (d,), (d,), False))
+    if cfg.qk_norm:
+        tensors += [Tensor(("layers", "attn", "q_norm", "scale"), attn + "q_norm.weight", (h,), (h,), False),
+                    Tensor(("layers", "attn", "k_norm", "scale"), attn + "k_norm.weight", (h,), (h,), False)]
     if not cfg.tie_word_embeddings:
         tensors.append(Tensor(("lm_head",), "lm_head.weight", (d, v), (v, d), True))
     return tensors
 
 
 def hf_names(cfg: LlamaConfig) -> list[str]:
-    """Every tensor name a LlamaForCausalLM state dict of this config has."""
+    """Every tensor name the family's *ForCausalLM state dict of this config has."""
     return [name for t in layout(cfg) for name in names_of(t, cfg)]
 
 

@@ -48,13 +48,15 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * scale, statistics in float32 (transformers' LlamaRMSNorm)."""
+    """x / rms(x) * scale over the last axis (D; H for Qwen3's per-head q/k norm, `axis_name` "head_dim"),
+    statistics in float32 (transformers' LlamaRMSNorm / Qwen3RMSNorm)."""
 
     cfg: LlamaConfig
+    axis_name: str = "embed"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = _param(self, "scale", (self.cfg.hidden_size,), ("embed",), nn.initializers.ones)
+        scale = _param(self, "scale", (x.shape[-1],), (self.axis_name,), nn.initializers.ones)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
         dtype = self.cfg.execution.dtype
@@ -63,7 +65,8 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     """GQA self-attention; the kernels are pluggable behind one signature: `attend` for whole sequences
-    (training, prefill), `attend_cache` for a few new tokens against the KV cache (masks by slot).
+    (training, prefill), `attend_cache` for a few new tokens against the KV cache (masks by slot). The
+    family switches: q/k/v and o biases, per-head RMSNorm of q and k before RoPE, the sliding window.
     Activations are constrained to their logical axes on `mesh` (none: no constraints)."""
 
     cfg: LlamaConfig
@@ -79,28 +82,43 @@ class Attention(nn.Module):
         Returns (out, cache)."""
         c, dtype = self.cfg, self.cfg.execution.dtype
         d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        wq = _param(self, "q", (d, n, h), ("embed", "heads", "head_dim")).astype(dtype)
-        wk = _param(self, "k", (d, k, h), ("embed", "kv_heads", "head_dim")).astype(dtype)
-        wv = _param(self, "v", (d, k, h), ("embed", "kv_heads", "head_dim")).astype(dtype)
-        wo = _param(self, "o", (n, h, d), ("heads", "head_dim", "embed")).astype(dtype)
-        q = rope_lib.rotate(jnp.einsum("BTD,DNH->BTNH", x, wq), cos, sin)  # [B, T, N, H]
-        k_ = rope_lib.rotate(jnp.einsum("BSD,DKH->BSKH", x, wk), cos, sin)  # [B, S, K, H]
-        v = jnp.einsum("BSD,DKH->BSKH", x, wv)  # [B, S, K, H]
+        q = self._project(x, "q", (d, n, h), "heads")  # [B, T, N, H]
+        k_ = self._project(x, "k", (d, k, h), "kv_heads")  # [B, S, K, H]
+        v = self._project(x, "v", (d, k, h), "kv_heads")  # [B, S, K, H]
+        if c.qk_norm:  # Qwen3: over H of each head, before RoPE
+            q = RMSNorm(c, "head_dim", name="q_norm")(q)
+            k_ = RMSNorm(c, "head_dim", name="k_norm")(k_)
+        q, k_ = rope_lib.rotate(q, cos, sin), rope_lib.rotate(k_, cos, sin)
         q = sharding.constrain(checkpoint_name(q, "q"), self.mesh, ("batch", "seq", "heads", "head_dim"))
         k_ = sharding.constrain(checkpoint_name(k_, "k"), self.mesh, ("batch", "seq", "kv_heads", "head_dim"))
         v = sharding.constrain(checkpoint_name(v, "v"), self.mesh, ("batch", "seq", "kv_heads", "head_dim"))
+        window = c.sliding_window
         if cache is None:
-            out = self.attend(q, k_, v, segment_ids, segment_ids, index, index)  # [B, T, N, H]
+            out = self.attend(q, k_, v, segment_ids, segment_ids, index, index, window=window)  # [B, T, N, H]
         else:
             kv_segment_ids, kv_index, slot = kv
             cache = tuple(jax.lax.dynamic_update_slice_in_dim(c_, new.astype(c_.dtype), slot, axis=1)
                           for c_, new in zip(cache, (k_, v), strict=True))
             if prefill:  # the whole sequence: the model's kernel
-                out = self.attend(q, k_, v, None, None, index, index)
+                out = self.attend(q, k_, v, None, None, index, index, window=window)
             else:  # a few new tokens against the cache slots: masks by slot, which fused kernels do not take
-                out = self.attend_cache(q, cache[0], cache[1], segment_ids, kv_segment_ids, index, kv_index)
+                out = self.attend_cache(q, cache[0], cache[1], segment_ids, kv_segment_ids, index, kv_index,
+                                        window=window)
         out = checkpoint_name(out, "attn_out")
-        return jnp.einsum("BTNH,NHD->BTD", out, wo), cache
+        wo = _param(self, "o", (n, h, d), ("heads", "head_dim", "embed")).astype(dtype)
+        out = jnp.einsum("BTNH,NHD->BTD", out, wo)
+        if c.o_bias:
+            out = out + _param(self, "o_bias", (d,), ("embed",), nn.initializers.zeros).astype(dtype)
+        return out, cache
+
+    def _project(self, x: jax.Array, name: str, shape: tuple[int, int, int], heads: str) -> jax.Array:
+        """x [B, T, D] @ w [D, heads, H] (+ bias [heads, H] when the family has one) -> [B, T, heads, H]."""
+        dtype = self.cfg.execution.dtype
+        w = _param(self, name, shape, ("embed", heads, "head_dim")).astype(dtype)
+        y = jnp.einsum("BTD,DNH->BTNH", x, w)
+        if self.cfg.qkv_bias:
+            y = y + _param(self, f"{name}_bias", shape[1:], (heads, "head_dim"), nn.initializers.zeros).astype(dtype)
+        return y
 
 
 class Mlp(nn.Module):

@@ -54,10 +54,10 @@ def passkey_documents(directory: Path, tokenizer: str, max_tokens: int, n: int =
     returns their paths."""
     import numpy as np
 
-    from yarn_jax import data
+    from yarn_jax import tokenizer as tokenizer_lib
     from yarn_jax.eval import passkey
 
-    sp = data.load_tokenizer(tokenizer)
+    sp = tokenizer_lib.load(tokenizer, "data.tokenizer")
     fixed = len(sp.encode(" ".join([passkey.TASK, passkey.key_line(99999), passkey.QUESTION, "99999."]))) + 2
     most = (max_tokens - fixed) // len(sp.encode(passkey.FILLER + " "))
     if most < 1:

@@ -8,9 +8,11 @@ Everything the run needs is checked before the first step (config values, paths,
 directory, data that reads as text). Restores from the newest checkpoint in WORKDIR/checkpoints that
 restores cleanly (one that does not is moved to WORKDIR/damaged/ with a warning, never deleted; a
 resume is refused only when the model, batch, sequence length or data settings differ, the tokenizer
-compared by its pieces), else initialises from `config.init_from` (a `convert from-hf` checkpoint) or
+compared by its content, wherever it lies), else initialises from `config.init_from` (a `convert from-hf` checkpoint) or
 randomly. Writes WORKDIR/metrics.jsonl (one row per step) and checkpoints (params, optimizer state, data
-iterator state, configs). SIGTERM saves at the current step and exits 0, SIGINT (Ctrl-C) saves and exits
+iterator state, configs) and WORKDIR/checkpoints/tokenizer (the tokenizer it trains with: `data.tokenizer`,
+else the `init_from` checkpoint's, else a SentencePiece model trained on the data and cached). SIGTERM
+saves at the current step and exits 0, SIGINT (Ctrl-C) saves and exits
 130; a NaN or Inf loss or gradient stops the run naming the step, with no checkpoint of the poisoned
 state; a second trainer on a work directory in use is refused (WORKDIR/.lock).
 """
@@ -38,6 +40,7 @@ import orbax.checkpoint as ocp
 
 from yarn_jax import checkpoint, cli, data, hardware, sharding, workdir
 from yarn_jax import config as config_lib
+from yarn_jax import tokenizer as tokenizer_lib
 from yarn_jax import train_step as ts
 from yarn_jax.run_config import model_config, validate
 
@@ -57,8 +60,9 @@ def data_config(config: ml_collections.ConfigDict) -> data.DataConfig:
     d = config.data
     sources = tuple(d.sources) if d.sources else tuple(data.stdlib_corpus())
     data.check_sources(sources, d.format)
-    tokenizer = d.tokenizer or data.train_tokenizer(list(data.expand(sources)), d.tokenizer_vocab,
-                                                     d.get("cache_dir", "~/.cache/yarn_jax"))
+    carried = checkpoint.tokenizer_of(config.init_from) if config.init_from else None
+    tokenizer = d.tokenizer or (str(carried) if carried else None) or data.train_tokenizer(
+        list(data.expand(sources)), d.tokenizer_vocab, d.get("cache_dir", "~/.cache/yarn_jax"))
     return data.DataConfig(sources=sources, tokenizer=tokenizer, seq_len=d.seq_len, batch_size=d.batch_size,
                            format=d.format, field=d.field, positions=d.positions, packing=d.packing, seed=d.seed,
                            shuffle=d.shuffle, skip_docs=d.skip_docs)
@@ -96,8 +100,8 @@ class Run:
                              f"({self.cfg.max_position_embeddings}); set rope.max_position_embeddings to the "
                              "extended length, or train on shorter chunks")
         self.dcfg = data_config(config)
-        data.check_fits(data.load_tokenizer(self.dcfg.tokenizer), self.cfg.vocab_size, "data.tokenizer",
-                        self.dcfg.tokenizer)
+        self.tokenizer = tokenizer_lib.load(self.dcfg.tokenizer, "data.tokenizer")
+        self.tokenizer.check_fits(self.cfg.vocab_size, "data.tokenizer")
         self.mesh = sharding.MeshShape.of(config.mesh).build()
         step = ts.build(config, self.cfg, self.mesh)
         self.tx, self.abstract, self.shardings = step.tx, step.abstract, step.shardings
@@ -106,6 +110,7 @@ class Run:
         self.manager = checkpoint.manager(self.workdir / "checkpoints", max_to_keep=config.train.keep or None)
         self.settings = run_settings(self.cfg, self.dcfg, config)
         self.state = self._restore() or self._initial_state(init_from)
+        self._keep_tokenizer()
 
     # ------------------------------------------------------------------------- state
 
@@ -120,6 +125,15 @@ class Run:
             params = init(jax.random.key(self.config.seed))
         opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
         return jax.device_put(ts.TrainState(params, opt_state, jnp.zeros((), jnp.int32)), self.shardings)
+
+    def _keep_tokenizer(self) -> None:
+        """WORKDIR/checkpoints/tokenizer: the tokenizer this run trains with (after a resume, which refuses
+        a different one), for eval, generate and `convert to-hf` to use by default."""
+        ckpts = self.workdir / "checkpoints"
+        held = checkpoint.tokenizer_of(ckpts)
+        if jax.process_index() == 0 and (held is None or tokenizer_lib.load(held).fingerprint()
+                                         != self.tokenizer.fingerprint()):
+            checkpoint.save_tokenizer(ckpts, self.tokenizer)
 
     def _restore(self) -> ts.TrainState | None:
         """The newest checkpoint that restores; newer ones that do not are moved to WORKDIR/damaged."""

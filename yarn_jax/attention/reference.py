@@ -13,9 +13,14 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def mask(q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None, q_index: jax.Array,
-         kv_index: jax.Array) -> jax.Array:
-    """Causal + same-document mask: [B, T] x [B, S] -> [B, T, S] bool (segment ids None: one document)."""
-    causal = q_index[:, :, None] >= kv_index[:, None, :]
+         kv_index: jax.Array, window: int | None = None) -> jax.Array:
+    """Causal + same-document mask: [B, T] x [B, S] -> [B, T, S] bool (segment ids None: one document).
+    window: a query sees only keys less than `window` tokens back (transformers' sliding window: itself
+    and the window - 1 before it); None: every earlier key."""
+    behind = q_index[:, :, None] - kv_index[:, None, :]  # [B, T, S]
+    causal = behind >= 0
+    if window is not None:
+        causal &= behind < window
     if q_segment_ids is None:
         return causal
     return causal & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
@@ -38,13 +43,15 @@ def logits(q: jax.Array, k: jax.Array, allowed: jax.Array) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
-              q_index: jax.Array, kv_index: jax.Array) -> jax.Array:
+              q_index: jax.Array, kv_index: jax.Array, *, window: int | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(H) + mask) v, all in float32.
 
     q [B, T, N, H]; k, v [B, S, K, H]; segment ids and token indices [B, T] / [B, S] (a query sees keys
-    of its own segment at index <= its own). Returns [B, T, N, H] in q.dtype.
+    of its own segment at index <= its own, and within `window` tokens when given). Returns [B, T, N, H]
+    in q.dtype.
     """
     b, t, n, h = q.shape
     q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
-    p = jax.nn.softmax(logits(q32, k32, mask(q_segment_ids, kv_segment_ids, q_index, kv_index)), axis=-1)
+    allowed = mask(q_segment_ids, kv_segment_ids, q_index, kv_index, window)
+    p = jax.nn.softmax(logits(q32, k32, allowed), axis=-1)
     return dot("BKGTS,BSKH->BTKGH", p, v32).reshape(b, t, n, h).astype(q.dtype)

@@ -34,6 +34,7 @@ from jax.sharding import Mesh, PartitionSpec
 from yarn_jax.attention import block_xla
 from yarn_jax.attention.block import BlockKernel, Mask
 from yarn_jax.attention.sharded import specs
+from yarn_jax.attention.window import refuse
 from yarn_jax.execution import RingLayout
 from yarn_jax.sharding import SEQ_AXIS, ring_size
 
@@ -232,7 +233,9 @@ def ring_attention(mesh: Mesh, kernel: BlockKernel, layout: RingLayout):
     axis, ring = SEQ_AXIS, ring_size(mesh)
     q_spec, kv_spec, ids = specs(True)
 
-    def attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx):
+    def attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx, *, window=None):
+        refuse(window, k.shape[1], "a sequence split over the mesh's seq axis spans: ring attention has no "
+               "sliding window; use mesh.seq=1 (or sequences no longer than the window)")
         body = functools.partial(_ring, _kernel_for(kernel, layout, q_seg is not None),
                                  functools.partial(_shift, axis, ring), ring, layout)
         devices = jnp.arange(ring, dtype=jnp.int32)  # [R] over the ring: each device gets its own position
@@ -273,7 +276,9 @@ def decode_attention(mesh: Mesh):
         w = jnp.exp(lses - lses.max(axis=0))  # [R, B, t, N]: shards with no visible slot weigh 0
         return (jnp.einsum("RBTN,RBTNH->BTNH", w, outs) / w.sum(axis=0)[..., None]).astype(q.dtype)
 
-    def attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx):
+    def attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx, *, window=None):
+        refuse(window, k.shape[1], "of a KV cache split over the mesh's seq axis: its decode has no sliding "
+               "window; generate with mesh seq=1 (or a cache no longer than the window)")
         return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, q_ids, kv_ids, q_ids, kv_ids),
                              out_specs=q_spec, check_vma=False)(q, k, v, q_seg, kv_seg, q_idx, kv_idx)
 

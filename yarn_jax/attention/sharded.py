@@ -3,6 +3,7 @@ and a per-device kernel run over the mesh."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -24,12 +25,13 @@ def per_device(kernel: Callable[..., jax.Array], mesh: Mesh) -> Callable[..., ja
     as the model's activations, the sequence whole. Segment ids None stay None (one document per row)."""
     q_spec, kv_spec, ids = specs(False)
 
-    def attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx):
+    def attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx, *, window=None):
         if q_seg is None:
-            fn = lambda q, k, v, qi, ki: kernel(q, k, v, None, None, qi, ki)  # noqa: E731
+            fn = lambda q, k, v, qi, ki: kernel(q, k, v, None, None, qi, ki, window=window)  # noqa: E731
             return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, ids, ids), out_specs=q_spec,
                                  check_vma=False)(q, k, v, q_idx, kv_idx)
-        return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, ids, ids, ids, ids),
+        fn = functools.partial(kernel, window=window)
+        return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, ids, ids, ids, ids),
                              out_specs=q_spec, check_vma=False)(q, k, v, q_seg, kv_seg, q_idx, kv_idx)
 
     return attend

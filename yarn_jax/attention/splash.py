@@ -10,25 +10,30 @@ import jax
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 
+from yarn_jax.attention.window import effective
+
 _BLOCK = 512
 
 
-def _kernel(t: int, s: int, heads: int):
+def _kernel(t: int, s: int, heads: int, window: int | None):
     block_q, block_kv = min(_BLOCK, t), min(_BLOCK, s)
     sizes = kernel_lib.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
                                   block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
                                   block_q_dq=block_q, block_kv_dq=block_kv)
-    mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((t, s))] * heads)
+    one = (mask_lib.CausalMask((t, s)) if window is None
+           else mask_lib.LocalMask((t, s), window_size=(window - 1, 0), offset=0))  # causal within the window
+    mask = mask_lib.MultiHeadMask([one] * heads)
     return kernel_lib.make_splash_mqa_single_device(mask, block_sizes=sizes)
 
 
-def attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index):
+def attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, *, window=None):
     """q [B, T, N, H], k/v [B, S, K, H] -> [B, T, N, H]. q_index/kv_index must be 0..T-1 (no ring
-    permutation: the kernel's causal mask is positional)."""
+    permutation: the kernel's causal mask is positional). A sliding window shorter than the keys is the
+    kernel's local mask (block-sparse: blocks wholly outside the window are skipped)."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
-    kernel = _kernel(t, s, g)
+    kernel = _kernel(t, s, g, effective(window, s))
     qg = (q * h**-0.5).reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
 

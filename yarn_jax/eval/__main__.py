@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--rope", action="append", default=[],
                        help="e.g. yarn:factor=8,original_max_position_embeddings=512 (max_position_embeddings "
                             "and rope_theta allowed too); 'none' keeps the model's own")
-        s.add_argument("--tokenizer", help="SentencePiece model (default: the first --hf dir's tokenizer.model)")
+        s.add_argument("--tokenizer", help="tokenizer.model, tokenizer.json or a directory holding one (default: "
+                                           "the first model's own: a checkpoint's or an --hf directory's)")
         s.add_argument("--lengths", required=True, type=cli.int_list, help="comma-separated context lengths in tokens")
         s.add_argument("--out", required=True)
         s.add_argument("--dtype", default="bfloat16")
@@ -85,12 +86,9 @@ def models(args) -> tuple[list[tuple[str, Any, Any]], Any]:
     mesh = sharding.make_mesh(**_mesh(args.mesh)) if args.mesh else None
     bases = []
     for spec in args.checkpoint:
-        label, path = _source(spec)
-        path, _, step = path.rpartition("@") if "@" in Path(path).name else (path, "", "")
-        if step and not step.isdigit():
-            raise ValueError(f"--checkpoint {spec}: expected PATH@STEP with an integer step, got {step!r}")
-        cfg, params = checkpoint.load_checkpoint(path, mesh, step=int(step) if step else None, dtype=args.dtype)
-        bases.append((label or Path(path).name + (f"@{step}" if step else ""), cfg, params))
+        path, step = _checkpoint_path(spec)
+        cfg, params = checkpoint.load_checkpoint(path, mesh, step=step, dtype=args.dtype)
+        bases.append((_source(spec)[0] or Path(path).name + (f"@{step}" if step is not None else ""), cfg, params))
     for spec in args.hf:
         label, path = _source(spec)
         cfg, params = convert.load_hf(path, dtype=args.dtype)
@@ -110,6 +108,15 @@ def models(args) -> tuple[list[tuple[str, Any, Any]], Any]:
     return out, mesh
 
 
+def _checkpoint_path(spec: str) -> tuple[str, int | None]:
+    """'[LABEL=]PATH[@STEP]' -> (PATH, STEP or None)."""
+    path = _source(spec)[1]
+    path, _, step = path.rpartition("@") if "@" in Path(path).name else (path, "", "")
+    if step and not step.isdigit():
+        raise ValueError(f"--checkpoint {spec}: expected PATH@STEP with an integer step, got {step!r}")
+    return path, int(step) if step else None
+
+
 def _source(spec: str) -> tuple[str, str]:
     """'LABEL=PATH' -> (LABEL, PATH); 'PATH' -> ('', PATH)."""
     label, sep, path = spec.partition("=")
@@ -117,14 +124,14 @@ def _source(spec: str) -> tuple[str, str]:
 
 
 def _tokenizer(args, cfgs):
-    from yarn_jax import data
+    from yarn_jax import checkpoint
+    from yarn_jax import tokenizer as tokenizer_lib
 
-    path = args.tokenizer or (f"{_source(args.hf[0])[1]}/tokenizer.model" if args.hf else None)
-    if path is None:
-        raise ValueError("--tokenizer: required when no --hf directory provides tokenizer.model")
-    tok = data.load_tokenizer(path)
+    sources = [(f"--checkpoint {spec}", checkpoint.tokenizer_of(_checkpoint_path(spec)[0]))
+               for spec in args.checkpoint] + [(f"--hf {spec}", Path(_source(spec)[1])) for spec in args.hf]
+    tok = tokenizer_lib.resolve(args.tokenizer, sources)
     for cfg in cfgs:
-        data.check_fits(tok, cfg.vocab_size, "--tokenizer", path)
+        tok.check_fits(cfg.vocab_size, "--tokenizer")
     return tok
 
 
@@ -149,18 +156,21 @@ def run_perplexity(args) -> list[dict]:
     tok = _tokenizer(args, [c for _, c, _ in variants])
     texts = data.read_documents(tuple(args.data), args.format, args.field)
     texts = texts[:args.docs] if args.docs else texts
-    docs = [np.asarray([tok.bos_id(), *tok.encode(t)], np.int32) for t in texts]
+    docs = [np.asarray(tok.with_bos(tok.encode(t)), np.int32) for t in texts]
+    bos = tok.bos_id is not None
     stride = None if args.truncate else args.sliding_window
     protocol = perplexity.Protocol(args.protocol)
     for n in lengths:  # fail before any model runs
-        perplexity.plan(docs, n, stride, args.min_doc_tokens, protocol)
+        perplexity.plan(docs, n, stride, args.min_doc_tokens, protocol, bos)
     rows = []
-    total = sum(len(perplexity.plan(docs, n, stride, args.min_doc_tokens, protocol)) for n in lengths) * len(variants)
+    total = sum(len(perplexity.plan(docs, n, stride, args.min_doc_tokens, protocol, bos))
+                for n in lengths) * len(variants)
     with tqdm(total=total, desc="windows", dynamic_ncols=True) as bar:
         for label, cfg, params in variants:
             for n in lengths:
                 r = perplexity.evaluate(cfg, params, docs, n, stride=stride, min_doc_tokens=args.min_doc_tokens,
-                                        batch_size=args.batch_size, mesh=mesh, progress=bar, protocol=protocol)
+                                        batch_size=args.batch_size, mesh=mesh, progress=bar, protocol=protocol,
+                                        bos=bos)
                 rows.append({"model": label, "length": n, **r, "protocol": "truncate" if args.truncate
                              else protocol.value})
                 bar.write(f"{label} @ {n}: perplexity {r['perplexity']:.4f} over {int(r['tokens'])} tokens")
@@ -179,13 +189,13 @@ def run_passkey(args) -> list[dict]:
     out = cli.check_writable(args.out, "--out")
     variants, mesh = models(args)
     tok = _tokenizer(args, [c for _, c, _ in variants])
-    trial_list = passkey.trials(tok.encode, tok.bos_id(), lengths, args.trials, args.seed,
+    trial_list = passkey.trials(tok.encode, tok.bos_id, lengths, args.trials, args.seed,
                                 passkey.Protocol(args.protocol))
     rows = []
     with tqdm(total=len(trial_list) * len(variants), desc="passkey", dynamic_ncols=True) as bar:
         for label, cfg, params in variants:
             def answer(prompt, cfg=cfg, params=params):
-                out = generate.generate(cfg, params, prompt[None], passkey.ANSWER_TOKENS, eos_id=tok.eos_id(),
+                out = generate.generate(cfg, params, prompt[None], passkey.ANSWER_TOKENS, eos_id=tok.eos_id,
                                         mesh=mesh)
                 return tok.decode([int(x) for x in out[0, len(prompt):]])
 

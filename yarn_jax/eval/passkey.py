@@ -41,16 +41,22 @@ class Trial:
     prompt: np.ndarray  # token ids, BOS first
 
 
-def make_prompt(encode: Callable[[str], list[int]], bos: int, length: int, depth: float, key: int) -> np.ndarray:
+def _prompt(bos: int | None, ids: list[int]) -> np.ndarray:
+    """The prompt's token ids: BOS first when the tokenizer has one (None: it has none, as Qwen's)."""
+    return np.asarray(ids if bos is None else [bos, *ids], np.int32)
+
+
+def make_prompt(encode: Callable[[str], list[int]], bos: int | None, length: int, depth: float,
+                key: int) -> np.ndarray:
     """BOS + task + filler with the key line at `depth` + question, within `length` tokens."""
-    fixed = len(encode(" ".join([TASK, key_line(key), QUESTION]))) + 1
+    fixed = len(encode(" ".join([TASK, key_line(key), QUESTION]))) + (bos is not None)
     per_filler = len(encode(FILLER + " "))
     n = (length - fixed) // per_filler
     if n < 1:
         raise ValueError(f"--lengths: {length} tokens cannot hold the passkey task (needs more than {fixed})")
     at = int(round(depth * n))
     parts = [TASK, *[FILLER] * at, key_line(key), *[FILLER] * (n - at), QUESTION]
-    return np.asarray([bos, *encode(" ".join(parts))], np.int32)
+    return _prompt(bos, encode(" ".join(parts)))
 
 
 class Protocol(enum.Enum):
@@ -64,10 +70,10 @@ def yarn_text(chars: int, prefix: int, key: int) -> str:
     return "\n".join([YARN_TASK, filler[:prefix], key_line(key), filler[:chars - prefix], QUESTION])
 
 
-def _yarn_chars(encode: Callable[[str], list[int]], length: int) -> int:
+def _yarn_chars(encode: Callable[[str], list[int]], bos: int | None, length: int) -> int:
     """The largest multiple of CHAR_STEP characters of filler whose prompt (BOS + text, the key line at the
     middle) has at most `length` tokens."""
-    fits = lambda c: len(encode(yarn_text(c, c // 2, 50000))) + 1 <= length  # noqa: E731
+    fits = lambda c: len(_prompt(bos, encode(yarn_text(c, c // 2, 50000)))) <= length  # noqa: E731
     if not fits(0):
         raise ValueError(f"--lengths: {length} tokens cannot hold the passkey task")
     lo, hi = 0, CHAR_STEP
@@ -79,22 +85,22 @@ def _yarn_chars(encode: Callable[[str], list[int]], length: int) -> int:
     return lo
 
 
-def yarn_prompt(encode: Callable[[str], list[int]], bos: int, length: int, chars: int, depth: float,
+def yarn_prompt(encode: Callable[[str], list[int]], bos: int | None, length: int, chars: int, depth: float,
                 key: int) -> np.ndarray:
     """BOS + the authors' prompt with `chars` of filler (fewer, by CHAR_STEP, while it is over `length`)."""
     while True:
-        ids = [bos, *encode(yarn_text(chars, int(depth * chars), key))]
+        ids = _prompt(bos, encode(yarn_text(chars, int(depth * chars), key)))
         if len(ids) <= length or chars == 0:
-            return np.asarray(ids, np.int32)
+            return ids
         chars -= CHAR_STEP
 
 
-def trials(encode: Callable[[str], list[int]], bos: int, lengths: Sequence[int], n: int, seed: int = 0,
+def trials(encode: Callable[[str], list[int]], bos: int | None, lengths: Sequence[int], n: int, seed: int = 0,
            protocol: Protocol = Protocol.YARN) -> list[Trial]:
     rng = np.random.default_rng(seed)
     out = []
     for length in lengths:
-        chars = _yarn_chars(encode, length) if protocol is Protocol.YARN else 0
+        chars = _yarn_chars(encode, bos, length) if protocol is Protocol.YARN else 0
         for _ in range(n):
             depth = float(rng.uniform())
             if protocol is Protocol.YARN:

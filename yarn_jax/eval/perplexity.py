@@ -9,7 +9,8 @@ scored, so every token is scored once. They differ in where BOS goes and how win
     `length` of its tokens; the result is exp(total NLL / scored tokens); a document takes part at a
     length only if it has that many tokens (and `min_doc_tokens`).
 `truncate` (stride None) scores each document cut to `length` tokens (BOS + length - 1 of text) in one
-window; there the two protocols agree.
+window; there the two protocols agree. A tokenizer without BOS (Qwen's): documents start with their first
+text token, which nothing predicts, and the YARN protocol's windows hold up to `length` tokens of text.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def yarn_windows(n: int, length: int, stride: int) -> list[tuple[int, int, int]]
 
 
 def plan(docs: list[np.ndarray], length: int, stride: int | None, min_doc_tokens: int = 0,
-         protocol: Protocol = Protocol.YARN) -> list[Window]:
+         protocol: Protocol = Protocol.YARN, bos: bool = True) -> list[Window]:
     """The windows at one length; stride None: truncate mode (each document cut to `length`). Some document
     must have `length` tokens (else the length measures nothing); the YARN protocol then scores every
     document with at least `min_doc_tokens`, the HF protocol those with at least `length` too."""
@@ -84,6 +85,8 @@ def plan(docs: list[np.ndarray], length: int, stride: int | None, min_doc_tokens
                          f"{longest}); drop length {length} or add longer documents")
     if protocol is Protocol.YARN and stride is not None:
         every = [i for i, d in enumerate(docs) if len(d) >= max(2, min_doc_tokens)]
+        if not bos:  # no BOS to put in front: plain slides over the text
+            return [Window(i, *w) for i in every for w in windows(len(docs[i]), length, stride)]
         return [Window(i, *w, bos=True) for i in every for w in yarn_windows(len(docs[i]), length, stride)]
     if stride is None:
         return [Window(i, 0, length, 1) for i in eligible]
@@ -97,10 +100,11 @@ def _nll(cfg: LlamaConfig, mesh: Mesh | None, chunk: int, params: Any, batch: di
 
 def evaluate(cfg: LlamaConfig, params: Any, docs: list[np.ndarray], length: int, *, stride: int | None = 256,
              min_doc_tokens: int = 0, batch_size: int = 1, mesh: Mesh | None = None, chunk: int = 2048,
-             progress: Any = None, protocol: Protocol = Protocol.YARN) -> dict[str, float]:
-    """{'perplexity', 'nll', 'tokens', 'docs'} at one context length (docs: token ids, BOS first); dynamic
-    methods scale to `length`. See the module docstring for the protocols."""
-    ws = plan(docs, length, stride, min_doc_tokens, protocol)
+             progress: Any = None, protocol: Protocol = Protocol.YARN, bos: bool = True) -> dict[str, float]:
+    """{'perplexity', 'nll', 'tokens', 'docs'} at one context length (docs: token ids, BOS first unless
+    `bos` is false: the tokenizer has none); dynamic methods scale to `length`. See the module docstring
+    for the protocols."""
+    ws = plan(docs, length, stride, min_doc_tokens, protocol, bos)
     total, count, scored = 0.0, 0.0, 0
     chunk = math.gcd(chunk, length)
     by_window = protocol is Protocol.YARN
