@@ -296,17 +296,42 @@ PRESETS = {f.__name__: f for f in (tiny, llama2_7b, llama2_13b, llama2_70b, llam
 def with_rope(hf: dict[str, Any], rope: dict[str, Any]) -> dict[str, Any]:
     """A Hugging Face config dict with RoPE overrides applied, by the one rule of train (`rope`), convert
     (`--rope-type`, `--factor`, ...) and eval (`--rope`): an override naming `rope_type` replaces the
-    scaling, other keys update it; `max_position_embeddings` and `rope_theta` set the top-level keys."""
+    scaling, other keys update it; `max_position_embeddings` (the extended length) and `rope_theta` set
+    the top-level keys. A new scaling's original_max_position_embeddings defaults to the model's trained
+    length (the current scaling's, else its max_position_embeddings), and YaRN's factor to the extended
+    over the original length. Refused, naming the key: a key the rope type does not use, a YaRN that
+    would extend nothing, an extended length below the trained one."""
     hf = dict(hf)
     rope = {k: v for k, v in rope.items() if v is not None}
+    current = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    trained = current.get("original_max_position_embeddings", hf.get("max_position_embeddings", 4096))
     for key in ("max_position_embeddings", "rope_theta"):
         if key in rope:
             hf[key] = rope.pop(key)
     if not rope:
         return hf
-    current = dict(hf.pop("rope_scaling", None) or hf.pop("rope_parameters", None) or {})
+    hf.pop("rope_scaling", None)
+    hf.pop("rope_parameters", None)
     current.pop("rope_theta", None)
     if "rope_type" in rope:
         current = {}
-    hf["rope_scaling"] = {**current, **rope}
+    merged = {**current, **rope}
+    cls = scaling_lib.rope_class(merged)
+    unknown = [k for k in scaling_lib.unknown_keys(merged) if k in rope]
+    if unknown:
+        raise ValueError(f"rope.{unknown[0]}: not a key of rope type {cls.rope_type!r}; expected one of "
+                         f"{sorted(scaling_lib.known_keys(cls) - {'type', 'rope_theta'})}")
+    if "original_max_position_embeddings" in scaling_lib.known_keys(cls):
+        original = merged.setdefault("original_max_position_embeddings", trained)
+        extended = hf.get("max_position_embeddings", 4096)
+        if isinstance(original, int) and isinstance(extended, int) and extended < original:
+            raise ValueError(f"max_position_embeddings: the extended length {extended} is below "
+                             f"original_max_position_embeddings {original}, the length the model was trained at")
+        if cls is scaling_lib.Yarn and "factor" not in merged:
+            if not (isinstance(original, int) and isinstance(extended, int) and extended > original):
+                raise ValueError(f"rope.factor: required for rope type 'yarn' (or an extended "
+                                 f"max_position_embeddings above original_max_position_embeddings {original} "
+                                 "to derive it from)")
+            merged["factor"] = extended / original
+    hf["rope_scaling"] = merged
     return hf

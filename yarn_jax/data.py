@@ -24,6 +24,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import grain
 import numpy as np
 
 from yarn_jax import tokenizer as tokenizer_lib
+from yarn_jax.cli import one_line
 from yarn_jax.validate import member, set_field
 
 
@@ -87,10 +89,18 @@ class DataConfig:
         return d
 
 
-def check_sources(sources: tuple[str, ...], format: Format) -> None:  # noqa: A002
-    """Refuses text sources that are not text (gzip, binary, not UTF-8) or hold no text at all, naming the
-    file; reads the first 64 KiB of each."""
-    if member("data.format", Format, format) is not Format.TEXT:
+def check_sources(sources: tuple[str, ...], format: Format, field: str = "text") -> None:  # noqa: A002
+    """Refuses text sources that are not text (gzip, binary, not
+    UTF-8) or hold no text at all, JSONL whose first record is not JSON with a string `field`, and Parquet
+    without pyarrow, naming the file; reads the first 64 KiB of each text file, the first line of each
+    JSONL file."""
+    kind = member("data.format", Format, format)
+    if kind is Format.PARQUET:
+        _pyarrow()
+    if kind is Format.JSONL:
+        for f in expand(sources):
+            _read_jsonl((f, 0), field)
+    if kind is not Format.TEXT:
         return
     files, empty = expand(sources), 0
     for f in files:
@@ -113,14 +123,19 @@ def check_sources(sources: tuple[str, ...], format: Format) -> None:  # noqa: A0
         raise ValueError(f"data.sources: every file is empty ({len(files)} files, e.g. {files[0]})")
 
 
-def expand(sources: tuple[str, ...]) -> list[str]:
-    """Files matching the globs, sorted (a stable order on every host); an empty match is an error."""
+def expand(sources: tuple[str, ...], flag: str = "data.sources") -> list[str]:
+    """Files matching the globs, sorted (a stable order on every host); a glob matching no file (nothing,
+    or only directories) is an error naming `flag`."""
     files: list[str] = []
     for pattern in sources:
         matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         if not matched:
-            raise ValueError(f"data.sources: {pattern!r} matches no file")
-        files += [f for f in matched if os.path.isfile(f)]
+            raise ValueError(f"{flag}: {pattern!r} matches no file")
+        found = [f for f in matched if os.path.isfile(f)]
+        if not found:
+            raise ValueError(f"{flag}: {pattern!r} matches only directories; give files or a glob such as "
+                             f"'{pattern.rstrip('/')}/*.txt'")
+        files += found
     return files
 
 
@@ -150,15 +165,29 @@ def _jsonl_docs(files: list[str], field: str) -> list[Any]:
 def _read_jsonl(ref: tuple[str, int], field: str) -> str:
     with open(ref[0], "rb") as fh:
         fh.seek(ref[1])
-        record = json.loads(fh.readline())
-    if field not in record:
-        raise ValueError(f"{ref[0]}: a record at byte {ref[1]} has no field {field!r}")
+        line = fh.readline()
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{ref[0]}: the line at byte {ref[1]} is not JSON ({e})") from None
+    if not isinstance(record, dict) or field not in record:
+        raise ValueError(f"{ref[0]}: the record at byte {ref[1]} has no field {field!r} (data.field)")
+    if not isinstance(record[field], str):
+        raise ValueError(f"{ref[0]}: the record at byte {ref[1]} has a {type(record[field]).__name__} in "
+                         f"{field!r}; expected text")
     return record[field]
 
 
-def _parquet_docs(files: list[str], field: str) -> list[Any]:
-    import pyarrow.parquet as pq  # optional: only parquet sources need it
+def _pyarrow():
+    try:
+        import pyarrow.parquet as pq  # optional: only parquet sources need it
+    except ImportError:
+        raise ValueError("data.format: 'parquet' needs pyarrow: pip install 'yarn_jax[parquet]'") from None
+    return pq
 
+
+def _parquet_docs(files: list[str], field: str) -> list[Any]:
+    pq = _pyarrow()
     docs = []
     for f in files:
         table = pq.read_table(f, columns=[field])
@@ -211,10 +240,17 @@ def train_tokenizer(files: list[str], vocab_size: int, cache_dir: str | Path) ->
     if len(lines) > TOKENIZER_LINES:
         keep = np.sort(np.random.default_rng(0).choice(len(lines), TOKENIZER_LINES, replace=False))
         lines = [lines[i] for i in keep]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_prefix),
-                                   vocab_size=vocab_size, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-                                   input_sentence_size=0, shuffle_input_sentence=False, num_threads=2,
-                                   minloglevel=2, **TOKENIZER_SETTINGS)
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_prefix),
+                                       vocab_size=vocab_size, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                       input_sentence_size=0, shuffle_input_sentence=False, num_threads=2,
+                                       minloglevel=2, **TOKENIZER_SETTINGS)
+    except RuntimeError as e:  # SentencePiece's own checks (too little text for the vocabulary, ...)
+        most = re.search(r"value <= (\d+)", str(e))
+        reason = (f"the sources give at most {most.group(1)} pieces; lower it or add text" if most
+                  else one_line(str(e))[:200])
+        raise ValueError(f"data.tokenizer_vocab: cannot train a SentencePiece model of {vocab_size} pieces on "
+                         f"{len(files)} files ({reason})") from None
     os.replace(f"{tmp_prefix}.model", model)
     os.remove(f"{tmp_prefix}.vocab")
     return str(model)
@@ -245,15 +281,16 @@ def _tokenizer(path: str) -> tokenizer_lib.Tokenizer:
 # ----------------------------------------------------------------------------- the pipeline
 
 
-def documents(cfg: DataConfig) -> grain.MapDataset:
+def documents(cfg: DataConfig, flag: str = "data.sources") -> grain.MapDataset:
     """The documents of this configuration (held-out ones skipped), in a stable order."""
-    docs = _READERS[cfg.format](expand(cfg.sources), cfg.field)
+    docs = _READERS[cfg.format](expand(cfg.sources, flag), cfg.field)
     ds = grain.MapDataset.source(docs)
-    if cfg.skip_docs:
-        ds = ds[cfg.skip_docs:]
     if len(ds) == 0:
-        raise ValueError(f"data.sources: no documents left after skipping {cfg.skip_docs}")
-    return ds
+        raise ValueError(f"{flag}: no documents in {list(cfg.sources)}")
+    if cfg.skip_docs >= len(ds):
+        raise ValueError(f"data.skip_docs: {cfg.skip_docs} held-out documents leave none of the {len(ds)} to "
+                         "train on")
+    return ds[cfg.skip_docs:] if cfg.skip_docs else ds
 
 
 def dataset(cfg: DataConfig, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
@@ -366,8 +403,8 @@ def stdlib_corpus() -> list[str]:
 
 
 def read_documents(sources: tuple[str, ...], format: Format = Format.TEXT,  # noqa: A002
-                   field: str = "text") -> list[str]:
+                   field: str = "text", flag: str = "--data") -> list[str]:
     """The texts of every document in `sources` (evaluation reads whole documents, in order)."""
     cfg = DataConfig(sources=sources, tokenizer="", seq_len=1, batch_size=1, format=format, field=field,
                      shuffle=False)
-    return [_to_text(cfg, doc) for doc in documents(cfg)]
+    return [_to_text(cfg, doc) for doc in documents(cfg, flag)]

@@ -2,6 +2,7 @@
 `base()` and change what their run needs. Defaults are the paper's fine-tuning recipe (section 4)."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import ml_collections
@@ -49,10 +50,18 @@ def execution(config: ml_collections.ConfigDict) -> Execution:
 def model_config(config: ml_collections.ConfigDict) -> tuple[config_lib.LlamaConfig, str | None]:
     """(LlamaConfig, checkpoint to initialise from or None) from the run config: the architecture from
     `init_from` or `model.preset` and the shape keys, RoPE from `rope`, the execution from model.dtype etc."""
+    shape = {k: v for k, v in config.model.items() if k in SHAPE_KEYS and v is not None}
     if config.init_from:
-        base = checkpoint.Reader(config.init_from).cfg.to_hf()
+        held = checkpoint.Reader(config.init_from).cfg
+        # the checkpoint decides the shape; a shape key set to another value is a mistake, never ignored
+        # (max_position_embeddings excepted: the preset's trained length, the extension lives in `rope`)
+        for key, value in shape.items():
+            if key != "max_position_embeddings" and getattr(held, key) != value:
+                raise ValueError(f"model.{key}: {value!r} in the run config, but init_from {config.init_from} holds "
+                                 f"{getattr(held, key)!r}; unset the model's shape keys (the "
+                                 "checkpoint decides the shape) or start from another checkpoint")
+        base = held.to_hf()
     else:
-        shape = {k: v for k, v in config.model.items() if k in SHAPE_KEYS and v is not None}
         base = config_lib.PRESETS[config.model.preset](**shape).to_hf()
     base = config_lib.with_rope(base, dict(config.get("rope", {}) or {}))
     return config_lib.LlamaConfig.from_hf(base).replace(execution=execution(config)), config.init_from or None
@@ -71,6 +80,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _count("train.keep", t.keep, 0, " (0 keeps every checkpoint)")
     for name in ("seq_len", "batch_size"):
         _count(f"data.{name}", d[name])
+    if isinstance(d.sources, str) or not all(isinstance(x, str) for x in d.sources or ()):
+        raise ValueError(f"data.sources: expected a tuple of files or globs, e.g. ('data/*.txt',), got {d.sources!r}")
     sharding.MeshShape.of(config.mesh)  # the typed mesh and execution refuse their bad values here
     execution(config)
     if d.batch_size % t.grad_accum:
@@ -86,21 +97,48 @@ def load(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
     from absl import flags
     from ml_collections import config_flags
 
-    if not Path(path.split(":")[0]).is_file():
+    file = Path(path.split(":")[0]).expanduser()
+    if file.is_dir():
+        raise ValueError(f"--config: {path} is a directory; expected a config file such as configs/tiny.py")
+    if not file.is_file():
         raise ValueError(f"--config: {path} does not exist")
+    try:
+        compile(file.read_bytes(), str(file), "exec")
+    except SyntaxError as e:
+        raise ValueError(f"--config: {file}, line {e.lineno}: {e.msg}") from None
     argv = ["prog", f"--config={path}", *(o if o.startswith("--config.") else f"--config.{o}" for o in overrides)]
     values = flags.FlagValues()  # a registry per call: commands may load several configs in one process
     config_flags.DEFINE_config_file("config", None, "configs/<name>.py", flag_values=values, lock_config=True,
                                     sys_argv=argv)
     try:
         values(argv)
-    except (KeyError, AttributeError) as e:  # an override of a key the run config does not have
-        key = str(e).strip("'\"")
-        bad = next((a.split("=")[0] for a in argv[2:] if key in a), "--config.*")
-        raise ValueError(f"{bad}: no such key in the run config (see train --print_config)") from None
+        return values.config
+    except (KeyError, AttributeError) as e:
+        raise ValueError(_unknown_key(file, argv[2:], e)) from None
     except flags.Error as e:
-        raise ValueError(" ".join(str(e).split())) from None
-    return values.config
+        text = " ".join(str(e).split())
+        if "Failed to parse" in text and "as a ConfigDict" in text:  # `--config.rope=yarn`: a whole section
+            flag = text.split("flag ")[-1].split("=")[0] if "flag " in text else "--config.*"
+            text = f"{flag}: is a section of the run config, not a value; set its keys (e.g. {flag}.KEY=VALUE)"
+        raise ValueError(text) from None
+    except ImportError as e:
+        raise ValueError(f"--config: {file}: {e}") from None
+
+
+def _unknown_key(file: Path, overrides: list[str], e: Exception) -> str:
+    """The one line for a key the run config does not have (a mistyped override), or a file with no
+    get_config."""
+    while e.args and isinstance(e.args[0], Exception):  # config_flags wraps the KeyError in an AttributeError
+        e = e.args[0]
+    text = str(e.args[0] if e.args else e)
+    if "get_config" in text:
+        return f"--config: {file} defines no get_config() (a config file returns its ConfigDict from it)"
+    key = re.search(r"'([^']+)'", text)
+    near = re.search(r'Did you mean "([^"]+)"', text)
+    key = key.group(1) if key else ""
+    flag = next((o.split("=")[0] for o in overrides if key in o.split("=")[0].split(".")[1:]), "--config.*")
+    return (f"{flag}: no such key in the run config" + (f" (did you mean {near.group(1)!r}?)" if near else "")
+            + "; see train --print_config")
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:

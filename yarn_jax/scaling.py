@@ -295,6 +295,26 @@ _SHARED_KEYS = {"rope_type", "type", "rope_theta"}
 _IGNORED_KEYS = {DynamicYarn: {"factor"}}
 
 
+def rope_class(d: dict[str, Any]) -> type:
+    """The scaling class a rope_scaling dict names (key `rope_type` or `type`; none: plain RoPE)."""
+    name = d.get("rope_type", d.get("type", "default"))
+    name = "dynamic_yarn" if name == "dynamic-yarn" else name  # spelling of the original YaRN code
+    if name not in SCALINGS:
+        raise ValueError(f"rope_scaling.rope_type: unknown rope type {name!r}; expected one of {sorted(SCALINGS)}")
+    return SCALINGS[name]
+
+
+def known_keys(cls: type) -> set[str]:
+    """The keys a rope_scaling dict of `cls` may hold."""
+    keys = {f.name for f in dataclasses.fields(cls)} | _SHARED_KEYS | _IGNORED_KEYS.get(cls, set())
+    return keys | {"factor"} if cls is NTK else keys  # NTK's alpha, spelt factor by transformers
+
+
+def unknown_keys(d: dict[str, Any]) -> list[str]:
+    """The keys of a rope_scaling dict that its rope type does not use."""
+    return sorted(set(d) - known_keys(rope_class(d)))
+
+
 def scaling_from_dict(d: dict[str, Any] | None, max_position_embeddings: int) -> Scaling:
     """Reads a transformers-style `rope_scaling` / `rope_parameters` dict (key `rope_type` or `type`).
 
@@ -305,18 +325,13 @@ def scaling_from_dict(d: dict[str, Any] | None, max_position_embeddings: int) ->
         return Default()
     if not isinstance(d, dict):
         raise ValueError(f"rope_scaling: expected a dict, got {d!r}")
-    name = d.get("rope_type", d.get("type", "default"))
-    if name == "dynamic-yarn":  # spelling of the original YaRN code
-        name = "dynamic_yarn"
-    if name not in SCALINGS:
-        raise ValueError(f"rope_scaling.rope_type: unknown rope type {name!r}; expected one of {sorted(SCALINGS)}")
-    cls = SCALINGS[name]
+    cls = rope_class(d)
+    name = cls.rope_type
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in d.items() if k in fields and v is not None}
     if cls is NTK and "alpha" not in kwargs and "factor" in d:
         kwargs["alpha"] = d["factor"]
-        fields = fields | {"factor"}
-    unknown = sorted(set(d) - fields - _SHARED_KEYS - _IGNORED_KEYS.get(cls, set()))
+    unknown = unknown_keys(d)
     if unknown:
         warnings.warn(f"rope_scaling: keys {unknown} are not used by rope type {name!r} and are ignored",
                       stacklevel=2)

@@ -59,7 +59,7 @@ def maybe_initialize_distributed() -> None:
 def data_config(config: ml_collections.ConfigDict) -> data.DataConfig:
     d = config.data
     sources = tuple(d.sources) if d.sources else tuple(data.stdlib_corpus())
-    data.check_sources(sources, d.format)
+    data.check_sources(sources, d.format, d.field)
     carried = checkpoint.tokenizer_of(config.init_from) if config.init_from else None
     tokenizer = d.tokenizer or (str(carried) if carried else None) or data.train_tokenizer(
         list(data.expand(sources)), d.tokenizer_vocab, d.get("cache_dir", "~/.cache/yarn_jax"))

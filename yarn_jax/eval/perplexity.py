@@ -81,8 +81,16 @@ def plan(docs: list[np.ndarray], length: int, stride: int | None, min_doc_tokens
     eligible = [i for i, d in enumerate(docs) if len(d) >= max(length, min_doc_tokens)]
     if not eligible:
         longest = max((len(d) for d in docs), default=0)
-        raise ValueError(f"--lengths: no document has {max(length, min_doc_tokens)} tokens (the longest has "
-                         f"{longest}); drop length {length} or add longer documents")
+        if min_doc_tokens > length:
+            raise ValueError(f"--min-doc-tokens: no document has {min_doc_tokens} tokens (the longest has "
+                             f"{longest}); lower it or add longer documents")
+        raise ValueError(f"--lengths: no document has {length} tokens (the longest has {longest}); drop length "
+                         f"{length} or add longer documents")
+    span = length - 1 if protocol is Protocol.YARN and bos else length  # document tokens a window holds
+    if stride is not None and stride > span:
+        raise ValueError(f"--sliding-window: a stride of {stride} tokens is longer than the windows at length "
+                         f"{length} ({span} tokens of text): the tokens between windows would never be scored; "
+                         f"use a stride of at most {span}")
     if protocol is Protocol.YARN and stride is not None:
         every = [i for i, d in enumerate(docs) if len(d) >= max(2, min_doc_tokens)]
         if not bos:  # no BOS to put in front: plain slides over the text
