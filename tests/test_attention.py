@@ -94,15 +94,18 @@ def test_ring_in_bfloat16_keeps_the_reference_within_bfloat16_error():
 
 
 def test_fused_blocks_that_cannot_take_the_mask_fall_back_to_the_xla_loop_with_one_warning(caplog):
-    cudnn = block_cudnn.Kernel()  # its `supports` needs no GPU
-    assert ring._kernel_for(cudnn, RingLayout.ZIGZAG, segments=False) is cudnn
+    cudnn, splash = block_cudnn.Kernel(), block_splash.Kernel()  # their `supports` need no GPU or TPU
+    assert ring._kernel_for(cudnn, RingLayout.ZIGZAG, False, 256) is cudnn
+    assert ring._kernel_for(splash, RingLayout.ZIGZAG, False, 256) is splash
     with caplog.at_level("WARNING"):
         for _ in range(3):
-            assert isinstance(ring._kernel_for(cudnn, RingLayout.ZIGZAG, segments=True), block_xla.Kernel)
-        assert isinstance(ring._kernel_for(block_splash.Kernel(), RingLayout.STRIPED, segments=False),
-                          block_xla.Kernel)
+            assert isinstance(ring._kernel_for(cudnn, RingLayout.ZIGZAG, True, 256), block_xla.Kernel)
+        assert isinstance(ring._kernel_for(splash, RingLayout.STRIPED, False, 256), block_xla.Kernel)
+        # zigzag halves of 128 tokens: 64-token blocks, which splash's tiles cannot take
+        assert isinstance(ring._kernel_for(splash, RingLayout.ZIGZAG, False, 128), block_xla.Kernel)
     lines = [r.getMessage() for r in caplog.records]
     assert sum("segment ids" in x for x in lines) <= 1 and sum("striped" in x for x in lines) <= 1, lines
+    assert any("multiples of 128 tokens (this ring's blocks have 64)" in x for x in lines), lines
 
 
 def test_private_kernels_refuse_jax_versions_they_were_not_written_for(monkeypatch):

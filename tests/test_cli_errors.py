@@ -60,6 +60,37 @@ TRAIN_ROWS = [
      _not_spm, "data.tokenizer: .*tok.model is neither a SentencePiece model nor a Hugging Face tokenizer.json"),
     ("positions", [f"--config={TINY}", "--workdir=WORK", "--config.data.positions=sometimes"], None,
      "data.positions: expected"),
+    ("config-syntax", ["--config=TMP/c.py", "--workdir=WORK"], lambda t: _text(t, "c.py", b"def get_config(:\n"),
+     "--config: .*c.py, line 1: invalid syntax"),
+    ("config-import", ["--config=TMP/c.py", "--workdir=WORK"],
+     lambda t: _text(t, "c.py", b"import no_such_module\ndef get_config():\n    pass\n"),
+     "--config: .*c.py: No module named 'no_such_module'"),
+    ("config-no-get-config", ["--config=TMP/c.py", "--workdir=WORK"], lambda t: _text(t, "c.py", b"x = 1\n"),
+     "--config: .*c.py defines no get_config"),
+    ("config-directory", ["--config=TMP", "--workdir=WORK"], None, "--config: .* is a directory; expected a config"),
+    ("key-typo", [f"--config={TINY}", "--workdir=WORK", "--config.optim.lrr=1e-3"], None,
+     "--config.optim.lrr: no such key in the run config \\(did you mean 'lr'\\?\\)"),
+    ("section-as-value", [f"--config={TINY}", "--workdir=WORK", "--config.rope=yarn"], None,
+     "--config.rope: is a section of the run config, not a value"),
+    ("sources-string", ["--config=TMP/c.py", "--workdir=WORK"],
+     lambda t: _text(t, "c.py", b"from yarn_jax.run_config import base\n\ndef get_config():\n    c = base()\n"
+                     b"    c.data.sources = 'a.txt'\n    return c\n"),
+     "--config: .*c.py: TypeError: Could not override field 'sources'"),
+    ("sources-only-directories", [f"--config={TINY}", "--workdir=WORK", "--config.data.sources=('TMP/d*',)"],
+     lambda t: (t / "d1").mkdir(), "data.sources: .*d\\*' matches only directories"),
+    ("jsonl-not-text", [f"--config={TINY}", "--workdir=WORK", "--config.data.sources=('TMP/a.jsonl',)",
+                        "--config.data.format=jsonl"], lambda t: _text(t, "a.jsonl", b'{"text": 5}\n'),
+     "a.jsonl: the record at byte 0 has a int in 'text'; expected text"),
+    ("jsonl-not-json", [f"--config={TINY}", "--workdir=WORK", "--config.data.sources=('TMP/a.jsonl',)",
+                        "--config.data.format=jsonl"], lambda t: _text(t, "a.jsonl", b'{"text": "a"\n'),
+     "a.jsonl: the line at byte 0 is not JSON"),
+    ("skip-all-docs", [f"--config={TINY}", "--workdir=WORK", "--config.data.skip_docs=100000"], None,
+     "data.skip_docs: 100000 held-out documents leave none of the"),
+    ("vocab-too-large", [f"--config={TINY}", "--workdir=WORK", "--config.data.sources=('TMP/a.txt',)"],
+     lambda t: _text(t, "a.txt", b"tiny text\n" * 20),
+     "data.tokenizer_vocab: cannot train a SentencePiece model of 1024"),
+    ("init-from-other-shape", [f"--config={TINY}", "--workdir=WORK", "--config.init_from=TMP/ckpt"],
+     lambda t: _checkpoint(t), "model.head_dim: 32 in the run config, but init_from .*ckpt holds 16"),
 ]
 
 
@@ -90,6 +121,23 @@ def test_print_config_lists_every_key(capsys):
     out = capsys.readouterr().out
     for key in ("grad_accum", "save_every", "keep", "tokenizer_vocab", "positions", "ring_layout", "lr: 0.001"):
         assert key in out, key
+
+
+def _checkpoint(tmp_path):
+    """TMP/hf (a 2-layer Llama, vocabulary 400, with a byte-level BPE tokenizer.json) and TMP/ckpt from it."""
+    from yarn_jax import convert
+
+    _hf_with_tokenizer(tmp_path)
+    convert.from_hf(tmp_path / "hf", tmp_path / "ckpt")
+
+
+def _hf_with_tokenizer(tmp_path):
+    from tests import hf_models
+    from tests.test_tokenizer import make_bpe
+
+    hf_models.hf_model(hf_models.hf_config(vocab=400)).save_pretrained(tmp_path / "hf")
+    make_bpe(tmp_path / "hf", bos=True)
+    (tmp_path / "doc.txt").write_text(open(__file__).read())
 
 
 def _hf_and_file(tmp_path):
@@ -126,7 +174,8 @@ OTHER_ROWS = [
     ("eval-out-unwritable", "eval", _eval()[:-2] + ["--out", "TMP/file/out"], lambda t: (t / "file").write_text("x"),
      "--out: .*file/out is not writable \\(.*file is a file\\)"),
     ("passkey-trials-0", "eval", _passkey("--trials", "0"), None, "argument --trials: expected an integer >= 1"),
-    ("generate-no-tokenizer", "generate", ["--checkpoint", "TMP/ckpt", "--prompt", "hi"], None,
+    ("generate-no-tokenizer", "generate", ["--checkpoint", "TMP/ckpt", "--prompt", "hi"],
+     lambda t: _hf_and_file(t) or __import__("yarn_jax.convert").convert.from_hf(t / "hf", t / "ckpt"),
      "--tokenizer: required: --checkpoint .*ckpt carries no tokenizer"),
     ("generate-max-new", "generate", ["--hf", "TMP/hf", "--prompt", "hi", "--max-new", "-3"], None,
      "argument --max-new: expected an integer >= 1"),
@@ -134,7 +183,27 @@ OTHER_ROWS = [
      "--temperature: expected a finite number >= 0"),
     ("generate-temperature-nan", "generate", ["--hf", "TMP/hf", "--prompt", "hi", "--temperature", "nan"], None,
      "--temperature: expected a finite number >= 0 \\(0 is greedy\\), got nan"),
+    ("eval-rope-typo", "eval", _eval("--rope", "yarn:factr=8"), _hf_and_file,
+     "rope.factr: not a key of rope type 'yarn'"),
+    ("eval-stride-past-window", "eval", _eval("--sliding-window", "100"), _hf_with_tokenizer,
+     "--sliding-window: a stride of 100 tokens is longer than the windows at length 64"),
+    ("eval-min-doc-tokens", "eval", _eval("--min-doc-tokens", "10000000"), _hf_with_tokenizer,
+     "--min-doc-tokens: no document has 10000000 tokens"),
+    ("eval-data-directory", "eval", _eval()[:4] + ["TMP"] + _eval()[5:], _hf_with_tokenizer,
+     "--data: .* matches only directories"),
+    ("passkey-seed-negative", "eval", _passkey("--seed", "-1"), None, "argument --seed: expected an integer >= 0"),
+    ("generate-cache-too-large", "generate", ["--hf", "TMP/hf", "--prompt", "hi", "--max-new", "2000000000"],
+     _hf_with_tokenizer, "max_new \\(--max-new\\): a KV cache of .* GiB per device, more than"),
+    ("generate-hf-is-a-checkpoint", "generate", ["--hf", "TMP/ckpt", "--prompt", "hi"], _checkpoint,
+     "ckpt/config.json: missing .*an Orbax checkpoint\\? use --checkpoint"),
     ("convert-missing-config", "convert", ["from-hf", "TMP/nothing", "TMP/ckpt"], None, "config.json: missing"),
+    ("convert-yarn-without-factor", "convert", ["from-hf", "TMP/hf", "TMP/ckpt", "--rope-type", "yarn"],
+     _hf_and_file, "rope.factor: required for rope type 'yarn'"),
+    ("convert-extended-below-trained", "convert", ["from-hf", "TMP/hf", "TMP/ckpt", "--rope-type", "yarn",
+                                                   "--factor", "4", "--max-position-embeddings", "32"], _hf_and_file,
+     "max_position_embeddings: the extended length 32 is below original_max_position_embeddings 64"),
+    ("convert-tokenizer-not-one", "convert", ["to-hf", "TMP/ckpt", "TMP/out", "--tokenizer", "TMP/doc.txt"],
+     _checkpoint, "--tokenizer: .*doc.txt is neither a SentencePiece model nor"),
     ("convert-output-under-file", "convert", ["from-hf", "TMP/hf", "TMP/file/ckpt"], _hf_and_file,
      "file: already exists|file/ckpt: a parent is not a directory"),
     ("aot-missing-config", "aot", ["--config", "nope.py", "--topology", "v4-8"], None,

@@ -117,7 +117,9 @@ def _target_dtype(dtype: str | None) -> np.dtype | None:
 def read_hf_config(hf_dir: Path, rope: dict[str, Any] | None = None) -> dict[str, Any]:
     path = Path(hf_dir) / "config.json"
     if not path.exists():
-        raise ValueError(f"{path}: missing (an HF model directory needs config.json)")
+        orbax = any(p.name.isdigit() and (p / "config").is_dir() for p in Path(hf_dir).glob("*"))
+        raise ValueError(f"{path}: missing (an HF model directory needs config.json)"
+                         + ("; this looks like an Orbax checkpoint? use --checkpoint" if orbax else ""))
     try:
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:

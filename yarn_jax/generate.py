@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 from typing import Any
 
@@ -43,6 +44,22 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> Cache:
     """An empty cache, (k, v) [L, B, S, K, H] in the compute dtype."""
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     return Cache(jnp.zeros(shape, cfg.execution.dtype), jnp.zeros(shape, cfg.execution.dtype))
+
+
+def check_cache_fits(cfg: LlamaConfig, batch: int, slots: int, mesh: Mesh | None) -> None:
+    """Refuses (naming max_new) a KV cache larger than its device's memory, before allocating it: the
+    cache is split over the mesh's batch and seq axes (not over tensor, which the kv heads may not fill)."""
+    device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    if limit is None and device.platform == "cpu":
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    split = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"] * sharding.ring_size(mesh)
+    need = 2 * cfg.num_layers * batch * slots * cfg.num_kv_heads * cfg.head_dim * \
+        np.dtype(cfg.execution.dtype).itemsize / split
+    if limit and need > limit:
+        raise ValueError(f"max_new (--max-new): a KV cache of {slots:,} slots x {batch} rows needs "
+                         f"{need / 2**30:,.1f} GiB per device, more than the {limit / 2**30:,.1f} GiB of "
+                         f"{device.platform} memory; generate fewer tokens or split the cache (mesh seq > 1)")
 
 
 def frequencies(cfg: LlamaConfig, length: int) -> tuple[tuple[np.ndarray, ...], float]:
@@ -94,7 +111,9 @@ def generate(cfg: LlamaConfig, params: Any, prompt: np.ndarray, max_new: int, *,
     prompt = np.asarray(prompt, np.int32)
     b, t0 = prompt.shape
     scale_len = lambda n: -(-n // dynamic_bucket) * dynamic_bucket  # noqa: E731
-    cache = init_cache(cfg, b, cache_length(t0 + max_new, sharding.ring_size(mesh)))
+    slots = cache_length(t0 + max_new, sharding.ring_size(mesh))
+    check_cache_fits(cfg, b, slots, mesh)
+    cache = init_cache(cfg, b, slots)
     # `step` takes the frequencies as an argument, so the scaling method need not key its compilation:
     # every RoPE variant of one model shape shares the compiled prefill and decode steps.
     net_cfg = cfg.replace(rope_scaling=scaling_lib.Default())
@@ -160,13 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         a = p.parse_args(argv)  # inside cli.run: argparse's refusal is a return status too
         if not a.temperature >= 0 or not math.isfinite(a.temperature):
             raise ValueError(f"--temperature: expected a finite number >= 0 (0 is greedy), got {a.temperature}")
-        where = (f"--checkpoint {a.checkpoint}", checkpoint.tokenizer_of(a.checkpoint)) if a.checkpoint else \
-            (f"--hf {a.hf}", Path(a.hf))
-        tok = tokenizer_lib.resolve(a.tokenizer, [where])
         if a.checkpoint:
             cfg, params = checkpoint.load_checkpoint(a.checkpoint, dtype=a.dtype)
         else:
             cfg, params = convert.load_hf(a.hf, dtype=a.dtype)
+        where = (f"--checkpoint {a.checkpoint}", checkpoint.tokenizer_of(a.checkpoint)) if a.checkpoint else \
+            (f"--hf {a.hf}", Path(a.hf))
+        tok = tokenizer_lib.resolve(a.tokenizer, [where])
         tok.check_fits(cfg.vocab_size, "--tokenizer")
         ids = np.asarray([tok.with_bos(tok.encode(a.prompt))])
         out = generate(cfg, params, ids, a.max_new, temperature=a.temperature, key=jax.random.key(a.seed),

@@ -275,8 +275,10 @@ def logical_axes(cfg: LlamaConfig) -> Any:
 
 
 def param_shardings(cfg: LlamaConfig, mesh: Mesh) -> Any:
-    """NamedShardings for the parameter tree of `cfg` (same structure as init_params), by sharding.RULES."""
-    return jax.tree.map(lambda spec: sharding.logical_sharding(mesh, spec), logical_axes(cfg),
+    """NamedShardings for the parameter tree of `cfg` (same structure as init_params), by sharding.RULES;
+    a dimension its mesh axes do not divide is replicated over them (`sharding.logical_sharding`)."""
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    return jax.tree.map(lambda spec, s: sharding.logical_sharding(mesh, spec, s.shape), logical_axes(cfg), shapes,
                         is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 

@@ -1,6 +1,7 @@
 """The run configuration's keys and defaults (an ml_collections.ConfigDict); configs/*.py start from
 `base()` and change what their run needs. Defaults are the paper's fine-tuning recipe (section 4)."""
 
+import ast
 import dataclasses
 import re
 from pathlib import Path
@@ -80,8 +81,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _count("train.keep", t.keep, 0, " (0 keeps every checkpoint)")
     for name in ("seq_len", "batch_size"):
         _count(f"data.{name}", d[name])
-    if isinstance(d.sources, str) or not all(isinstance(x, str) for x in d.sources or ()):
-        raise ValueError(f"data.sources: expected a tuple of files or globs, e.g. ('data/*.txt',), got {d.sources!r}")
     sharding.MeshShape.of(config.mesh)  # the typed mesh and execution refuse their bad values here
     execution(config)
     if d.batch_size % t.grad_accum:
@@ -103,9 +102,11 @@ def load(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
     if not file.is_file():
         raise ValueError(f"--config: {path} does not exist")
     try:
-        compile(file.read_bytes(), str(file), "exec")
+        module = ast.parse(file.read_bytes(), str(file))
     except SyntaxError as e:
         raise ValueError(f"--config: {file}, line {e.lineno}: {e.msg}") from None
+    if not any(isinstance(node, ast.FunctionDef) and node.name == "get_config" for node in module.body):
+        raise ValueError(f"--config: {file} defines no get_config() (a config file returns its ConfigDict from it)")
     argv = ["prog", f"--config={path}", *(o if o.startswith("--config.") else f"--config.{o}" for o in overrides)]
     values = flags.FlagValues()  # a registry per call: commands may load several configs in one process
     config_flags.DEFINE_config_file("config", None, "configs/<name>.py", flag_values=values, lock_config=True,
@@ -114,10 +115,12 @@ def load(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
         values(argv)
         return values.config
     except (KeyError, AttributeError) as e:
-        raise ValueError(_unknown_key(file, argv[2:], e)) from None
+        raise ValueError(_unknown_key(argv[2:], e)) from None
     except flags.Error as e:
         text = " ".join(str(e).split())
-        if "Failed to parse" in text and "as a ConfigDict" in text:  # `--config.rope=yarn`: a whole section
+        if "Error whilst parsing config file" in text:  # the file's own error, as a traceback in the text
+            text = f"--config: {file}: " + str(e).strip().splitlines()[-1].strip()
+        elif "Failed to parse" in text and "as a ConfigDict" in text:  # `--config.rope=yarn`: a whole section
             flag = text.split("flag ")[-1].split("=")[0] if "flag " in text else "--config.*"
             text = f"{flag}: is a section of the run config, not a value; set its keys (e.g. {flag}.KEY=VALUE)"
         raise ValueError(text) from None
@@ -125,14 +128,11 @@ def load(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
         raise ValueError(f"--config: {file}: {e}") from None
 
 
-def _unknown_key(file: Path, overrides: list[str], e: Exception) -> str:
-    """The one line for a key the run config does not have (a mistyped override), or a file with no
-    get_config."""
+def _unknown_key(overrides: list[str], e: Exception) -> str:
+    """The one line for a key the run config does not have (a mistyped override), with the nearest key."""
     while e.args and isinstance(e.args[0], Exception):  # config_flags wraps the KeyError in an AttributeError
         e = e.args[0]
     text = str(e.args[0] if e.args else e)
-    if "get_config" in text:
-        return f"--config: {file} defines no get_config() (a config file returns its ConfigDict from it)"
     key = re.search(r"'([^']+)'", text)
     near = re.search(r'Did you mean "([^"]+)"', text)
     key = key.group(1) if key else ""

@@ -105,8 +105,22 @@ def ring_size(mesh: Mesh | None) -> int:
     return 1 if mesh is None else mesh.shape[SEQ_AXIS]
 
 
-def logical_sharding(mesh: Mesh, axes: tuple[str | None, ...] | PartitionSpec) -> NamedSharding:
-    return NamedSharding(mesh, spec(axes))
+def logical_sharding(mesh: Mesh, axes: tuple[str | None, ...] | PartitionSpec,
+                     shape: tuple[int, ...] | None = None) -> NamedSharding:
+    """The sharding of logical `axes` on `mesh` (by RULES). With `shape` (an array that must exist whole on
+    the mesh: parameters), a dimension that its mesh axes do not divide (a vocabulary of 32001 over
+    tensor = 2) drops axes from the last until they do, down to none: replicated over those axes rather
+    than refused (jax shards arrays only evenly)."""
+    mesh_spec = spec(axes)
+    if shape is None:
+        return NamedSharding(mesh, mesh_spec)
+    fitted = []
+    for dim, names in zip(shape, tuple(mesh_spec) + (None,) * (len(shape) - len(mesh_spec)), strict=True):
+        names = list((names,) if isinstance(names, str) else names or ())
+        while names and dim % math.prod(mesh.shape[n] for n in names):
+            names.pop()
+        fitted.append(tuple(names) if len(names) > 1 else names[0] if names else None)
+    return NamedSharding(mesh, PartitionSpec(*fitted))
 
 
 def constrain(x: jax.Array, mesh: Mesh | None, axes: tuple[str | None, ...]) -> jax.Array:

@@ -44,8 +44,9 @@ class UnsupportedJaxError(NotImplementedError, ValueError):
 class BlockKernel(Protocol):
     name: str
 
-    def supports(self, mask: Mask) -> str | None:
-        """None when the kernel computes `mask`, else why not (one short phrase)."""
+    def supports(self, mask: Mask, block: int) -> str | None:
+        """None when the kernel computes `mask` over blocks of `block` tokens (the shortest query or key
+        block the ring hands it), else why not (one short phrase)."""
 
     def forward(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> tuple[jax.Array, jax.Array]: ...
 

@@ -58,7 +58,7 @@ class Kernel:
 
     name = "cudnn"
 
-    def supports(self, mask: Mask) -> str | None:
+    def supports(self, mask: Mask, block: int) -> str | None:
         if mask.q_segment_ids is not None:
             return "cuDNN blocks take no segment ids (packed documents)"
         if mask.q_index is not None:

@@ -44,8 +44,12 @@ class Kernel:
     def __init__(self, interpret: bool = False):
         self.interpret = interpret
 
-    def supports(self, mask: Mask) -> str | None:
-        return "splash blocks take positional masks only (not the striped layout)" if mask.q_index is not None else None
+    def supports(self, mask: Mask, block: int) -> str | None:
+        if mask.q_index is not None:
+            return "splash blocks take positional masks only (not the striped layout)"
+        if block % 128:  # the kernel's key tiles are whole multiples of 128 tokens
+            return f"splash blocks need multiples of 128 tokens (this ring's blocks have {block})"
+        return None
 
     def _kernel(self, t: int, s: int, g: int, causal: bool):
         kernel_lib, mask_lib = _lib()

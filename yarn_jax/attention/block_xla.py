@@ -159,7 +159,7 @@ class Kernel:
 
     name = "xla"
 
-    def supports(self, mask: Mask) -> str | None:
+    def supports(self, mask: Mask, block: int) -> str | None:
         return None
 
     forward = staticmethod(forward)

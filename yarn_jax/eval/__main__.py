@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     pk.add_argument("--protocol", choices=["yarn", "sentences"], default="yarn",
                     help="yarn: the paper's prompt (five lines, filler cut by characters, keys 1..50000); "
                          "sentences: one line of whole filler sentences, 5-digit keys")
-    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--seed", type=cli.count(0), default=0, help="draws the keys and depths")
     pk.add_argument("--depth-bins", type=cli.count(1), default=5)
     return p
 
