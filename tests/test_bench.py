@@ -59,3 +59,37 @@ def test_generate_bench_times_both_sides(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["impl"] for r in rows] == ["hf-torch", "yarn_jax"]
     assert all(r["prefill_s"] > 0 and r["decode_s"] > 0 for r in rows), rows
+
+
+def test_ring_memory_bench_runs_and_temporaries_fall_with_the_ring(tmp_path):
+    from yarn_jax.bench import ring_memory
+
+    out = tmp_path / "ring_memory.json"
+    assert ring_memory.main(["--seq-len", "512", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["ring"] for r in rows] == [1, 2, 4, 8]
+    assert rows[-1]["temp_mib"] < rows[0]["temp_mib"] / 2, rows
+
+
+def test_attention_bench_reference_runs(tmp_path):
+    from yarn_jax.bench import attention_bench
+
+    out = tmp_path / "attention.json"
+    assert attention_bench.main(["--impl", "reference", "--seq", "128", "--heads", "2", "--kv-heads", "2",
+                                 "--head-dim", "16", "--out", str(out)]) == 0
+    assert out.exists()
+
+
+def test_bench_command_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    for argv, message in [(["trainstep"], "error: COMMAND: expected one of .* \\(did you mean 'train-step'\\?\\)"),
+                          (["train-step", "--seq", "abc"], "error: argument --seq: expected comma-separated"),
+                          (["train-step", "--config", "configs/tiny.py", "--seq", "100000", "--out",
+                            str(tmp_path / "x.json")], "error: train.loss_chunk: expected a divisor of seq_len")]:
+        run = subprocess.run([sys.executable, "-m", "yarn_jax.bench", *argv], capture_output=True, text=True,
+                             env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert __import__("re").search(message, run.stderr.strip().splitlines()[-1]), run.stderr
+    assert not (tmp_path / "x.json").exists()

@@ -10,7 +10,12 @@ COMMANDS = {"convert": "convert_bench", "ring-memory": "ring_memory", "attention
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        print(f"usage: python -m yarn_jax.bench {{{','.join(COMMANDS)}}} [options]", file=sys.stderr)
+        import difflib
+
+        got = sys.argv[1] if len(sys.argv) > 1 else None
+        near = difflib.get_close_matches(got or "", COMMANDS, n=1)
+        print(f"error: COMMAND: expected one of {list(COMMANDS)}, got {got!r}"
+              + (f" (did you mean {near[0]!r}?)" if near else ""), file=sys.stderr)
         sys.exit(2)
     from yarn_jax import cli
 

@@ -31,8 +31,8 @@ def model_check(impl: str) -> float:
     import yarn_jax
 
     cfg = yarn_jax.LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_layers=2, num_heads=8,
-                               num_kv_heads=2, head_dim=64, rope_scaling=yarn_jax.scaling.Yarn(4.0, 512),
-                               dtype="bfloat16")
+                               num_kv_heads=2, head_dim=64, rope_scaling=yarn_jax.scaling.Yarn(4.0, 512)
+                               ).with_execution(dtype="bfloat16")
     params = yarn_jax.init_params(cfg, jax.random.key(0))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 2048))
     want = yarn_jax.forward(cfg.with_execution(attention="reference"), params, tokens)

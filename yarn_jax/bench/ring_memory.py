@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
     from yarn_jax import sharding
 
     cfg = yarn_jax.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
-                               num_kv_heads=2, head_dim=64, dtype="bfloat16", remat="full")
+                               num_kv_heads=2, head_dim=64).with_execution(dtype="bfloat16", remat="full")
     rows = []
     for r in (1, 2, 4, 8):
         mesh = sharding.make_mesh(seq=r, devices=jax.devices()[:r])

@@ -17,7 +17,6 @@ possible at all. Runs on CPU too (tests/test_bench.py).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -179,13 +178,13 @@ def _print_tables(rows: list[dict], seqs: list[int], peak: float | None, compari
 
 
 def main(argv: list[str]) -> int:
-    from yarn_jax import run_config
+    from yarn_jax import cli, run_config
 
-    p = argparse.ArgumentParser(prog="python -m yarn_jax.bench train-step",
+    p = cli.ArgumentParser(prog="python -m yarn_jax.bench train-step",
                                 epilog="--config.KEY=VALUE overrides any key of the run config")
     p.add_argument("--config", default="configs/h200_1b.py")
-    p.add_argument("--seq", default="8192")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--seq", type=cli.int_list, default=[8192], help="comma-separated sequence lengths")
+    p.add_argument("--steps", type=cli.count(1), default=5)
     p.add_argument("--peer", choices=["hf-torch"], default=None)
     p.add_argument("--peer-modes", default="eager",
                    help="comma list of eager,compile (torch.compile; slower than eager on the H200 up to 32k and "
@@ -198,7 +197,7 @@ def main(argv: list[str]) -> int:
     overrides, rest = run_config.split_overrides(argv)
     a = p.parse_args(rest)
     overrides = a.set + overrides
-    seqs = [int(s) for s in a.seq.split(",")]
+    seqs = a.seq
     rows = []
     if a.peer:  # first, while this process holds no GPU memory (JAX preallocates most of it once started)
         config = run_config.load(a.config, overrides)
@@ -221,6 +220,8 @@ def main(argv: list[str]) -> int:
             config = run_config.load(a.config, overrides + ([f"model.remat={remat}"] if remat else []))
             try:
                 r = ours(config, seq, a.steps)
+            except ValueError:  # the user's config (a length the loss chunk does not divide, ...): one line
+                raise
             except Exception as e:  # noqa: BLE001  out of memory is a result here
                 r = {"error": str(e).splitlines()[0][:200]}
             rows.append({"impl": "yarn_jax", "seq": seq, "remat": remat or config.model.remat, **r})
