@@ -2,8 +2,10 @@
 """Run yarn_jax on a Cloud TPU pod slice: create -> install -> train -> logs -> copy -> delete.
 
     python launch/tpu_pod.py up --name yarn --zone us-central2-b --project P --accelerator v4-32 \
-        --bucket gs://B --config configs/v4_64k.py --workdir gs://B/runs/yarn_64k -- --config.init_from=gs://B/ckpt
-    python launch/tpu_pod.py logs|copy|delete ... [--dry-run]
+        --config configs/v4_64k.py --workdir gs://B/runs/yarn_64k -- --config.init_from=gs://B/ckpt
+    python launch/tpu_pod.py logs --name yarn --zone us-central2-b --project P [--dry-run]
+
+(`copy` and `delete` take the same flags as `logs`.)
 
 Every worker runs the same `python -m yarn_jax.train` at once; the trainer calls
 jax.distributed.initialize() itself on a multi-host slice, and Orbax writes checkpoints to gs:// directly.

@@ -119,3 +119,16 @@ def test_generation_with_cudnn_prefill_equals_the_reference_kernel():
 
     got, want = logits("cudnn"), logits("reference")
     assert _rel(got, want) <= TOL[jnp.bfloat16][0], _rel(got, want)
+
+
+@pytest.mark.parametrize("window", [2, 100, 1000])  # 1: dq = dk = 0 exactly, no relative error
+def test_cudnn_sliding_window_forward_and_backward_equal_the_reference(window):
+    """Mistral's window as cuDNN's local window (the query and window - 1 keys before it), within the bound
+    the kernel meets without a window."""
+    t = 1024
+    bound = [2 * e + 1e-3 for e in _single_device_errors(t)]
+    q, k, v, do = _qkv(2, t, t)
+    errors = _errors(lambda q, k, v: cudnn.attention(q, k, v, None, None, _idx(t), _idx(t), window=window),
+                     lambda q, k, v: reference.attention(q, k, v, None, None, _idx(t), _idx(t), window=window),
+                     q, k, v, do)
+    assert all(e <= b for e, b in zip(errors, bound, strict=True)), (errors, bound)

@@ -61,7 +61,7 @@ def test_generate_bench_times_both_sides(tmp_path):
     assert all(r["prefill_s"] > 0 and r["decode_s"] > 0 for r in rows), rows
 
 
-def test_ring_memory_bench_runs_and_temporaries_fall_with_the_ring(tmp_path):
+def test_ring_memory_bench_runs_and_temporaries_fall(tmp_path):
     from yarn_jax.bench import ring_memory
 
     out = tmp_path / "ring_memory.json"

@@ -13,7 +13,7 @@ from yarn_jax import tokenizer as tokenizer_lib
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return data.train_tokenizer(corpus(), 512, tmp_path_factory.mktemp("spm"))
+    return tokenizer_lib.train_sentencepiece(corpus(), 512, tmp_path_factory.mktemp("spm"))
 
 
 def _cfg(tokenizer, **kw):
@@ -151,10 +151,10 @@ def test_tokenizer_is_the_same_in_every_process(tmp_path):
     import subprocess
     import sys
 
-    script = ("import sys; from tests.train_helpers import corpus; from yarn_jax import data; "
-              "data.TOKENIZER_LINES = 1500; "
+    script = ("import sys; from tests.train_helpers import corpus; from yarn_jax import tokenizer; "
+              "tokenizer.TRAIN_LINES = 1500; "
               "from sentencepiece import sentencepiece_model_pb2 as pb; m = pb.ModelProto(); "
-              "m.ParseFromString(open(data.train_tokenizer(corpus(), 400, sys.argv[1]), 'rb').read()); "
+              "m.ParseFromString(open(tokenizer.train_sentencepiece(corpus(), 400, sys.argv[1]), 'rb').read()); "
               "print([(p.piece, p.score) for p in m.pieces])")
     pieces = [subprocess.run([sys.executable, "-c", script, str(tmp_path / str(i))], check=True,
                              capture_output=True, text=True).stdout for i in range(2)]

@@ -10,7 +10,8 @@ import torch
 
 from tests import hf_models
 from tests.train_helpers import corpus
-from yarn_jax import convert, data
+from yarn_jax import convert
+from yarn_jax import tokenizer as tokenizer_lib
 from yarn_jax.eval import __main__ as cli
 from yarn_jax.eval import passkey, perplexity
 
@@ -147,10 +148,10 @@ def test_passkey_scorer_and_depths():
 
 def test_cli_writes_tables_and_plots(model_dir, tmp_path):
     d, _ = model_dir
-    tok = data.train_tokenizer(corpus(), 512, tmp_path / "spm")
+    tok = tokenizer_lib.train_sentencepiece(corpus(), 512, tmp_path / "spm")
     out = tmp_path / "ppl"
     rc = cli.main(["perplexity", "--hf", str(d), "--tokenizer", tok, "--data", corpus()[0], "--data", corpus()[1],
-                   "--lengths", "64,128", "--sliding-window", "64", "--rope", "none",
+                   "--lengths", "64,128", "--sliding-window", "32", "--rope", "none",
                    "--rope", "linear:factor=4", "--out", str(out), "--dtype", "float32", "--batch-size", "2"])
     assert rc == 0
     rows = json.loads((out / "perplexity.json").read_text())
@@ -165,11 +166,11 @@ def test_cli_writes_tables_and_plots(model_dir, tmp_path):
 
 def test_cli_errors(model_dir, tmp_path):
     d, _ = model_dir
-    big = data.train_tokenizer(corpus(), 1024, tmp_path / "spm")
+    big = tokenizer_lib.train_sentencepiece(corpus(), 1024, tmp_path / "spm")
     rc = cli.main(["perplexity", "--hf", str(d), "--tokenizer", big, "--data", corpus()[0], "--lengths", "64",
                    "--out", str(tmp_path / "x")])
     assert rc == 2  # 1024 pieces for a 512-token model
-    small = data.train_tokenizer(corpus(), 512, tmp_path / "spm")
+    small = tokenizer_lib.train_sentencepiece(corpus(), 512, tmp_path / "spm")
     for extra, in [(["--sliding-window", "0"],), (["--lengths", "99999999"],)]:
         args = ["perplexity", "--hf", str(d), "--tokenizer", small, "--data", corpus()[0], "--lengths", "64",
                 "--out", str(tmp_path / "x"), *extra]
@@ -180,7 +181,7 @@ def test_cli_errors(model_dir, tmp_path):
 def test_passkey_on_a_seq_mesh_answers_as_one_device(model_dir, tmp_path):
     """--mesh seq=4: the prompt prefills with ring attention, the cache split over seq (same answers)."""
     d, _ = model_dir
-    tok = data.train_tokenizer(corpus(), 512, tmp_path / "spm")
+    tok = tokenizer_lib.train_sentencepiece(corpus(), 512, tmp_path / "spm")
     args = ["passkey", "--hf", str(d), "--tokenizer", tok, "--lengths", "200", "--trials", "3", "--dtype", "float32"]
     assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
     assert cli.main([*args, "--out", str(tmp_path / "ring"), "--mesh", "seq=4,tensor=2"]) == 0

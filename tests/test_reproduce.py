@@ -28,7 +28,7 @@ def test_corpus_split_is_disjoint_and_held_out_documents_are_long():
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return data.train_tokenizer(small_corpus(), 512, tmp_path_factory.mktemp("spm"))
+    return tokenizer_lib.train_sentencepiece(small_corpus(), 512, tmp_path_factory.mktemp("spm"))
 
 
 def test_passkey_documents_fit_the_trained_length_and_answer_their_key(tokenizer, tmp_path):
@@ -71,8 +71,8 @@ def test_passkey_documents_reach_the_model_whole(tokenizer, tmp_path):
 
 
 def _tokenizer_with(settings: dict, tmp_path: Path, monkeypatch) -> str:
-    monkeypatch.setattr(data, "TOKENIZER_SETTINGS", {**data.TOKENIZER_SETTINGS, **settings})
-    return data.train_tokenizer(small_corpus(), 512, tmp_path)
+    monkeypatch.setattr(tokenizer_lib, "TRAIN_SETTINGS", {**tokenizer_lib.TRAIN_SETTINGS, **settings})
+    return tokenizer_lib.train_sentencepiece(small_corpus(), 512, tmp_path)
 
 
 def test_scorer_reads_the_key_whatever_the_tokenizer_does_with_digits(tmp_path, monkeypatch):

@@ -24,10 +24,13 @@ def straight(cache, tmp_path_factory):
     return losses(work)
 
 
-def test_resume_is_bit_identical(cache, straight, tmp_path):
+def test_resume_is_bit_identical(cache, straight, tmp_path, capsys):
     assert train.Run(tiny_run_config(cache, steps=3), str(tmp_path)).train() == 3
     assert train.Run(tiny_run_config(cache), str(tmp_path)).train() == 6
     assert losses(tmp_path) == straight  # same losses bit for bit, same batch hashes
+    capsys.readouterr()
+    assert train.Run(tiny_run_config(cache), str(tmp_path)).train() == 6  # finished: says so, trains nothing
+    assert "already finished: " in capsys.readouterr().out and losses(tmp_path) == straight
     assert len({h for _, _, h in straight}) == 6
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert events and sum(e.stat().st_size for e in events) > 500  # TensorBoard scalars were written

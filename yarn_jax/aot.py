@@ -232,9 +232,9 @@ def advice(figures: dict[str, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = cli.ArgumentParser(prog="python -m yarn_jax.aot", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, help="configs/<name>.py")
     p.add_argument("--topology", required=True, help="e.g. v4-8 .. v4-512, v5e-16, v5p-64, v6e-32")
-    p.add_argument("--num-slices", type=cli.count(1), default=1)
+    p.add_argument("--num-slices", type=cli.count(1), default=1, help="multislice: slices of the topology")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="the old spelling of --config.KEY=VALUE (kept for one release)")
     p.add_argument("--generate", action="store_true",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import glob
 import os
 import signal
 import sys
@@ -46,8 +47,21 @@ def fail(message: str, status: int = BAD_INPUT) -> int:
     return status
 
 
+def skip_absent_tpu() -> None:
+    """On a host without TPU chips (no /dev/accel*, no /dev/vfio), keeps jax from starting libtpu, which the
+    `tpu` extra installs and which otherwise prints 'unexpected worker hostname' lines before any output:
+    jax's platforms become the others ("cuda,cpu": the first that starts). A platform list the user set
+    (JAX_PLATFORMS) is left alone; compiling for TPU topologies (`aot`) needs no TPU backend."""
+    import jax
+
+    if jax.config.jax_platforms or glob.glob("/dev/accel*") or os.path.exists("/dev/vfio"):
+        return
+    jax.config.update("jax_platforms", "cuda,cpu")
+
+
 def run(fn: Callable[[], int]) -> int:
     """fn's exit status; user errors become one line on stderr (see the module docstring)."""
+    skip_absent_tpu()
     try:
         return fn()
     except SystemExit as e:  # argparse (--help, or its one-line refusal already printed)
@@ -81,8 +95,26 @@ def interruptible() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the module docstring's layout and shows each argument's default (where it has one that
+    its help does not already state)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default == [] or default == argparse.SUPPRESS or "default" in text \
+                or not action.option_strings:
+            return text
+        return f"{text} (default: {action.default})".strip()
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, its errors one line (`error: argument --x: ...`, exit status 2) instead of usage + error."""
+    """argparse, its errors one line (`error: argument --x: ...`, exit status 2) instead of usage + error;
+    --help with defaults (`HelpFormatter`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(BAD_INPUT, f"error: {one_line(message)} (see --help)\n")

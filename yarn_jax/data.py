@@ -21,10 +21,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import glob
-import hashlib
 import json
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,6 @@ import grain
 import numpy as np
 
 from yarn_jax import tokenizer as tokenizer_lib
-from yarn_jax.cli import one_line
 from yarn_jax.validate import member, set_field
 
 
@@ -215,45 +212,6 @@ def _to_text(cfg: DataConfig, doc: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- tokenizer
-
-
-TOKENIZER_LINES = 200_000  # lines the tokenizer is trained on
-# LLaMA's choices: every digit its own piece (a number tokenizes the same wherever it stands, so copying
-# it is copying pieces), nearly every character covered, bytes for the rest
-TOKENIZER_SETTINGS = dict(model_type="bpe", split_digits=True, character_coverage=0.99995, byte_fallback=True)
-
-
-def train_tokenizer(files: list[str], vocab_size: int, cache_dir: str | Path) -> str:
-    """Trains a SentencePiece BPE model on `files` once and caches it by file list, size and settings."""
-    import sentencepiece as spm
-
-    # the sample size and settings are in the key: models cached under other ones are not reused
-    key = hashlib.sha256(json.dumps([files, vocab_size, TOKENIZER_LINES, TOKENIZER_SETTINGS]).encode()).hexdigest()[:16]
-    model = Path(cache_dir).expanduser() / f"spm_{vocab_size}_{key}.model"
-    if model.exists():
-        return str(model)
-    model.parent.mkdir(parents=True, exist_ok=True)
-    tmp_prefix = model.with_name(f".{model.stem}.{os.getpid()}")
-    lines = [line for f in files for line in _read_text(f).splitlines() if line.strip()]
-    # SentencePiece's own line sampling differs between processes even when seeded, so the sample is ours:
-    # at most TOKENIZER_LINES lines, chosen by a fixed generator, kept in corpus order.
-    if len(lines) > TOKENIZER_LINES:
-        keep = np.sort(np.random.default_rng(0).choice(len(lines), TOKENIZER_LINES, replace=False))
-        lines = [lines[i] for i in keep]
-    try:
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_prefix),
-                                       vocab_size=vocab_size, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-                                       input_sentence_size=0, shuffle_input_sentence=False, num_threads=2,
-                                       minloglevel=2, **TOKENIZER_SETTINGS)
-    except RuntimeError as e:  # SentencePiece's own checks (too little text for the vocabulary, ...)
-        most = re.search(r"value <= (\d+)", str(e))
-        reason = (f"the sources give at most {most.group(1)} pieces; lower it or add text" if most
-                  else one_line(str(e))[:200])
-        raise ValueError(f"data.tokenizer_vocab: cannot train a SentencePiece model of {vocab_size} pieces on "
-                         f"{len(files)} files ({reason})") from None
-    os.replace(f"{tmp_prefix}.model", model)
-    os.remove(f"{tmp_prefix}.vocab")
-    return str(model)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ Dynamic NTK / dynamic YaRN change the frequencies as the sequence grows. Re-rota
 caching them before RoPE) is not enough for exactness: from the second layer on, cached keys and values
 come from hidden states that attended with the old frequencies. So whenever the frequencies of the new
 length differ from those the cache was built with, the cache is rebuilt by one prefill of the whole
-sequence; tokens then equal a full recomputation at every step. `dynamic_bucket` > 1 rounds the length
+sequence; tokens then equal a full recomputation at every step. The Python API's `dynamic_bucket` > 1 rounds the length
 that dynamic methods scale to up to a multiple of the bucket, so rebuilds happen once per bucket
 (exact with respect to recomputation at that bucketed length).
 """
@@ -169,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--hf", help="a Hugging Face model directory")
     p.add_argument("--tokenizer", help="tokenizer.model, tokenizer.json or a directory holding one (default: the "
                                        "model's own)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new", type=cli.count(1), default=64)
+    p.add_argument("--prompt", required=True, help="the text to continue (BOS added when the tokenizer has one)")
+    p.add_argument("--max-new", type=cli.count(1), default=64, help="tokens to generate (fewer at EOS)")
     p.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 is greedy")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--seed", type=cli.count(0), default=0, help="sampling seed (with --temperature > 0)")
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype (float32, bfloat16, float16)")
 
     def job() -> int:
         a = p.parse_args(argv)  # inside cli.run: argparse's refusal is a return status too

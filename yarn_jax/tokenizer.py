@@ -9,7 +9,8 @@ adds a BOS only when its post-processor puts one in front (Llama 3 does, Qwen do
 fast tokenizers decide by the post-processor alone). EOS is tokenizer_config.json's `eos_token`, else the
 `eos_token_id` of generation_config.json or config.json beside it. `save` writes the files that
 `transformers.AutoTokenizer.from_pretrained` needs; a checkpoint keeps its tokenizer that way
-(`checkpoint.TOKENIZER`).
+(`checkpoint.TOKENIZER`). `train_sentencepiece` trains (once, cached) the model a run without a
+tokenizer uses.
 """
 
 from __future__ import annotations
@@ -17,9 +18,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from yarn_jax.cli import one_line
 
 SPM, HF_JSON, HF_CONFIG = "tokenizer.model", "tokenizer.json", "tokenizer_config.json"
 COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json")  # copied with a tokenizer.json when present
@@ -88,6 +95,46 @@ class Tokenizer:
                   "eos_token": None if self.eos_id is None else piece(self.eos_id),
                   "add_bos_token": self.bos_id is not None, "add_eos_token": False}
         (directory / HF_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+TRAIN_LINES = 200_000  # lines the tokenizer is trained on
+# LLaMA's choices: every digit its own piece (a number tokenizes the same wherever it stands, so copying
+# it is copying pieces), nearly every character covered, bytes for the rest
+TRAIN_SETTINGS = dict(model_type="bpe", split_digits=True, character_coverage=0.99995, byte_fallback=True)
+
+
+def train_sentencepiece(files: list[str], vocab_size: int, cache_dir: str | Path) -> str:
+    """Trains a SentencePiece BPE model on `files` once and caches it by file list, size and settings."""
+    import sentencepiece as spm
+
+    # the sample size and settings are in the key: models cached under other ones are not reused
+    key = hashlib.sha256(json.dumps([files, vocab_size, TRAIN_LINES, TRAIN_SETTINGS]).encode()).hexdigest()[:16]
+    model = Path(cache_dir).expanduser() / f"spm_{vocab_size}_{key}.model"
+    if model.exists():
+        return str(model)
+    model.parent.mkdir(parents=True, exist_ok=True)
+    tmp_prefix = model.with_name(f".{model.stem}.{os.getpid()}")
+    texts = (Path(f).read_text(encoding="utf-8", errors="replace") for f in files)
+    lines = [line for text in texts for line in text.splitlines() if line.strip()]
+    # SentencePiece's own line sampling differs between processes even when seeded, so the sample is ours:
+    # at most TRAIN_LINES lines, chosen by a fixed generator, kept in corpus order.
+    if len(lines) > TRAIN_LINES:
+        keep = np.sort(np.random.default_rng(0).choice(len(lines), TRAIN_LINES, replace=False))
+        lines = [lines[i] for i in keep]
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_prefix),
+                                       vocab_size=vocab_size, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                       input_sentence_size=0, shuffle_input_sentence=False, num_threads=2,
+                                       minloglevel=2, **TRAIN_SETTINGS)
+    except RuntimeError as e:  # SentencePiece's own checks (too little text for the vocabulary, ...)
+        most = re.search(r"value <= (\d+)", str(e))
+        reason = (f"the sources give at most {most.group(1)} pieces; lower it or add text" if most
+                  else one_line(str(e))[:200])
+        raise ValueError(f"data.tokenizer_vocab: cannot train a SentencePiece model of {vocab_size} pieces on "
+                         f"{len(files)} files ({reason})") from None
+    os.replace(f"{tmp_prefix}.model", model)
+    os.remove(f"{tmp_prefix}.vocab")
+    return str(model)
 
 
 def find(path: str | Path) -> Path | None:

@@ -61,7 +61,7 @@ def data_config(config: ml_collections.ConfigDict) -> data.DataConfig:
     sources = tuple(d.sources) if d.sources else tuple(data.stdlib_corpus())
     data.check_sources(sources, d.format, d.field)
     carried = checkpoint.tokenizer_of(config.init_from) if config.init_from else None
-    tokenizer = d.tokenizer or (str(carried) if carried else None) or data.train_tokenizer(
+    tokenizer = d.tokenizer or (str(carried) if carried else None) or tokenizer_lib.train_sentencepiece(
         list(data.expand(sources)), d.tokenizer_vocab, d.get("cache_dir", "~/.cache/yarn_jax"))
     return data.DataConfig(sources=sources, tokenizer=tokenizer, seq_len=d.seq_len, batch_size=d.batch_size,
                            format=d.format, field=d.field, positions=d.positions, packing=d.packing, seed=d.seed,
@@ -208,6 +208,15 @@ class Run:
 
     def train(self) -> int:
         tcfg = self.config.train
+        if int(self.state.step) >= tcfg.steps:  # a finished run, started again: nothing to do, say so
+            self.batches.close()
+            if self.lock is not None:
+                self.lock.release()
+            self.manager.close()
+            if jax.process_index() == 0:
+                print(f"already finished: {self.workdir / 'checkpoints'} holds step {int(self.state.step)} of "
+                      f"train.steps = {tcfg.steps}; raise --config.train.steps to train further", flush=True)
+            return int(self.state.step)
         # a failed background save (Orbax's threads) is reported once, by `_saves_ok`, not as a thread traceback
         threading.excepthook = lambda args: print(f"warning: background {args.thread.name}: "
                                                   f"{cli.one_line(str(args.exc_value))[:200]}", file=sys.stderr)

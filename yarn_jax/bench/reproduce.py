@@ -274,7 +274,7 @@ def main(argv: list[str]) -> int:
     except ValueError:
         print(f"error: --seeds: expected comma-separated integers, got {a.seeds!r}", file=sys.stderr)
         return 2
-    from yarn_jax import data
+    from yarn_jax import tokenizer as tokenizer_lib
 
     train_files, heldout = corpus()
     if not heldout:
@@ -282,7 +282,7 @@ def main(argv: list[str]) -> int:
         return 2
     pretrain = _load_config("pretrain").data
     vocab = 512 if a.smoke else pretrain.tokenizer_vocab
-    tokenizer = data.train_tokenizer(train_files, vocab, out / "tokenizer")
+    tokenizer = tokenizer_lib.train_sentencepiece(train_files, vocab, out / "tokenizer")
     trained = EVAL_SMOKE["passkey_min_length"] if a.smoke else pretrain.seq_len
     synthetic = passkey_documents(out / "passkey_train", tokenizer, trained, PASSKEY_DOCS // (30 if a.smoke else 1))
     if a.worker:

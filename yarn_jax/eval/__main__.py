@@ -30,28 +30,29 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--tokenizer", help="tokenizer.model, tokenizer.json or a directory holding one (default: "
                                            "the first model's own: a checkpoint's or an --hf directory's)")
         s.add_argument("--lengths", required=True, type=cli.int_list, help="comma-separated context lengths in tokens")
-        s.add_argument("--out", required=True)
-        s.add_argument("--dtype", default="bfloat16")
+        s.add_argument("--out", required=True, help="directory for the .csv, .json and .png results")
+        s.add_argument("--dtype", default="bfloat16", help="compute dtype (float32, bfloat16, float16)")
         s.add_argument("--mesh", default="", help="e.g. seq=4 or data=2,seq=4 (default: one device)")
-        s.add_argument("--batch-size", type=cli.count(1), default=1)
+        s.add_argument("--batch-size", type=cli.count(1), default=1, help="windows or prompts per forward")
     ppl = sub.choices["perplexity"]
     ppl.add_argument("--data", action="append", required=True, help="files or globs")
-    ppl.add_argument("--format", default="text", choices=["text", "jsonl", "parquet", "arrayrecord"])
-    ppl.add_argument("--field", default="text")
+    ppl.add_argument("--format", default="text", choices=["text", "jsonl", "parquet", "arrayrecord"],
+                     help="how --data holds documents")
+    ppl.add_argument("--field", default="text", help="the JSONL / Parquet / ArrayRecord field holding the text")
     ppl.add_argument("--sliding-window", type=cli.count(1), default=256, help="stride S of the sliding window")
     ppl.add_argument("--truncate", action="store_true", help="score each document cut to the length instead")
     ppl.add_argument("--protocol", choices=["yarn", "hf"], default="yarn",
                      help="yarn: the paper's code (BOS + length-1 tokens per window, exp of the mean of window "
                           "means); hf: transformers' (BOS once per document, exp of total NLL / tokens)")
     ppl.add_argument("--docs", type=cli.count(0), default=0, help="use the first N documents (0: all)")
-    ppl.add_argument("--min-doc-tokens", type=cli.count(0), default=0)
+    ppl.add_argument("--min-doc-tokens", type=cli.count(0), default=0, help="skip shorter documents")
     pk = sub.choices["passkey"]
-    pk.add_argument("--trials", type=cli.count(1), default=10)
+    pk.add_argument("--trials", type=cli.count(1), default=10, help="prompts per length")
     pk.add_argument("--protocol", choices=["yarn", "sentences"], default="yarn",
                     help="yarn: the paper's prompt (five lines, filler cut by characters, keys 1..50000); "
                          "sentences: one line of whole filler sentences, 5-digit keys")
     pk.add_argument("--seed", type=cli.count(0), default=0, help="draws the keys and depths")
-    pk.add_argument("--depth-bins", type=cli.count(1), default=5)
+    pk.add_argument("--depth-bins", type=cli.count(1), default=5, help="rows of the depth heat map")
     return p
 
 
