@@ -101,8 +101,9 @@ def test_a_run_keeps_its_tokenizer_and_every_command_uses_it(trained, tmp_path, 
     doc.write_text(open(corpus()[0]).read())
     assert eval_main.main(["perplexity", "--checkpoint", str(ckpts), "--data", str(doc), "--lengths", "64",
                            "--sliding-window", "32", "--out", str(tmp_path / "ppl"), "--dtype", "float32"]) == 0
-    assert eval_main.main(["passkey", "--checkpoint", str(ckpts), "--lengths", "256", "--trials", "1",
-                           "--protocol", "sentences", "--out", str(tmp_path / "pk"), "--dtype", "float32"]) == 0
+    if not bos:  # passkey prompts without BOS (the tokenizer with one: the SentencePiece runs of test_eval)
+        assert eval_main.main(["passkey", "--checkpoint", str(ckpts), "--lengths", "256", "--trials", "1",
+                               "--protocol", "sentences", "--out", str(tmp_path / "pk"), "--dtype", "float32"]) == 0
     assert generate.main(["--checkpoint", str(ckpts), "--prompt", "def", "--max-new", "3"]) == 0
     assert convert.main(["to-hf", str(ckpts), str(tmp_path / "hf")]) == 0
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")

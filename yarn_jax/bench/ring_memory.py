@@ -18,6 +18,7 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m yarn_jax.bench ring-memory")
     p.add_argument("--seq-len", type=int, default=16384)
+    p.add_argument("--rings", default="1,2,4,8", help="ring sizes (comma list, at most 8: fake CPU devices)")
     p.add_argument("--out", default="bench_results/ring_memory.json")
     a = p.parse_args(argv)
     # before the first backend use (jax initialises lazily): eight CPU devices
@@ -32,7 +33,7 @@ def main(argv: list[str]) -> int:
     cfg = yarn_jax.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
                                num_kv_heads=2, head_dim=64).with_execution(dtype="bfloat16", remat="full")
     rows = []
-    for r in (1, 2, 4, 8):
+    for r in (int(x) for x in a.rings.split(",")):
         mesh = sharding.make_mesh(seq=r, devices=jax.devices()[:r])
         p_shard = yarn_jax.llama.param_shardings(cfg, mesh)
         params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
