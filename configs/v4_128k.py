@@ -7,7 +7,7 @@ Mesh (TPU v4-32, 16 chips, the smallest v4 slice that fits with >= 10% HBM headr
 not fit): seq 16 (ring attention over 16 chips, 8k tokens each; parameters and optimizer state sharded
 over all 16 chips); gradient accumulation 64 (one sequence per micro-batch).
 
-AOT figures (`python -m yarn_jax.bench tpu-aot`, 2026-12-01 session 8, jax 0.10.2 + libtpu, splash blocks in the ring):
+AOT figures (`python -m yarn_jax.bench tpu-aot`, 2026-12-01, jax 0.10.2 + libtpu, splash blocks in the ring):
 per chip 4.71 GiB parameters + optimizer state, 14.45 GiB temporaries, 19.16 of 32 GiB (40% headroom); FLOPs
 per step 1.80e18 counted on the traced program vs 1.61e18 analytic (6N + 6LdS, x 4/3 for full remat; ratio
 1.12); compute-only roofline 408 s per step, 20.5k tokens/s, MFU 67% (an upper bound). On v4-128

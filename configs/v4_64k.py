@@ -11,7 +11,7 @@ Mesh (TPU v4-32, 16 chips, the smallest v4 slice that fits with >= 10% HBM headr
 7%): fsdp 2 x seq 8 (ring attention over 8 chips, 8k tokens each; parameters and optimizer state
 sharded over all 16 chips); gradient accumulation 32 (2 sequences per micro-batch).
 
-AOT figures (`python -m yarn_jax.bench tpu-aot`, 2026-12-01 session 8, jax 0.10.2 + libtpu, splash blocks in the ring):
+AOT figures (`python -m yarn_jax.bench tpu-aot`, 2026-12-01, jax 0.10.2 + libtpu, splash blocks in the ring):
 per chip 4.71 GiB parameters + optimizer state, 14.31 GiB temporaries, 19.01 of 32 GiB (41% headroom); FLOPs
 per step 5.74e17 counted on the traced program vs 5.14e17 analytic (6N + 6LdS, x 4/3 for full remat; ratio
 1.12); compute-only roofline 131 s per step, 32.1k tokens/s, MFU 67% (an upper bound). On v4-128
