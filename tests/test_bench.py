@@ -65,10 +65,10 @@ def test_ring_memory_bench_runs_and_temporaries_fall(tmp_path):
     from yarn_jax.bench import ring_memory
 
     out = tmp_path / "ring_memory.json"
-    assert ring_memory.main(["--seq-len", "512", "--rings", "1,4", "--out", str(out)]) == 0
+    assert ring_memory.main(["--seq-len", "512", "--rings", "1,2", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["ring"] for r in rows] == [1, 4]
-    assert rows[-1]["temp_mib"] < rows[0]["temp_mib"] / 2, rows
+    assert [r["ring"] for r in rows] == [1, 2]
+    assert rows[-1]["temp_mib"] < rows[0]["temp_mib"] * 0.75, rows
 
 
 def test_attention_bench_reference_runs(tmp_path):

@@ -84,7 +84,7 @@ def test_round_trip_is_bit_identical_and_exports_as_the_same_class(tmp_path, var
     assert stored["model_type"] == model.config.model_type
 
 
-@pytest.mark.parametrize("variant", ["mistral-window", "qwen2", "qwen3"])
+@pytest.mark.parametrize("variant", ["mistral-window", "qwen3-bias"])  # the window; the biases and q/k norms
 def test_cached_generation_equals_recomputation(variant):
     cfg, params = hf_models.ours(_model(variant))
     params = jax.tree.map(lambda x: x * 3, params)  # sharper logits

@@ -148,3 +148,7 @@ def test_convert_from_hf_carries_the_tokenizer(tmp_path):
                           "--dtype", "float32"]) == 0
     assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "back")]) == 0
     assert (tmp_path / "back/tokenizer.json").read_bytes() == path.read_bytes()
+    config = tiny_run_config(tmp_path / "spm")  # a fine-tune from it trains with it, none trained
+    config.init_from = str(tmp_path / "ckpt")
+    assert train.data_config(config).tokenizer == str(checkpoint.tokenizer_of(tmp_path / "ckpt"))
+    assert not (tmp_path / "spm").exists()
