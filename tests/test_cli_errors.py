@@ -234,3 +234,4 @@ def test_other_commands_bad_input_is_one_line_naming_the_flag(entry, argv, setup
     assert len(lines) == 1 and "Traceback" not in err, err
     assert __import__("re").search(message, lines[0]), (message, lines[0])
     assert not (tmp_path / "out" / "passkey.csv").exists()  # nothing half-written
+

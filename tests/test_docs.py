@@ -82,6 +82,13 @@ def test_every_shown_command_is_covered_by_a_cpu_sized_run():
         assert re.search(rf"def {name}\(", (ROOT / file).read_text()), f"{test} does not exist"
 
 
+PRODUCT = {"yarn_jax.train", "yarn_jax.convert", "yarn_jax.eval", "yarn_jax.generate", "yarn_jax.aot"}
+
+
+def _subparsers(parser):
+    return [sub for a in parser._actions if isinstance(a, argparse._SubParsersAction) for sub in a.choices.values()]
+
+
 class _ParsedError(Exception):  # not an error: the parse went through, stop here
     pass
 
@@ -109,12 +116,17 @@ def test_shown_command_parses_and_its_config_loads(path, where, args, monkeypatc
     real = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(self, argv=None, namespace=None):
-        raise _ParsedError(real(self, argv, namespace))
+        raise _ParsedError(real(self, argv, namespace), self)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
     main, argv = _entry(where, args)
-    with pytest.raises(_ParsedError):
+    with pytest.raises(_ParsedError) as parsed:
         main(argv)
+    if where in PRODUCT:  # --help says what every argument is
+        parser = parsed.value.args[1]
+        actions = [a for p in [parser, *_subparsers(parser)] for a in p._actions
+                   if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
+        assert all(a.help for a in actions), [a.dest for a in actions if not a.help]
     config = next((a.split("=", 1)[1] if "=" in a else args[i + 1] for i, a in enumerate(args)
                    if a == "--config" or a.startswith("--config=")), None)
     if config and where != "launch/tpu_pod.py" and where != "launch/slurm_gpu.py":

@@ -25,7 +25,12 @@ def test_sharded_model_logits_and_grads_equal_single_device(mesh_shape):
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)))
     segment_ids = jnp.asarray(np.sort(rng.integers(1, 4, (b, t)), axis=1))
     positions = jnp.asarray(np.concatenate([np.arange(t)[None], (np.arange(t) % 23)[None]]))
-    mesh = sharding.make_mesh(**mesh_shape)
+    assert_sharded_equals_one_device(cfg, params, sharding.make_mesh(**mesh_shape), tokens, positions, segment_ids)
+
+
+def assert_sharded_equals_one_device(cfg, params, mesh, tokens, positions=None, segment_ids=None):
+    """Logits and parameter gradients of a loss over them on `mesh` (parameters placed by the rules) equal
+    one device's; shared by the model families' tests."""
     placed = jax.device_put(params, yarn_jax.llama.param_shardings(cfg, mesh))
 
     def loss(p, m):
