@@ -1,8 +1,9 @@
 """The paper's s = 16 run: Llama 2 7B, YaRN from 4k to 64k, 400 steps of 64 x 64k tokens, lr 2e-5,
 no weight decay, 20 warm-up steps, AdamW(0.9, 0.95), PG19 chunked into 64k pieces with BOS/EOS bookends.
 
-    python -m yarn_jax.convert from-hf llama-2-7b-hf gs://BUCKET/llama2_7b --rope-type yarn --factor 16 \
+    python -m yarn_jax.convert from-hf llama-2-7b-hf ckpt/llama2_7b --rope-type yarn --factor 16 \
         --original-max-position-embeddings 4096 --max-position-embeddings 65536
+    gcloud storage cp -r ckpt/llama2_7b gs://BUCKET/llama2_7b
     python -m yarn_jax.train --config configs/v4_64k.py --workdir gs://BUCKET/yarn_64k \
         --config.init_from=gs://BUCKET/llama2_7b --config.data.sources="('pg19/train/*.txt',)" \
         --config.data.tokenizer=llama-2-7b-hf/tokenizer.model
