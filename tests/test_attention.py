@@ -144,3 +144,20 @@ def test_kernel_platform_mismatch_is_an_error():
     with pytest.raises(ValueError, match="'splash' needs platform 'tpu'"):
         attention.select(AttentionImpl.SPLASH, "gpu")
     assert attention.select(AttentionImpl.AUTO, "cpu") is attention.reference.attention
+
+
+def test_auto_on_gpu_takes_cudnn_for_half_precision_and_the_reference_for_float32(monkeypatch):
+    """cuDNN's fused kernel takes float16/bfloat16 only: a float32 evaluation on a GPU (the parity checks)
+    runs the reference attention; bfloat16 goes to cuDNN (replaced here by a recorder)."""
+    from yarn_jax import attention
+    from yarn_jax.execution import AttentionImpl
+
+    took = []
+    monkeypatch.setattr(attention.cudnn, "attention", lambda q, *a, **k: took.append(q.dtype) or q)
+    auto = attention.select(AttentionImpl.AUTO, "gpu")
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 8, 2, 16)) for i in range(3))
+    index = jnp.arange(8)[None]
+    np.testing.assert_array_equal(auto(q, k, v, None, None, index, index),
+                                  reference.attention(q, k, v, None, None, index, index))
+    auto(q.astype(jnp.bfloat16), k, v, None, None, index, index)
+    assert took == [jnp.bfloat16]

@@ -96,7 +96,8 @@ def test_bench_command_errors_are_one_line(tmp_path, capsys, monkeypatch):
         runpy.run_module("yarn_jax.bench", run_name="__main__")
     assert stop.value.code == 2 and capsys.readouterr().err.strip() == (
         "error: COMMAND: expected one of ['convert', 'ring-memory', 'attention', 'train-step', 'reproduce', "
-        "'tpu-aot', 'profile', 'mosaic-probe', 'generate'], got 'trainstep' (did you mean 'train-step'?)")
+        "'tpu-aot', 'profile', 'mosaic-probe', 'generate', 'real-model'], got 'trainstep' (did you mean "
+        "'train-step'?)")
     assert cli.run(lambda: train_step_bench.main(["--seq", "abc"])) == 2
     assert capsys.readouterr().err.startswith("error: argument --seq: expected comma-separated positive integers")
     # in a process of its own with JAX_PLATFORMS unset and the `tpu` extra installed: on a host without TPU

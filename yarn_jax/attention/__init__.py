@@ -44,14 +44,22 @@ def _resolve(impl: AttentionImpl, platform: str | None) -> AttentionImpl:
 
 def select(impl: AttentionImpl, platform: str | None = None) -> AttentionFn:
     """The per-device kernel for `impl` on `platform`. AUTO: cuDNN on GPU, splash on TPU, reference elsewhere."""
+    auto = impl is AttentionImpl.AUTO
     impl = _resolve(impl, platform)
     if impl is AttentionImpl.CUDNN:
-        return cudnn.attention
+        return _cudnn_or_reference if auto else cudnn.attention
     if impl is AttentionImpl.SPLASH:
         from yarn_jax.attention import splash  # needs jax's Pallas TPU ops
 
         return splash.attention
     return reference.attention
+
+
+def _cudnn_or_reference(q: jax.Array, *args, **kwargs) -> jax.Array:
+    """AUTO on GPU: cuDNN for the dtypes its fused kernel takes (float16, bfloat16), the reference for
+    float32 (an evaluation in full precision)."""
+    fused = q.dtype in (jax.numpy.float16, jax.numpy.bfloat16)
+    return (cudnn.attention if fused else reference.attention)(q, *args, **kwargs)
 
 
 def block_kernel(impl: AttentionImpl, platform: str | None = None) -> BlockKernel:

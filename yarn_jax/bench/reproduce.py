@@ -142,7 +142,7 @@ def _eval(kind: str, out: Path, args: list[str]) -> list[dict]:
     if not result.exists():
         code = eval_main([kind, *args, "--out", str(out)])
         if code:
-            raise RuntimeError(f"python -m yarn_jax.eval {kind} {' '.join(args)} exited with {code}")
+            raise ValueError(f"python -m yarn_jax.eval {kind} {' '.join(args)} exited with {code} (its error above)")
     return json.loads(result.read_text())
 
 
