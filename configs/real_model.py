@@ -5,7 +5,9 @@ the real-model benchmark, yarn_jax/bench/real_model.py), every method with the s
 A checkpoint every 20 steps gives the steps-to-target curve.
 
     python -m yarn_jax.train --config configs/real_model.py:yarn --config.init_from=OUT/base \
-        --config.data.sources="('FINETUNE.jsonl',)" --workdir DIR        (METHOD: yarn | pi | ntk)
+        --config.data.sources="('FINETUNE.jsonl',)" --workdir DIR
+
+(the method after the colon: yarn, pi or ntk)
 """
 
 from yarn_jax import repro

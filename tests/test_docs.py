@@ -32,6 +32,8 @@ COVERED = {
     # parse only (the parse check below): their smallest run is minutes of CPU or needs a GPU
     ("yarn_jax.bench", "reproduce"): "parse only: --smoke pretrains and fine-tunes 7 models (minutes)",
     ("yarn_jax.bench", "convert"): "parse only: writes and reads a 7B-shaped checkpoint",
+    ("yarn_jax.bench", "real-model"): "parse only: fine-tunes a 135M model four times (an H200's minutes); its "
+                                      "parts: tests/test_real_model.py",
     ("yarn_jax.bench", "tpu-aot"): "parse only: compiles the paper's configs for several topologies",
     ("yarn_jax.bench", "profile"): "parse only: a GPU profile",
     ("yarn_jax.bench", "mosaic-probe"): "tests/test_bench.py::test_mosaic_probe_records_every_kernel_it_tries",

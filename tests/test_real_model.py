@@ -180,8 +180,9 @@ def smollm2_hf():
 
 
 def test_parity_with_transformers_on_the_real_weights(smollm2_hf, tmp_path):
-    """SmolLM2-135M-Instruct, float32, the first 1024 tokens of Pride and Prejudice: the model's own perplexity
-    (about 17; 236 with llama.cpp's q/k order left in) and ours equal to transformers' for plain RoPE and YaRN."""
+    """SmolLM2-135M-Instruct, float32, the first 256 and 1024 tokens of the first two novels: a sane
+    perplexity (a wrong q/k order or tokenizer gives hundreds) and ours equal to transformers' for plain RoPE
+    and YaRN s=4."""
     plan = real_model.Plan(256)  # lengths 256 (1x) and 1024 (4x), YaRN s=4 from 256
     rows = real_model.parity(tmp_path, smollm2_hf.hf, smollm2_hf.novels, plan, separate_process=False)
     assert {(r["model"], r["length"]) for r in rows} == {(m, n) for m in ("RoPE", "YaRN s=4") for n in (256, 1024)}
