@@ -74,6 +74,25 @@ def test_sampling_is_seeded_and_stops_at_eos():
     assert (c[0, 6:] == eos).all()
 
 
+def test_the_device_loop_in_chunks_equals_one_chunk(monkeypatch):
+    """Chunk boundaries change nothing: greedy and seeded samples equal those of one chunk (a key split
+    per token, carried across chunks); all rows past EOS end the loop early. (One chunk against
+    recomputation: test_cached_greedy_equals_full_recomputation.)"""
+    cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(rope_scaling=ROPES["yarn"], max_pos=64).to_dict(),
+                                       dtype="float32")
+    params = jax.tree.map(lambda x: x * 4, yarn_jax.init_params(cfg, jax.random.key(1)))
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 12))
+    sample = dict(temperature=1.0, key=jax.random.key(3))
+    greedy, sampled = generate.generate(cfg, params, prompt, 18), generate.generate(cfg, params, prompt, 18, **sample)
+    monkeypatch.setattr(generate, "DECODE_CHUNK", 6)
+    np.testing.assert_array_equal(generate.generate(cfg, params, prompt, 18), greedy)
+    np.testing.assert_array_equal(generate.generate(cfg, params, prompt, 18, **sample), sampled)
+    eos, chunks, real = int(sampled[0, 13]), [], generate.decode_chunk  # EOS in the first chunk of three
+    monkeypatch.setattr(generate, "decode_chunk", lambda *a, **k: chunks.append(1) or real(*a, **k))
+    stopped = generate.generate(cfg, params, prompt, 18, eos_id=eos, **sample)
+    assert (stopped[0, 13:] == eos).all() and stopped.shape == (1, 30) and len(chunks) == 1
+
+
 SEQ_MESHES = [("dynamic_yarn", dict(data=2, fsdp=2, tensor=2)), ("dynamic_yarn", dict(fsdp=4, tensor=2)),
               ("default", dict(seq=4, fsdp=2)), ("yarn", dict(seq=4, fsdp=2)), ("dynamic_yarn", dict(seq=4, fsdp=2)),
               ("dynamic_yarn", dict(seq=2, tensor=2, fsdp=2)), ("dynamic_yarn", dict(data=2, seq=4))]

@@ -9,6 +9,10 @@ length differ from those the cache was built with, the cache is rebuilt by one p
 sequence; tokens then equal a full recomputation at every step. The Python API's `dynamic_bucket` > 1 rounds the length
 that dynamic methods scale to up to a multiple of the bucket, so rebuilds happen once per bucket
 (exact with respect to recomputation at that bucketed length).
+
+While the frequencies stay fixed (every static scaling; dynamic ones until the sequence passes their
+trained length) the new tokens come from `decode_chunk`, a compiled loop of DECODE_CHUNK steps on the
+device (the token picked there, the cache donated), the host receiving them chunk by chunk.
 """
 
 from __future__ import annotations
@@ -125,12 +129,53 @@ def generate(cfg: LlamaConfig, params: Any, prompt: np.ndarray, max_new: int, *,
     return _decode(cfg, net_cfg, params, cache, prompt, max_new, temperature, key, eos_id, scale_len, mesh)
 
 
+DECODE_CHUNK = 32  # new tokens per compiled decode loop: the host receives them chunk by chunk
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "chunk", "sample", "mesh"), donate_argnames=("cache",))
+def decode_chunk(cfg: LlamaConfig, params: Any, cache: Cache, logits: jax.Array, start: jax.Array, freqs: Any,
+                 key: jax.Array, temperature: jax.Array, done: jax.Array, eos: jax.Array, *, chunk: int,
+                 sample: bool, mesh: Mesh | None = None) -> tuple[jax.Array, ...]:
+    """`chunk` new tokens in one compiled loop on the device, from the logits [B, V] of the token before
+    position `start`: each picked (greedy, or sampled at `temperature` with a key split per token, as the
+    host loop does), rows `done` (past EOS) emit `eos`, then fed through the cached model. Returns (tokens
+    [B, chunk], the next logits, cache, key, done)."""
+    def body(carry, _):
+        logits, cache, pos, key, done = carry
+        key, sub = jax.random.split(key)
+        nxt = jax.random.categorical(sub, logits / temperature) if sample else jnp.argmax(logits, axis=-1)
+        nxt = jnp.where(done, eos, nxt).astype(jnp.int32)
+        done = done | (nxt == eos)
+        logits, cache = step(cfg, params, cache, nxt[:, None], pos, freqs, -1, prefill=False, mesh=mesh)
+        return (logits, cache, pos + 1, key, done), nxt
+
+    (logits, cache, _, key, done), tokens = jax.lax.scan(body, (logits, cache, start, key, done), None, chunk)
+    return tokens.T, logits, cache, key, done
+
+
 def _decode(cfg, net_cfg, params, cache, prompt, max_new, temperature, key, eos_id, scale_len, mesh) -> np.ndarray:
+    """Tokens after the prompt: in compiled chunks on the device while the frequencies stay those of the
+    prompt's length (every static scaling, and dynamic ones inside their trained length), else one step at
+    a time from the host, rebuilding the cache whenever the frequencies move."""
     b, t0 = prompt.shape
     freqs = frequencies(cfg, scale_len(t0))
     logits, cache = _prefill(net_cfg, params, cache, prompt, freqs, mesh)
-    out, done = [prompt], np.zeros(b, bool)
     key = jax.random.key(0) if key is None else key
+    if _same(frequencies(cfg, scale_len(t0 + max_new)), freqs):  # scalings grow with the length: fixed between
+        out, done, left = [prompt], jnp.zeros(b, bool), max_new
+        eos = jnp.int32(-1 if eos_id is None else eos_id)  # -1: no token id, never "done"
+        while left:
+            n = min(DECODE_CHUNK, left)
+            tokens, logits, cache, key, done = decode_chunk(
+                net_cfg, params, cache, logits, jnp.int32(t0 + max_new - left), freqs, key,
+                jnp.float32(temperature or 1.0), done, eos, chunk=n, sample=temperature > 0, mesh=mesh)
+            out.append(np.asarray(tokens))
+            left -= n
+            if left and eos_id is not None and bool(np.all(np.asarray(done))):  # every row past EOS
+                out.append(np.full((b, left), eos_id, np.int32))
+                break
+        return np.concatenate(out, axis=1)
+    out, done = [prompt], np.zeros(b, bool)
     for i in range(max_new):
         if temperature > 0:
             key, sub = jax.random.split(key)

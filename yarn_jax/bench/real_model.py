@@ -145,9 +145,9 @@ def steps_curves(out: Path, plan: Plan, cfgs: dict[str, Any], base: Path, novels
 
 
 def parity(out: Path, hf: Path, novels: Path, plan: Plan, separate_process: bool = True) -> list[dict]:
-    """Truncated float32 perplexity of the first two novels at `plan.parity_lengths` (default 1x and 4x),
-    plain RoPE and YaRN s=4: ours (the eval code) and transformers' (in a separate process by default, so
-    that the two frameworks do not share the device)."""
+    """Truncated float32 perplexity of the first two novels (one with `plan.docs` 1) at `plan.parity_lengths`
+    (default 1x and 4x), plain RoPE and YaRN s=4: ours (the eval code) and transformers' (in a separate
+    process by default, so that the two frameworks do not share the device)."""
     result = out / "parity.json"
     if result.exists():
         return json.loads(result.read_text())
@@ -161,7 +161,7 @@ def parity(out: Path, hf: Path, novels: Path, plan: Plan, separate_process: bool
 
     cfg0, params = convert.load_hf(hf, dtype="float32")
     tok = tokenizer_lib.load(hf)
-    texts = [json.loads(line)["text"] for line in open(novels)][:2]
+    texts = [json.loads(line)["text"] for line in open(novels)][:min(plan.docs or 2, 2)]
     lengths = list(plan.parity_lengths or (plan.original, plan.extended))
     docs = [np.asarray(tok.with_bos(tok.encode(t))[:max(lengths)], np.int32) for t in texts]
     work = out / "parity"
