@@ -253,6 +253,9 @@ def main(argv: list[str]) -> int:
                   and (p != "finetune" or "finetune" in stages))
     fx = smollm2.build(a.cache, parts)
     hf, novels, finetune = Path(a.hf or fx.hf), Path(a.novels or fx.novels), Path(a.finetune or fx.finetune)
+    for flag, path in (("--hf", hf / "config.json"), ("--novels", novels), ("--finetune", finetune)):
+        if not path.is_file() and (flag != "--finetune" or "finetune" in stages):
+            raise ValueError(f"{flag}: {path} does not exist")
     original = json.loads((hf / "config.json").read_text())["max_position_embeddings"]
     plan = Plan(original, a.steps, a.save_every, a.trials, a.docs, a.tokens_per_forward, tuple(a.parity_lengths))
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
