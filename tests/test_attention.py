@@ -1,6 +1,8 @@
 """The attention package: ring attention with each block kernel against the single-device reference
 (8 fake CPU devices), its layouts, fallbacks and errors, and the kernel choice."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,3 +163,55 @@ def test_auto_on_gpu_takes_cudnn_for_half_precision_and_the_reference_for_float3
                                   reference.attention(q, k, v, None, None, index, index))
     auto(q.astype(jnp.bfloat16), k, v, None, None, index, index)
     assert took == [jnp.bfloat16]
+
+
+DECODE_GRID = [  # (batch, queries, heads, kv heads, head dim, cache slots, window, dtype)
+    (2, 1, 8, 2, 32, 512, None, jnp.float32),  # GQA 4, one block of the XLA form per 512 slots
+    (3, 1, 14, 2, 16, 256, None, jnp.bfloat16),  # GQA 7 (Qwen2-0.5B's): padded to 16 query rows in the kernel
+    (1, 3, 4, 4, 32, 1024, 100, jnp.bfloat16),  # MHA, three queries at once, a sliding window
+    (2, 1, 2, 1, 64, 384, 1, jnp.float32),  # window 1: each query sees itself only
+]
+
+
+@pytest.mark.parametrize("form", ["xla", "pallas"])
+@pytest.mark.parametrize("b,t,n,kh,h,s,window,dtype", DECODE_GRID)
+def test_flash_decoding_equals_the_float32_reference(form, b, t, n, kh, h, s, window, dtype):
+    """Queries at fresh random fill levels (from one slot to the whole cache) of a cache in its own
+    dtype, read at one of its layers: the XLA form and the GPU kernel (Pallas' interpreter on CPU) equal
+    the float32 reference over the filled slots; slots past the fill (junk here) never count."""
+    from yarn_jax.attention import decode
+
+    rng = np.random.default_rng(s + t)
+    q = jnp.asarray(rng.normal(size=(b, t, n, h)), dtype)
+    k, v = (jnp.asarray(rng.normal(size=(3, b, s, kh, h)) * 2, dtype) for _ in range(2))
+    ends = rng.integers(t, s + 1, size=b)
+    ends[0] = t  # the first row: only its own queries filled
+    q_idx = jnp.asarray(ends[:, None] - t + np.arange(t), jnp.int32)
+    kv_idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    want = jax.jit(lambda: reference.attention(q, k[1], v[1], None, None, q_idx, kv_idx, window=window))()
+    fn = decode.attention_xla if form == "xla" else functools.partial(decode.attention_pallas, interpret=True)
+    got = jax.jit(lambda: fn(q, k, v, jnp.int32(1), None, None, q_idx, kv_idx, window=window))()
+    tol = TOL[dtype]
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol[0], atol=tol[1])
+
+
+def test_decode_merge_is_the_softmax_over_all_parts():
+    """Splitting the keys anywhere and merging the parts' (out, lse) gives softmax attention over all of
+    them; a part that saw nothing (lse = MASK_VALUE) weighs 0."""
+    from yarn_jax.attention import decode
+
+    rng = np.random.default_rng(4)
+    logits, values = rng.normal(size=(5, 7)) * 3, rng.normal(size=(7, 3))
+    want = (np.exp(logits - logits.max(1, keepdims=True)) / np.exp(logits - logits.max(1, keepdims=True))
+            .sum(1, keepdims=True)) @ values
+    outs, lses = [], []
+    for part in (slice(0, 2), slice(2, 2), slice(2, 7)):
+        lg = logits[:, part]
+        if lg.shape[1] == 0:
+            outs.append(np.zeros((5, 3))), lses.append(np.full(5, reference.MASK_VALUE))
+            continue
+        p = np.exp(lg - lg.max(1, keepdims=True))
+        outs.append(p @ values[part] / p.sum(1, keepdims=True))
+        lses.append(lg.max(1) + np.log(p.sum(1)))
+    got = decode.merge(jnp.asarray(np.stack(outs), jnp.float32), jnp.asarray(np.stack(lses), jnp.float32), axis=0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

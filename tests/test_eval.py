@@ -129,8 +129,10 @@ def test_passkey_scorer_and_depths():
     tok = WordTokenizer()
     trial_list = passkey.trials(tok.encode, 1, [200, 400], 300, seed=1, protocol=passkey.Protocol.SENTENCES)
     knows = lambda p: " " + re.search(r"pass key is (\d+)", tok.decode(p)).group(1) + ". Done."  # noqa: E731
-    always = passkey.score(trial_list, knows)
-    never = passkey.score(trial_list, lambda p: " I do not know.")
+    batches = []
+    always = passkey.score(trial_list, lambda ps: batches.append(len(ps)) or [knows(p) for p in ps], batch=7)
+    assert set(batches) == {7} and len(always) == len(trial_list)  # the last group padded, its extras dropped
+    never = passkey.score(trial_list, lambda ps: [" I do not know."] * len(ps))
     assert passkey.accuracy(always)[0] == {200: 1.0, 400: 1.0}
     assert passkey.accuracy(never)[0] == {200: 0.0, 400: 0.0}
     depths = np.asarray([t.depth for t in trial_list])
@@ -179,11 +181,13 @@ def test_cli_errors(model_dir, tmp_path):
 
 
 def test_passkey_on_a_seq_mesh_answers_as_one_device(model_dir, tmp_path):
-    """--mesh seq=4: the prompt prefills with ring attention, the cache split over seq (same answers)."""
+    """--mesh seq=4 with --batch-size 2: two prompts of their own lengths at once (the third padded with a
+    copy), prefilled with ring attention, the cache split over seq: the answers of one device, one prompt
+    at a time."""
     d, _ = model_dir
     tok = tokenizer_lib.train_sentencepiece(corpus(), 512, tmp_path / "spm")
     args = ["passkey", "--hf", str(d), "--tokenizer", tok, "--lengths", "200", "--trials", "3", "--dtype", "float32"]
     assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
-    assert cli.main([*args, "--out", str(tmp_path / "ring"), "--mesh", "seq=4,tensor=2"]) == 0
+    assert cli.main([*args, "--out", str(tmp_path / "ring"), "--mesh", "seq=4,tensor=2", "--batch-size", "2"]) == 0
     one, ring = (json.loads((tmp_path / k / "passkey.json").read_text()) for k in ("one", "ring"))
     assert [r["answer"] for r in ring] == [r["answer"] for r in one] and len(one) == 3

@@ -27,6 +27,21 @@ def test_cached_greedy_equals_full_recomputation(rope):
     np.testing.assert_array_equal(got, _recomputed(cfg, params, prompt, 18, lambda n: n))
 
 
+@pytest.mark.parametrize("rope", ["yarn", "dynamic_yarn"])
+def test_prompts_of_different_lengths_in_one_batch_equal_recomputation(rope):
+    """Rows of 12, 5 and 17 tokens in one batch (right-padded, each at its own positions; dynamic YaRN at
+    each row's own length, the cache rebuilt when any row's frequencies move): every row's tokens equal
+    that prompt's full recomputation alone."""
+    cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(rope_scaling=ROPES[rope], max_pos=24).to_dict(),
+                                       dtype="float32")
+    params = jax.tree.map(lambda x: x * 4, yarn_jax.init_params(cfg, jax.random.key(1)))
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, cfg.vocab_size, n) for n in (12, 5, 17)]
+    got = generate.complete(cfg, params, prompts, 10)  # 17 -> 27 crosses 24, 5 -> 15 stays inside 16
+    for row, p in zip(got, prompts, strict=True):
+        np.testing.assert_array_equal(row, _recomputed(cfg, params, p[None], 10, lambda n: n)[0, len(p):])
+
+
 def _recomputed(cfg, params, prompt, new, scale_len):
     """The oracle: the whole sequence recomputed at every step, dynamic methods at scale_len(length)."""
     seq = np.zeros((prompt.shape[0], prompt.shape[1] + new), np.int32)  # causal: the zeros never matter
@@ -111,8 +126,9 @@ def test_generation_on_a_mesh_equals_one_device(rope, mesh_shape):
     cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(rope_scaling=ROPES[rope], max_pos=24, vocab=97).to_dict(),
                                        dtype="float32")
     params = jax.tree.map(lambda x: x * 4, yarn_jax.init_params(cfg, jax.random.key(1)))
-    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 12))
-    want = generate.generate(cfg, params, prompt, 16)
-    got = generate.generate(cfg, params, prompt, 16, mesh=sharding.make_mesh(**mesh_shape))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, cfg.vocab_size, n) for n in (12, 7, 12, 3)]  # one batch, right-padded
+    want = generate.complete(cfg, params, prompts, 16)
+    got = generate.complete(cfg, params, prompts, 16, mesh=sharding.make_mesh(**mesh_shape))
     np.testing.assert_array_equal(got, want)
 

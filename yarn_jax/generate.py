@@ -72,50 +72,74 @@ def frequencies(cfg: LlamaConfig, length: int) -> tuple[tuple[np.ndarray, ...], 
     return rope_lib.turn_parts(inv_freq), float(factor)
 
 
+def row_frequencies(cfg: LlamaConfig, lengths: list[int]) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """Each row's frequencies at its own length: (turn parts [B, 1, H/2], attention factor [B, 1, 1]),
+    shaped to broadcast over a row's positions [B, T] (see rope.cos_sin)."""
+    rows = [frequencies(cfg, n) for n in lengths]
+    parts = tuple(np.stack([r[0][i] for r in rows])[:, None] for i in range(3))
+    return parts, np.asarray([r[1] for r in rows], np.float32)[:, None, None]
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "prefill", "mesh"), donate_argnames=("cache",))
 def step(cfg: LlamaConfig, params: Any, cache: Cache, tokens: jax.Array, start: jax.Array, freqs: Any,
-         last: jax.Array | int = -1, *, prefill: bool, mesh: Mesh | None = None) -> tuple[jax.Array, Cache]:
-    """tokens [B, t] at positions start..start+t-1 -> (logits [B, V] float32 of token `last`, new cache).
-    A prefill (start 0) fills the whole cache: its `tokens` are padded to the cache length (one
-    compilation for every prompt length), causal attention keeps the padding from touching the real
-    tokens, whose logits `last` selects.
+         last: jax.Array | None = None, *, prefill: bool, mesh: Mesh | None = None) -> tuple[jax.Array, Cache]:
+    """tokens [B, t] at positions start[b]..start[b]+t-1 of each row (start [B] or one number) ->
+    (logits [B, V] float32 of each row's token last[b] (None: the last of `tokens`), new cache). A prefill (start 0) fills the whole
+    cache: its `tokens` are each row's prompt padded on the right to the cache length (one compilation for
+    every prompt length), causal attention keeps the padding from touching the real tokens, whose last
+    logits `last` selects; a row's padded slots are overwritten by its new tokens before any query sees them.
 
     With the mesh's seq axis R > 1 the cache is split over it in the ring's order (slot j holds token
     perm[j], device i the slots of its ring block): a prefill runs the model on the permuted sequence
     with ring attention, and each decode step writes its token to that token's slot and attends to
     every shard (`attention.decode_for_mesh`)."""
     b, t = tokens.shape
+    start = jnp.broadcast_to(jnp.asarray(start, jnp.int32), (b,))  # a number: every row's
+    last = None if last is None else jnp.broadcast_to(jnp.asarray(last, jnp.int32), (b,))
     attend, layout = attention.for_mesh(cfg.execution, mesh, cache.k.shape[2])  # the cache's slots are in its order
     slot_index = None if layout.perm is None else jnp.asarray(layout.perm, jnp.int32)
     if prefill and slot_index is not None:  # the whole cache, in the layout's order
         tokens, positions = layout.apply(tokens), layout.index(b, t)
         last = jnp.take(jnp.asarray(np.argsort(layout.perm), jnp.int32), last)  # the slot of token `last`
     else:
-        positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)
     net = model(cfg, attend, attention.decode_for_mesh(mesh), mesh)
     hidden, cache = net.apply({"params": params}, tokens, positions=positions, cache=cache, start=start,
                               freqs=freqs, prefill=prefill, slot_index=slot_index, method=Llama.decode)
-    return net.apply({"params": params}, jnp.take(hidden, last, axis=1), method=Llama.unembed), cache
+    hidden = hidden[:, -1] if last is None else jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    return net.apply({"params": params}, hidden, method=Llama.unembed), cache
 
 
-def _prefill(cfg, params, cache, seq: np.ndarray, freqs, mesh) -> tuple[jax.Array, Any]:
-    padded = np.zeros((seq.shape[0], cache.k.shape[2]), np.int32)
-    padded[:, :seq.shape[1]] = seq
-    return step(cfg, params, cache, jnp.asarray(padded), jnp.int32(0), freqs, jnp.int32(seq.shape[1] - 1),
+def _prefill(cfg, params, cache, rows: list[np.ndarray], freqs, mesh) -> tuple[jax.Array, Any]:
+    """Every row's whole sequence into the cache (right-padded): (logits [B, V] of each row's last token,
+    cache)."""
+    padded = np.zeros((len(rows), cache.k.shape[2]), np.int32)
+    for i, r in enumerate(rows):
+        padded[i, :len(r)] = r
+    last = np.asarray([len(r) - 1 for r in rows], np.int32)
+    return step(cfg, params, cache, jnp.asarray(padded), jnp.zeros(len(rows), jnp.int32), freqs, jnp.asarray(last),
                 prefill=True, mesh=mesh)
 
 
-def generate(cfg: LlamaConfig, params: Any, prompt: np.ndarray, max_new: int, *, temperature: float = 0.0,
+def generate(cfg: LlamaConfig, params: Any, prompt: np.ndarray, max_new: int, **kwargs) -> np.ndarray:
+    """prompt [B, T0] -> [B, T0 + max_new] tokens; see `complete` for the keyword arguments."""
+    prompt = np.asarray(prompt, np.int32)
+    return np.concatenate([prompt, complete(cfg, params, list(prompt), max_new, **kwargs)], axis=1)
+
+
+def complete(cfg: LlamaConfig, params: Any, prompts: list[np.ndarray], max_new: int, *, temperature: float = 0.0,
              key: jax.Array | None = None, eos_id: int | None = None, dynamic_bucket: int = 1,
              mesh: Mesh | None = None) -> np.ndarray:
-    """prompt [B, T0] -> [B, T0 + max_new] tokens (greedy when temperature == 0). Rows that emitted
-    `eos_id` keep emitting it. See the module docstring for `dynamic_bucket`. With `mesh`,
+    """Prompts of any lengths (a list of [T_b] token arrays, run as one batch) -> their new tokens
+    [B, max_new] (greedy when temperature == 0); each row equals that prompt generated alone. Rows that
+    emitted `eos_id` keep emitting it. See the module docstring for `dynamic_bucket`. With `mesh`,
     parameters and the cache are sharded by the training rules (batch over data x fsdp, heads over tensor,
     the cache's slots over seq: a prompt longer than one device's memory prefills with ring attention)."""
-    prompt = np.asarray(prompt, np.int32)
-    b, t0 = prompt.shape
-    scale_len = lambda n: -(-n // dynamic_bucket) * dynamic_bucket  # noqa: E731
-    slots = cache_length(t0 + max_new, sharding.ring_size(mesh))
+    prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise ValueError("prompt: expected at least one prompt of at least one token")
+    b = len(prompts)
+    slots = cache_length(max(len(p) for p in prompts) + max_new, sharding.ring_size(mesh))
     check_cache_fits(cfg, b, slots, mesh)
     cache = init_cache(cfg, b, slots)
     # `step` takes the frequencies as an argument, so the scaling method need not key its compilation:
@@ -126,7 +150,14 @@ def generate(cfg: LlamaConfig, params: Any, prompt: np.ndarray, max_new: int, *,
         params = jax.device_put(params, param_shardings(cfg, mesh))
         kv = sharding.logical_sharding(mesh, ("layers", "batch", "seq", "kv_heads", "head_dim"))
         cache = jax.device_put(cache, Cache(kv, kv))
-    return _decode(cfg, net_cfg, params, cache, prompt, max_new, temperature, key, eos_id, scale_len, mesh)
+    bucket = lambda n: -(-n // dynamic_bucket) * dynamic_bucket  # noqa: E731
+    freqs_at = lambda new: row_frequencies(cfg, [bucket(len(p) + new) for p in prompts])  # noqa: E731
+    freqs = freqs_at(0)
+    logits, cache = _prefill(net_cfg, params, cache, prompts, freqs, mesh)
+    key = jax.random.key(0) if key is None else key
+    if _same(freqs_at(max_new), freqs):  # scalings grow with the length: fixed in between
+        return _on_device(net_cfg, params, cache, logits, prompts, max_new, freqs, temperature, key, eos_id, mesh)
+    return _from_host(net_cfg, params, cache, logits, prompts, max_new, freqs_at, temperature, key, eos_id, mesh)
 
 
 DECODE_CHUNK = 32  # new tokens per compiled decode loop: the host receives them chunk by chunk
@@ -136,46 +167,47 @@ DECODE_CHUNK = 32  # new tokens per compiled decode loop: the host receives them
 def decode_chunk(cfg: LlamaConfig, params: Any, cache: Cache, logits: jax.Array, start: jax.Array, freqs: Any,
                  key: jax.Array, temperature: jax.Array, done: jax.Array, eos: jax.Array, *, chunk: int,
                  sample: bool, mesh: Mesh | None = None) -> tuple[jax.Array, ...]:
-    """`chunk` new tokens in one compiled loop on the device, from the logits [B, V] of the token before
-    position `start`: each picked (greedy, or sampled at `temperature` with a key split per token, as the
-    host loop does), rows `done` (past EOS) emit `eos`, then fed through the cached model. Returns (tokens
-    [B, chunk], the next logits, cache, key, done)."""
+    """`chunk` new tokens in one compiled loop on the device, from the logits [B, V] of each row's token
+    before its position start[b]: each picked (greedy, or sampled at `temperature` with a key split per
+    token, as the host loop does), rows `done` (past EOS) emit `eos`, then fed through the cached model.
+    Returns (tokens [B, chunk], the next logits, cache, key, done)."""
     def body(carry, _):
         logits, cache, pos, key, done = carry
         key, sub = jax.random.split(key)
         nxt = jax.random.categorical(sub, logits / temperature) if sample else jnp.argmax(logits, axis=-1)
         nxt = jnp.where(done, eos, nxt).astype(jnp.int32)
         done = done | (nxt == eos)
-        logits, cache = step(cfg, params, cache, nxt[:, None], pos, freqs, -1, prefill=False, mesh=mesh)
+        logits, cache = step(cfg, params, cache, nxt[:, None], pos, freqs, prefill=False, mesh=mesh)
         return (logits, cache, pos + 1, key, done), nxt
 
     (logits, cache, _, key, done), tokens = jax.lax.scan(body, (logits, cache, start, key, done), None, chunk)
     return tokens.T, logits, cache, key, done
 
 
-def _decode(cfg, net_cfg, params, cache, prompt, max_new, temperature, key, eos_id, scale_len, mesh) -> np.ndarray:
-    """Tokens after the prompt: in compiled chunks on the device while the frequencies stay those of the
-    prompt's length (every static scaling, and dynamic ones inside their trained length), else one step at
-    a time from the host, rebuilding the cache whenever the frequencies move."""
-    b, t0 = prompt.shape
-    freqs = frequencies(cfg, scale_len(t0))
-    logits, cache = _prefill(net_cfg, params, cache, prompt, freqs, mesh)
-    key = jax.random.key(0) if key is None else key
-    if _same(frequencies(cfg, scale_len(t0 + max_new)), freqs):  # scalings grow with the length: fixed between
-        out, done, left = [prompt], jnp.zeros(b, bool), max_new
-        eos = jnp.int32(-1 if eos_id is None else eos_id)  # -1: no token id, never "done"
-        while left:
-            n = min(DECODE_CHUNK, left)
-            tokens, logits, cache, key, done = decode_chunk(
-                net_cfg, params, cache, logits, jnp.int32(t0 + max_new - left), freqs, key,
-                jnp.float32(temperature or 1.0), done, eos, chunk=n, sample=temperature > 0, mesh=mesh)
-            out.append(np.asarray(tokens))
-            left -= n
-            if left and eos_id is not None and bool(np.all(np.asarray(done))):  # every row past EOS
-                out.append(np.full((b, left), eos_id, np.int32))
-                break
-        return np.concatenate(out, axis=1)
-    out, done = [prompt], np.zeros(b, bool)
+def _on_device(cfg, params, cache, logits, prompts, max_new, freqs, temperature, key, eos_id, mesh) -> np.ndarray:
+    """New tokens in compiled chunks on the device (the frequencies stay fixed over the generation)."""
+    b = len(prompts)
+    lengths = np.asarray([len(p) for p in prompts], np.int32)
+    out, done, made = [], jnp.zeros(b, bool), 0
+    eos = jnp.int32(-1 if eos_id is None else eos_id)  # -1: no token id, never "done"
+    while made < max_new:
+        n = min(DECODE_CHUNK, max_new - made)
+        tokens, logits, cache, key, done = decode_chunk(
+            cfg, params, cache, logits, jnp.asarray(lengths + made), freqs, key, jnp.float32(temperature or 1.0),
+            done, eos, chunk=n, sample=temperature > 0, mesh=mesh)
+        out.append(np.asarray(tokens))
+        made += n
+        if made < max_new and eos_id is not None and bool(np.all(np.asarray(done))):  # every row past EOS
+            out.append(np.full((b, max_new - made), eos_id, np.int32))
+            break
+    return np.concatenate(out, axis=1)
+
+
+def _from_host(cfg, params, cache, logits, prompts, max_new, freqs_at, temperature, key, eos_id, mesh) -> np.ndarray:
+    """New tokens one step at a time from the host, the cache rebuilt whenever a row's frequencies move."""
+    b = len(prompts)
+    lengths = np.asarray([len(p) for p in prompts], np.int32)
+    out, done, freqs = [], np.zeros(b, bool), freqs_at(0)
     for i in range(max_new):
         if temperature > 0:
             key, sub = jax.random.split(key)
@@ -188,18 +220,19 @@ def _decode(cfg, net_cfg, params, cache, prompt, max_new, temperature, key, eos_
         out.append(nxt[:, None].astype(np.int32))
         if i + 1 == max_new:
             break
-        new = frequencies(cfg, scale_len(t0 + i + 1))
+        new = freqs_at(i + 1)
         if _same(new, freqs):
-            logits, cache = step(net_cfg, params, cache, jnp.asarray(out[-1]), jnp.int32(t0 + i), freqs, -1,
+            logits, cache = step(cfg, params, cache, jnp.asarray(out[-1]), jnp.asarray(lengths + i), freqs,
                                  prefill=False, mesh=mesh)
         else:  # the frequencies moved: rebuild the whole cache with them
-            freqs = new
-            logits, cache = _prefill(net_cfg, params, cache, np.concatenate(out, axis=1), freqs, mesh)
+            freqs, made = new, np.concatenate(out, axis=1)
+            logits, cache = _prefill(cfg, params, cache, [np.concatenate([p, m]) for p, m in zip(prompts, made)],
+                                     freqs, mesh)
     return np.concatenate(out, axis=1)
 
 
 def _same(a: tuple, b: tuple) -> bool:
-    return a[1] == b[1] and all(np.array_equal(x, y) for x, y in zip(a[0], b[0], strict=True))
+    return np.array_equal(a[1], b[1]) and all(np.array_equal(x, y) for x, y in zip(a[0], b[0], strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:

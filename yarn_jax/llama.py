@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from yarn_jax import attention, sharding
 from yarn_jax import rope as rope_lib
-from yarn_jax.attention import reference
+from yarn_jax.attention import decode, reference
 from yarn_jax.config import LlamaConfig
 from yarn_jax.execution import Remat
 
@@ -64,22 +64,22 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """GQA self-attention; the kernels are pluggable behind one signature: `attend` for whole sequences
-    (training, prefill), `attend_cache` for a few new tokens against the KV cache (masks by slot). The
+    """GQA self-attention; the kernels are pluggable: `attend` for whole sequences (training, prefill),
+    `attend_cache` for a few new tokens against the KV cache (`attention.decode`'s signature). The
     family switches: q/k/v and o biases, per-head RMSNorm of q and k before RoPE, the sliding window.
     Activations are constrained to their logical axes on `mesh` (none: no constraints)."""
 
     cfg: LlamaConfig
     attend: Callable[..., jax.Array]
-    attend_cache: Callable[..., jax.Array] = reference.attention
+    attend_cache: Callable[..., jax.Array] = decode.attention_xla
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, index, kv=None, cache=None, prefill=False):  # x [B, T, D]
-        """kv/cache (generation): `kv` = (segment_ids, token index, slot) of all cache slots, `cache` = this
-        layer's (k, v) [B, S, K, H], keys after RoPE; the new tokens go to slots slot..slot+T. prefill: the
-        new tokens are the whole sequence (from slot 0), so they attend to each other with `attend`.
-        Returns (out, cache)."""
+    def __call__(self, x, cos, sin, segment_ids, index, kv=None, cache=None, layer=None, prefill=False):
+        """x [B, T, D]. kv/cache (generation): `kv` = (segment_ids, token index [B, S] of all cache slots,
+        slot [B]: where each row's new tokens go), `cache` = every layer's (k, v) [L, B, S, K, H], keys after
+        RoPE, this one's at `layer`; the new tokens go to slots slot..slot+T of their row. prefill: they
+        are the whole sequence (from slot 0), attending to each other with `attend`. Returns (out, cache)."""
         c, dtype = self.cfg, self.cfg.execution.dtype
         d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         q = self._project(x, "q", (d, n, h), "heads")  # [B, T, N, H]
@@ -97,12 +97,12 @@ class Attention(nn.Module):
             out = self.attend(q, k_, v, segment_ids, segment_ids, index, index, window=window)  # [B, T, N, H]
         else:
             kv_segment_ids, kv_index, slot = kv
-            cache = tuple(jax.lax.dynamic_update_slice_in_dim(c_, new.astype(c_.dtype), slot, axis=1)
+            cache = tuple(_write(c_, new.astype(c_.dtype), layer, None if prefill else slot)
                           for c_, new in zip(cache, (k_, v), strict=True))
             if prefill:  # the whole sequence: the model's kernel
                 out = self.attend(q, k_, v, None, None, index, index, window=window)
-            else:  # a few new tokens against the cache slots: masks by slot, which fused kernels do not take
-                out = self.attend_cache(q, cache[0], cache[1], segment_ids, kv_segment_ids, index, kv_index,
+            else:  # a few new tokens against the cache, read in place
+                out = self.attend_cache(q, cache[0], cache[1], layer, segment_ids, kv_segment_ids, index, kv_index,
                                         window=window)
         out = checkpoint_name(out, "attn_out")
         wo = _param(self, "o", (n, h, d), ("heads", "head_dim", "embed")).astype(dtype)
@@ -119,6 +119,15 @@ class Attention(nn.Module):
         if self.cfg.qkv_bias:
             y = y + _param(self, f"{name}_bias", shape[1:], (heads, "head_dim"), nn.initializers.zeros).astype(dtype)
         return y
+
+
+def _write(cache: jax.Array, new: jax.Array, layer: jax.Array, slot: jax.Array | None) -> jax.Array:
+    """cache [L, B, S, K, H] with new [B, T, K, H] written at `layer`, each row b at slots slot[b]..+T
+    (None: the whole layer, T = S), in place inside the layer loop."""
+    if slot is None:
+        return jax.lax.dynamic_update_index_in_dim(cache, new, layer, axis=0)
+    b, t = new.shape[:2]
+    return cache.at[layer, jnp.arange(b)[:, None], slot[:, None] + jnp.arange(t)].set(new, mode="promise_in_bounds")
 
 
 class Mlp(nn.Module):
@@ -139,20 +148,24 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm decoder layer; (carry, None) signature so that nn.scan can stack it."""
+    """Pre-norm decoder layer; (carry, None) signature so that nn.scan can stack it. The carry is
+    (x [B, T, D], the whole KV cache or None): the cache passes through the layer loop as one buffer that
+    each layer updates in place and reads at its own index `layer`, never sliced out and stacked again."""
 
     cfg: LlamaConfig
     attend: Callable[..., jax.Array]
-    attend_cache: Callable[..., jax.Array] = reference.attention
+    attend_cache: Callable[..., jax.Array] = decode.attention_xla
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, index, kv=None, cache=None, prefill=False):
+    def __call__(self, carry, cos, sin, segment_ids, index, kv=None, layer=None, prefill=False):
+        x, cache = carry
         attn = Attention(self.cfg, self.attend, self.attend_cache, self.mesh, name="attn")
-        y, cache = attn(RMSNorm(self.cfg, name="attn_norm")(x), cos, sin, segment_ids, index, kv, cache, prefill)
+        y, cache = attn(RMSNorm(self.cfg, name="attn_norm")(x), cos, sin, segment_ids, index, kv, cache, layer,
+                        prefill)
         x = x + y
         x = x + Mlp(self.cfg, self.mesh, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
-        return sharding.constrain(x, self.mesh, ("batch", "seq", "embed")), cache
+        return (sharding.constrain(x, self.mesh, ("batch", "seq", "embed")), cache), None
 
 
 class Cache(NamedTuple):
@@ -169,7 +182,7 @@ class Llama(nn.Module):
 
     cfg: LlamaConfig
     attend: Callable[..., jax.Array]
-    attend_cache: Callable[..., jax.Array] = reference.attention
+    attend_cache: Callable[..., jax.Array] = decode.attention_xla
     mesh: Mesh | None = None
 
     def setup(self):
@@ -193,24 +206,26 @@ class Llama(nn.Module):
         c = self.cfg
         inv_freq, factor = rope_lib.frequencies(c.rope, seq_len or tokens.shape[1], dtype=jnp.float64)  # static: exact
         x, cos, sin = self._embed(tokens, positions, (rope_lib.turn_parts(inv_freq), factor), whole_table=True)
-        x, _ = self.layers(x, cos, sin, segment_ids, index, None, None, False)
+        (x, _), _ = self.layers((x, None), cos, sin, segment_ids, index, None, None, False)
         return self.final_norm(x)
 
     def decode(self, tokens: jax.Array, *, positions: jax.Array, cache: Cache, start: jax.Array, freqs: Any,
                prefill: bool, slot_index: jax.Array | None = None) -> tuple[jax.Array, Cache]:
-        """New tokens [B, T] at token indices start..start+T-1 against the cache -> (hidden [B, T, D], the
-        cache holding them). freqs: (turn parts, attention factor) from the caller (arrays: one compilation
-        serves every length). prefill: the tokens are the whole sequence (start 0), attending to each other
-        with the model's kernel; otherwise they attend to the cache's slots. slot_index [S]: the token index
-        each slot holds (default 0..S-1; a cache split over a ring holds its slots in the ring's order)."""
+        """New tokens [B, T] at token indices start[b]..start[b]+T-1 of each row (start [B]) against the
+        cache -> (hidden [B, T, D], the cache holding them). freqs: (turn parts, attention factor) from the
+        caller (arrays: one compilation serves every length; per row when shaped [B, 1, H/2] and [B, 1, 1]).
+        prefill: the tokens are the whole sequence (start 0), attending to each other with the model's
+        kernel; otherwise they attend to the cache's slots. slot_index [S]: the token index each slot holds
+        (default 0..S-1; a cache split over a ring holds its slots in the ring's order)."""
         x, cos, sin = self._embed(tokens, positions, freqs, whole_table=prefill)
-        b, s = cache.k.shape[1:3]
+        layers, b, s = cache.k.shape[:3]
         held = jnp.arange(s, dtype=jnp.int32) if slot_index is None else slot_index  # [S]
-        slot = start if slot_index is None else jnp.argmax(held == start).astype(jnp.int32)  # of token start
+        slot = start if slot_index is None else jnp.argmax(held[None] == start[:, None], axis=1).astype(jnp.int32)
         held = jnp.broadcast_to(held, (b, s))
-        kv = ((held < start + tokens.shape[1]).astype(jnp.int32), held, slot)
+        kv = ((held < start[:, None] + tokens.shape[1]).astype(jnp.int32), held, slot)
         ones = jnp.ones(tokens.shape, jnp.int32)
-        x, (k, v) = self.layers(x, cos, sin, ones, positions, kv, tuple(cache), prefill)
+        (x, (k, v)), _ = self.layers((x, tuple(cache)), cos, sin, ones, positions, kv,
+                                     jnp.arange(layers, dtype=jnp.int32), prefill)
         return self.final_norm(x), Cache(k, v)
 
     def _embed(self, tokens, positions, freqs, *, whole_table: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -255,7 +270,7 @@ _logits.defvjp(_logits_fwd, _logits_bwd)
 
 
 def model(cfg: LlamaConfig, attend: Callable[..., jax.Array] | None = None,
-          attend_cache: Callable[..., jax.Array] = reference.attention, mesh: Mesh | None = None) -> Llama:
+          attend_cache: Callable[..., jax.Array] = decode.attention_xla, mesh: Mesh | None = None) -> Llama:
     return Llama(cfg, attend or attention.select(cfg.execution.attention), attend_cache, mesh)
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from yarn_jax.attention import block_xla, cudnn, reference, ring
+from yarn_jax.attention import block_xla, cudnn, decode, reference, ring
 from yarn_jax.attention.block import BlockKernel
 from yarn_jax.attention.sharded import per_device
 from yarn_jax.execution import AttentionImpl, Execution
@@ -77,11 +77,14 @@ def block_kernel(impl: AttentionImpl, platform: str | None = None) -> BlockKerne
 
 
 def decode_for_mesh(mesh: Mesh | None) -> AttentionFn:
-    """Attention of a few new tokens to the KV cache: the reference (masks by cache slot, which fused
-    kernels do not take), or, with the cache split over the mesh's 'seq' axis, per shard merged by lse."""
+    """Attention of a few new tokens to the whole KV cache (`decode`'s signature): flash-decoding over a
+    cache in token order (one device, or a mesh that does not split the cache), or, with the cache split
+    over the mesh's 'seq' axis in the ring's order, per shard merged by lse."""
     if ring_size(mesh) > 1:
         return ring.decode_attention(mesh)
-    return reference.attention
+    if mesh is None:
+        return decode.attention(jax.default_backend())
+    return decode.per_device(decode.attention(mesh.devices.flat[0].platform), mesh)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from yarn_jax.attention import block_xla
+from yarn_jax.attention import block_xla, decode
 from yarn_jax.attention.block import BlockKernel, Mask
 from yarn_jax.attention.sharded import specs
 from yarn_jax.attention.window import refuse
@@ -265,24 +265,25 @@ def device_work(kernel: BlockKernel, ring: int, device: int, layout: RingLayout 
 
 def decode_attention(mesh: Mesh):
     """Attention of a few new queries (on every device of SEQ_AXIS) to a KV cache split over it, with the
-    signature of yarn_jax.attention: q [B, t, N, H]; k, v [B, S, K, H] (S split); segment ids / token
-    indices [B, t] and [B, S] by cache slot (the cache may be in the ring's order). Each device attends to
-    its own slots (the XLA block kernel, masks by token index); the partial (out, lse) merge through the
-    log-sum-exp after one all-gather of [B, t, N, H + 1] per device."""
+    signature of yarn_jax.attention.decode: q [B, t, N, H]; k, v [L, B, S, K, H] (S split) read at
+    `layer`; segment ids / token indices [B, t] and [B, S] by cache slot (the cache is in the ring's
+    order). Each device attends to its own slots (the XLA block kernel, masks by token index); the partial
+    (out, lse) of the devices merge as the parts of one device's cache do (`decode.merge`), after one
+    all-gather of [B, t, N, H + 1] per device."""
     (q_spec, _, q_ids), (_, kv_spec, kv_ids) = specs(False), specs(True)
+    cache_spec = PartitionSpec(None, *kv_spec)
 
-    def local(q, k, v, q_seg, kv_seg, q_idx, kv_idx):
-        out, lse = block_xla.forward(q, k, v, Mask(True, q_seg, kv_seg, q_idx, kv_idx))  # this device's slots
+    def local(q, k, v, layer, q_seg, kv_seg, q_idx, kv_idx):
+        out, lse = block_xla.forward(q, k[layer], v[layer], Mask(True, q_seg, kv_seg, q_idx, kv_idx))  # own slots
         both = jnp.concatenate([out.astype(jnp.float32), lse.transpose(0, 2, 1)[..., None]], axis=-1)
         parts = jax.lax.all_gather(both, SEQ_AXIS)  # [R, B, t, N, H + 1]
-        outs, lses = parts[..., :-1], parts[..., -1]
-        w = jnp.exp(lses - lses.max(axis=0))  # [R, B, t, N]: shards with no visible slot weigh 0
-        return (jnp.einsum("RBTN,RBTNH->BTNH", w, outs) / w.sum(axis=0)[..., None]).astype(q.dtype)
+        return decode.merge(parts[..., :-1], parts[..., -1], axis=0).astype(q.dtype)
 
-    def attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx, *, window=None):
-        refuse(window, k.shape[1], "of a KV cache split over the mesh's seq axis: its decode has no sliding "
+    def attend(q, k, v, layer, q_seg, kv_seg, q_idx, kv_idx, *, window=None):
+        refuse(window, k.shape[2], "of a KV cache split over the mesh's seq axis: its decode has no sliding "
                "window; generate with mesh seq=1 (or a cache no longer than the window)")
-        return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, q_ids, kv_ids, q_ids, kv_ids),
-                             out_specs=q_spec, check_vma=False)(q, k, v, q_seg, kv_seg, q_idx, kv_idx)
+        in_specs = (q_spec, cache_spec, cache_spec, PartitionSpec(), q_ids, kv_ids, q_ids, kv_ids)
+        return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec,
+                             check_vma=False)(q, k, v, layer, q_seg, kv_seg, q_idx, kv_idx)
 
     return attend

@@ -195,12 +195,11 @@ def run_passkey(args) -> list[dict]:
     rows = []
     with tqdm(total=len(trial_list) * len(variants), desc="passkey", dynamic_ncols=True) as bar:
         for label, cfg, params in variants:
-            def answer(prompt, cfg=cfg, params=params):
-                out = generate.generate(cfg, params, prompt[None], passkey.ANSWER_TOKENS, eos_id=tok.eos_id,
-                                        mesh=mesh)
-                return tok.decode([int(x) for x in out[0, len(prompt):]])
+            def answer(prompts, cfg=cfg, params=params):  # one batch, each prompt its own length
+                new = generate.complete(cfg, params, prompts, passkey.ANSWER_TOKENS, eos_id=tok.eos_id, mesh=mesh)
+                return [tok.decode([int(x) for x in row]) for row in new]
 
-            rows += [{"model": label, **r} for r in passkey.score(trial_list, answer, bar)]
+            rows += [{"model": label, **r} for r in passkey.score(trial_list, answer, args.batch_size, bar)]
     _write(out, "passkey", rows)
     plots.passkey(rows, out / "passkey.png", args.depth_bins)
     for label in dict.fromkeys(r["model"] for r in rows):

@@ -118,16 +118,21 @@ def first_integer(text: str) -> int | None:
     return int(match.group()) if match else None
 
 
-def score(trial_list: list[Trial], answer: Callable[[np.ndarray], str], progress=None) -> list[dict]:
-    """One row per trial: length, depth, key, the model's answer text, the parsed integer, correct."""
+def score(trial_list: list[Trial], answer: Callable[[list[np.ndarray]], list[str]], batch: int = 1,
+          progress=None) -> list[dict]:
+    """One row per trial: length, depth, key, the model's answer text, the parsed integer, correct.
+    `answer` takes `batch` prompts at once (the last group padded with copies of its last prompt, whose
+    answers are dropped) and returns one text per prompt."""
     rows = []
-    for t in trial_list:
-        text = answer(t.prompt)
-        got = first_integer(text)
-        rows.append({"length": t.length, "depth": t.depth, "key": t.key, "answer": text, "parsed": got,
-                     "correct": got == t.key})
+    for at in range(0, len(trial_list), batch):
+        group = trial_list[at:at + batch]
+        texts = answer([t.prompt for t in group] + [group[-1].prompt] * (batch - len(group)))
+        for t, text in zip(group, texts, strict=False):
+            got = first_integer(text)
+            rows.append({"length": t.length, "depth": t.depth, "key": t.key, "answer": text, "parsed": got,
+                         "correct": got == t.key})
         if progress is not None:
-            progress.update(1)
+            progress.update(len(group))
     return rows
 
 
