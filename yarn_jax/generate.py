@@ -84,10 +84,11 @@ def row_frequencies(cfg: LlamaConfig, lengths: list[int]) -> tuple[tuple[np.ndar
 def step(cfg: LlamaConfig, params: Any, cache: Cache, tokens: jax.Array, start: jax.Array, freqs: Any,
          last: jax.Array | None = None, *, prefill: bool, mesh: Mesh | None = None) -> tuple[jax.Array, Cache]:
     """tokens [B, t] at positions start[b]..start[b]+t-1 of each row (start [B] or one number) ->
-    (logits [B, V] float32 of each row's token last[b] (None: the last of `tokens`), new cache). A prefill (start 0) fills the whole
-    cache: its `tokens` are each row's prompt padded on the right to the cache length (one compilation for
-    every prompt length), causal attention keeps the padding from touching the real tokens, whose last
-    logits `last` selects; a row's padded slots are overwritten by its new tokens before any query sees them.
+    (logits [B, V] float32 of each row's token last[b] (None: the last of `tokens`), new cache). A
+    prefill (start 0) fills the whole cache: its `tokens` are each row's prompt padded on the right to the
+    cache length (one compilation for every prompt length), causal attention keeps the padding from
+    touching the real tokens, whose last logits `last` selects; a row's padded slots are overwritten by its
+    new tokens before any query sees them.
 
     With the mesh's seq axis R > 1 the cache is split over it in the ring's order (slot j holds token
     perm[j], device i the slots of its ring block): a prefill runs the model on the permuted sequence
@@ -226,8 +227,8 @@ def _from_host(cfg, params, cache, logits, prompts, max_new, freqs_at, temperatu
                                  prefill=False, mesh=mesh)
         else:  # the frequencies moved: rebuild the whole cache with them
             freqs, made = new, np.concatenate(out, axis=1)
-            logits, cache = _prefill(cfg, params, cache, [np.concatenate([p, m]) for p, m in zip(prompts, made)],
-                                     freqs, mesh)
+            rows = [np.concatenate([p, m]) for p, m in zip(prompts, made, strict=True)]
+            logits, cache = _prefill(cfg, params, cache, rows, freqs, mesh)
     return np.concatenate(out, axis=1)
 
 
