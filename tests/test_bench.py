@@ -52,15 +52,18 @@ def test_attention_bench_times_a_ring_devices_work_and_checks_the_ring_against_t
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in result["rows"])
 
 
-def test_generate_bench_times_both_sides(tmp_path):
+def test_generate_bench_times_ours_and_both_peers(tmp_path):
+    """Two prompts of 64 tokens at once: ours and transformers eager and compiled (static cache) each
+    time a prefill and decode steps; the floor is there only on devices whose bandwidth is known."""
     from yarn_jax.bench import generate_bench
 
     out = tmp_path / "gen.json"
-    assert generate_bench.main(["--config", "configs/tiny.py", "--prompt", "64", "--new", "2", "--peer", "hf-torch",
-                                "--out", str(out)]) == 0
+    assert generate_bench.main(["--config", "configs/tiny.py", "--prompt", "64", "--batch", "2", "--new", "3",
+                                "--peer", "hf-torch,hf-compile", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["impl"] for r in rows] == ["hf-torch", "yarn_jax"]
-    assert all(r["prefill_s"] > 0 and r["decode_s"] > 0 for r in rows), rows
+    assert [r["impl"] for r in rows] == ["hf-torch", "hf-compile", "yarn_jax"], rows
+    assert all(r["prefill_s"] > 0 and r["decode_s"] > 0 and r["batch"] == 2 for r in rows), rows
+    assert rows[-1]["floor_s"] is None  # CPU: no bandwidth listed
 
 
 def test_ring_memory_bench_runs_and_temporaries_fall(tmp_path):

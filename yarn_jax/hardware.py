@@ -1,5 +1,6 @@
-"""The accelerators the project knows: peak bf16 FLOP/s of each device kind (for MFU), and the TPU chips
-and slice shapes `aot` compiles for (Cloud names to jax topology names)."""
+"""The accelerators the project knows: peak bf16 FLOP/s and memory bandwidth of each device kind (for MFU
+and decoding's memory floor), and the TPU chips and slice shapes `aot` compiles for (Cloud names to jax
+topology names)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,16 @@ from typing import Any
 
 PEAK_FLOPS = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
               "TPU v5": 459e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+# memory bandwidth in bytes/s by the vendors' datasheets: the floor of memory-bound steps (decoding)
+PEAK_BANDWIDTH = {"NVIDIA H200": 4.8e12, "NVIDIA H100 80GB HBM3": 3.35e12, "TPU v4": 1.2e12, "TPU v5 lite": 0.82e12,
+                  "TPU v5": 2.76e12, "TPU v5p": 2.76e12, "TPU v6 lite": 1.64e12}
+
+
+def peak_bandwidth(device: Any) -> float | None:
+    """Memory bandwidth of a jax device in bytes/s, None for kinds not listed (CPU)."""
+    return PEAK_BANDWIDTH.get(device.device_kind)
 
 
 def peak_flops(device: Any) -> float | None:
