@@ -42,6 +42,23 @@ def test_prompts_of_different_lengths_in_one_batch_equal_recomputation(rope):
         np.testing.assert_array_equal(row, _recomputed(cfg, params, p[None], 10, lambda n: n)[0, len(p):])
 
 
+def test_the_gpu_decode_kernel_inside_generation_equals_recomputation(monkeypatch):
+    """Generation with the Triton flash-decoding kernel (Pallas' interpreter here) inside the layer loop
+    inside the device loop: the tokens of a full recomputation."""
+    import functools
+
+    from yarn_jax import attention
+    from yarn_jax.attention import decode
+
+    monkeypatch.setattr(attention, "decode_for_mesh",
+                        lambda mesh: functools.partial(decode.attention_pallas, interpret=True))
+    cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(max_pos=64).to_dict(), dtype="float32")
+    params = yarn_jax.init_params(cfg, jax.random.key(1))
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 12))
+    np.testing.assert_array_equal(generate.generate(cfg, params, prompt, 4),
+                                  _recomputed(cfg, params, prompt, 4, lambda n: n))
+
+
 def _recomputed(cfg, params, prompt, new, scale_len):
     """The oracle: the whole sequence recomputed at every step, dynamic methods at scale_len(length)."""
     seq = np.zeros((prompt.shape[0], prompt.shape[1] + new), np.int32)  # causal: the zeros never matter

@@ -197,6 +197,11 @@ class Llama(nn.Module):
         self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                               in_axes=(nn.broadcast,) * 5 + (0, nn.broadcast), length=c.num_layers,
                               unroll=c.execution.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"},
+                              # nothing is broadcast out of the loop, so there is no constancy to check; the
+                              # check's extra trace of the body raised for a Pallas call in it (a decode step
+                              # inside generation's lax.scan; flax 0.12.10, jax 0.11.2, GPU). It stays on for
+                              # init only, whose parameter keys it splits: a seed keeps its parameters
+                              check_constancy_invariants=self.is_initializing(),
                               )(c, self.attend, self.attend_cache, self.mesh)
 
     def __call__(self, tokens: jax.Array, *, positions: jax.Array, index: jax.Array,
