@@ -53,12 +53,12 @@ def test_attention_bench_times_a_ring_devices_work_and_checks_the_ring_against_t
 
 
 def test_generate_bench_times_ours_and_both_peers(tmp_path):
-    """Two prompts of 64 tokens at once: ours and transformers eager and compiled (static cache) each
+    """Two prompts of 32 tokens at once: ours and transformers eager and compiled (static cache) each
     time a prefill and decode steps; the floor is there only on devices whose bandwidth is known."""
     from yarn_jax.bench import generate_bench
 
     out = tmp_path / "gen.json"
-    assert generate_bench.main(["--config", "configs/tiny.py", "--prompt", "64", "--batch", "2", "--new", "3",
+    assert generate_bench.main(["--config", "configs/tiny.py", "--prompt", "32", "--batch", "2", "--new", "2",
                                 "--peer", "hf-torch,hf-compile", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["impl"] for r in rows] == ["hf-torch", "hf-compile", "yarn_jax"], rows
