@@ -34,7 +34,7 @@ from typing import Any
 
 from yarn_jax import cli
 from yarn_jax.bench.real_model_report import FACTOR, FT_METHODS, SHORT, summary, tuned_label
-from yarn_jax.bench.reproduce import _eval, _machine, _spec, _train
+from yarn_jax.bench.reproduce import _eval, _machine, _spec, _train, steps_to_target
 from yarn_jax.repro import finetune_rope
 
 STAGES = ("convert", "base", "finetune", "tuned", "parity")
@@ -124,24 +124,11 @@ def evaluate(out: Path, name: str, models: list[str], plan: Plan, novels: Path, 
 
 def steps_curves(out: Path, plan: Plan, cfgs: dict[str, Any], base: Path, novels: Path, dtype: str
                  ) -> tuple[float, dict[str, list[tuple[int, float]]]]:
-    """(target, {method: [(step, truncated perplexity at the extended length)]}): the target is the base
-    model's truncated perplexity at its trained length; step 0 is the base model with the method's scaling."""
+    """(target, {method: [(step, truncated perplexity at the extended length)]}) of the fine-tuned methods
+    (`reproduce.steps_to_target` on the novels): the target is the base model's at its trained length."""
     trunc = ["--data", str(novels), "--format", "jsonl", "--docs", str(plan.docs), "--truncate", "--dtype", dtype]
     static = {m: _spec(finetune_rope(m, plan.original, FACTOR)) for m in FT_METHODS}
-    start = _eval("perplexity", out / "steps_base", ["--checkpoint", f"base={base}", "--rope", "none",
-                                                     *[a for s in static.values() for a in ("--rope", s)],
-                                                     "--lengths", f"{plan.original},{plan.extended}", *trunc])
-    target = next(r["perplexity"] for r in start if r["model"] == "base" and r["length"] == plan.original)
-    curves = {}
-    for m in FT_METHODS:
-        curves[m] = [(0, next(r["perplexity"] for r in start
-                              if r["model"] == f"base {static[m]}" and r["length"] == plan.extended))]
-        ckpt = out / f"finetune_{m}" / "checkpoints"
-        saved = range(cfgs[m].train.save_every, cfgs[m].train.steps + 1, cfgs[m].train.save_every)
-        checkpoints = [a for k in saved for a in ("--checkpoint", f"{k}={ckpt}@{k}")]
-        rows = _eval("perplexity", out / f"steps_{m}", [*checkpoints, "--lengths", str(plan.extended), *trunc])
-        curves[m] += [(int(r["model"]), r["perplexity"]) for r in rows]
-    return target, curves
+    return steps_to_target(out, base, {m: cfgs[m] for m in FT_METHODS}, static, trunc, plan.original, plan.extended)
 
 
 def parity(out: Path, hf: Path, novels: Path, plan: Plan, separate_process: bool = True) -> list[dict]:

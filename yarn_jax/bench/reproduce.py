@@ -193,7 +193,8 @@ def run_seed(out: Path, seed: int, tokenizer: str, opts: Options = Options(), sy
     t0 = time.perf_counter()
     trunc = [*common, *data, "--truncate", "--min-doc-tokens", str(lengths[-1]), "--batch-size",
              str(ev["batch_size"])]
-    target, curves = _steps_to_target(root, ft_cfgs, static, trunc, original, extended)
+    target, curves = steps_to_target(root, root / "pretrain" / "checkpoints", ft_cfgs, static, trunc, original,
+                                     extended)
     timings["steps_s"] = time.perf_counter() - t0
     results = {"seed": seed, "stride": ev["stride"], "lengths": lengths, "original": original, "extended": extended,
                "train": train, "perplexity": ppl, "passkey": pk, "target": target, "curves": curves,
@@ -213,17 +214,17 @@ def _machine() -> dict[str, str]:
     return {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "python": platform.python_version()}
 
 
-def _steps_to_target(root: Path, ft_cfgs: dict[str, Any], static: dict[str, str], trunc: list[str], original: int,
-                     extended: int) -> tuple[float, dict[str, list[tuple[int, float]]]]:
+def steps_to_target(root: Path, base: Path, ft_cfgs: dict[str, Any], static: dict[str, str], trunc: list[str],
+                    original: int, extended: int) -> tuple[float, dict[str, list[tuple[int, float]]]]:
     """(target, {method: [(step, truncated perplexity at the extended length)]}): the target is the base
-    model's truncated perplexity at its own length; step 0 is the base model with the method's scaling."""
-    pre = root / "pretrain" / "checkpoints"
-    start = _eval("perplexity", root / "steps_base", ["--checkpoint", f"base={pre}", "--rope", "none",
-                                                      *[a for m in METHODS for a in ("--rope", static[m])],
+    checkpoint's truncated perplexity at its own length; step 0 is the base with each method's scaling
+    (`static`: method -> --rope spec), then every saved step of ROOT/finetune_METHOD (`ft_cfgs`)."""
+    start = _eval("perplexity", root / "steps_base", ["--checkpoint", f"base={base}", "--rope", "none",
+                                                      *[a for spec in static.values() for a in ("--rope", spec)],
                                                       "--lengths", f"{original},{extended}", *trunc])
     target = next(r["perplexity"] for r in start if r["model"] == "base" and r["length"] == original)
     curves = {m: [(0, next(r["perplexity"] for r in start
-                           if r["model"] == f"base {static[m]}" and r["length"] == extended))] for m in METHODS}
+                           if r["model"] == f"base {spec}" and r["length"] == extended))] for m, spec in static.items()}
     for m, ft in ft_cfgs.items():
         saved = range(ft.train.save_every, ft.train.steps + 1, ft.train.save_every)
         ckpt = root / f"finetune_{m}" / "checkpoints"

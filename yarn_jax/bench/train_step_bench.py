@@ -1,11 +1,14 @@
 """The real train step on one accelerator, side by side with transformers + PyTorch.
 
-    python -m yarn_jax.bench train-step --config configs/h200_1b.py --seq 8192,32768 [--peer hf-torch]
+    python -m yarn_jax.bench train-step --config configs/h200_1b.py --seq 8192,32768 [--peer hf-torch,hf-liger]
 
 Ours: the trainer's jitted step (forward, backward, AdamW update, donated state) on random tokens; the
-median of `--steps` device-synchronised steps after 2 warm-ups. Peer (separate process, same model shape,
-bf16, SDPA attention, fused AdamW, with and without gradient checkpointing, eager and/or torch.compile):
-the same timing; then each side's best and the ratio. MFU uses (6N + 6 L d S) FLOPs per token over the
+median of `--steps` device-synchronised steps after 2 warm-ups. Peers (each in its own process, same model
+shape, bf16 weights and compute (no float32 master copy), SDPA attention, fused AdamW, with and without
+gradient checkpointing, eager and/or torch.compile): hf-torch is transformers as it comes, hf-liger the
+same after `liger_kernel.transformers.apply_liger_kernel_to_llama()` (fused RMSNorm, RoPE, SwiGLU and
+linear + cross-entropy); the same timing; then each side's best and the ratio. A peer that cannot run
+(its package missing, out of memory) is a row with the reason. MFU uses (6N + 6 L d S) FLOPs per token over the
 device's peak bf16 FLOP/s (989 TFLOP/s for H100/H200).
 
 The kernel bound (`--bound`): the step's matmul FLOPs at the measured rate of one of its GEMMs plus L times
@@ -29,7 +32,10 @@ from yarn_jax.bench import fwd_bwd, kernel_time
 PEER = r'''
 import json, statistics, sys, time, torch, transformers
 shape, seq, steps = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[5])
-remat, compiled = sys.argv[3] == "1", sys.argv[4] == "1"
+remat, compiled, liger = sys.argv[3] == "1", sys.argv[4] == "1", sys.argv[6] == "hf-liger"
+if liger:  # patches transformers' Llama classes: before the model is built
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    apply_liger_kernel_to_llama()
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 cfg = transformers.LlamaConfig(**shape, attn_implementation="sdpa", torch_dtype="bfloat16")
@@ -128,13 +134,16 @@ def ours(config, seq: int, steps: int) -> dict:
             "flops_per_token": train_step.flops_per_token(cfg, seq), "remat": cfg.execution.remat.value}
 
 
-def peer(config, seq: int, steps: int, remat: bool, compiled: bool) -> dict:
+PEERS = ("hf-torch", "hf-liger")
+
+
+def peer(config, name: str, seq: int, steps: int, remat: bool, compiled: bool) -> dict:
     m = config.model
     shape = dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
                  num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
                  head_dim=m.head_dim, max_position_embeddings=max(seq, m.max_position_embeddings))
     flags = ["1" if remat else "0", "1" if compiled else "0"]
-    r = subprocess.run([sys.executable, "-c", PEER, json.dumps(shape), str(seq), *flags, str(steps)],
+    r = subprocess.run([sys.executable, "-c", PEER, json.dumps(shape), str(seq), *flags, str(steps), name],
                        capture_output=True, text=True)
     if r.returncode:
         return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:200]}
@@ -165,16 +174,19 @@ def _print_tables(rows: list[dict], seqs: list[int], peak: float | None, compari
         mfu = f"{tps * flops.get(r['seq'], 0) / peak:.1%}" if peak and r["seq"] in flops else "-"
         program = f"{r['program_gib']:.1f}" if "program_gib" in r else "-"
         print(f"| {r['impl']} | {r['seq']} | {r['remat']} | {tps:,.0f} | {mfu} | {r['peak_gib']:.1f} | {program} |")
-    best = {(seq, impl): max((seq / r["step_s"] for r in rows if r["seq"] == seq and "step_s" in r
-                              and r["impl"].startswith(impl)), default=None)
-            for seq in seqs for impl in ("yarn_jax", "hf-torch", "kernel bound")}
+    def best(seq, kinds):  # (tokens/s, impl) of the fastest row of `kinds` at `seq`
+        ok = [(seq / r["step_s"], r["impl"]) for r in rows if r["seq"] == seq and "step_s" in r
+              and r["impl"].split()[0] in kinds]
+        return max(ok, default=(None, "-"))
+
     if comparisons:
-        print("\n| seq | yarn_jax best tokens/s | peer best tokens/s | ours / peer | ours / bound | bound / peer |")
-        print("|---|---|---|---|---|---|")
+        print("\n| seq | yarn_jax best tokens/s | best peer | its tokens/s | ours / peer | ours / bound | "
+              "bound / peer |")
+        print("|---|---|---|---|---|---|---|")
         for seq in seqs:
-            ours_, peer_, bound = (best[seq, impl] for impl in ("yarn_jax", "hf-torch", "kernel bound"))
-            print(f"| {seq} | {_tokens(ours_)} | {_tokens(peer_)} | {_ratio(ours_, peer_)} | {_ratio(ours_, bound)} "
-                  f"| {_ratio(bound, peer_)} |")
+            (ours_, _), (peer_, name), (bound, _) = (best(seq, k) for k in (("yarn_jax",), PEERS, ("kernel",)))
+            print(f"| {seq} | {_tokens(ours_)} | {name} | {_tokens(peer_)} | {_ratio(ours_, peer_)} | "
+                  f"{_ratio(ours_, bound)} | {_ratio(bound, peer_)} |")
 
 
 def main(argv: list[str]) -> int:
@@ -185,7 +197,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--config", default="configs/h200_1b.py")
     p.add_argument("--seq", type=cli.int_list, default=[8192], help="comma-separated sequence lengths")
     p.add_argument("--steps", type=cli.count(1), default=5)
-    p.add_argument("--peer", choices=["hf-torch"], default=None)
+    p.add_argument("--peer", default="", help=f"comma list of {', '.join(PEERS)} (none by default)")
     p.add_argument("--peer-modes", default="eager",
                    help="comma list of eager,compile (torch.compile; slower than eager on the H200 up to 32k and "
                         "not done compiling 64k after 7 minutes, so not run by default)")
@@ -198,16 +210,20 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(rest)
     overrides = a.set + overrides
     seqs = a.seq
+    peers = [x for x in a.peer.split(",") if x]
+    if unknown := sorted(set(peers) - set(PEERS)):
+        p.error(f"--peer: expected a comma list of {', '.join(PEERS)}, got {', '.join(unknown)}")
+    modes = a.peer_modes.split(",")
+    if bad := sorted(set(modes) - {"eager", "compile"}):
+        p.error(f"--peer-modes: expected eager and/or compile, got {', '.join(bad)}")
     rows = []
-    if a.peer:  # first, while this process holds no GPU memory (JAX preallocates most of it once started)
-        config = run_config.load(a.config, overrides)
+    config = run_config.load(a.config, overrides)
+    for name in peers:  # first, while this process holds no GPU memory (JAX preallocates most of it once started)
         for seq in seqs:
-            for mode in a.peer_modes.split(","):
-                if mode not in ("eager", "compile"):
-                    raise SystemExit(f"--peer-modes: expected eager and/or compile, got {mode!r}")
+            for mode in modes:
                 for remat in (False, True):
-                    r = peer(config, seq, a.steps, remat, mode == "compile")
-                    impl = "hf-torch" if mode == "eager" else "hf-torch compile"
+                    r = peer(config, name, seq, a.steps, remat, mode == "compile")
+                    impl = name if mode == "eager" else f"{name} compile"
                     rows.append({"impl": impl, "seq": seq, "remat": "full" if remat else "none", **r})
                     print(json.dumps(rows[-1]), flush=True)
     import jax
@@ -230,7 +246,7 @@ def main(argv: list[str]) -> int:
             cfg, _ = run_config.model_config(run_config.load(a.config, overrides))
             rows.append({"impl": "kernel bound", "seq": seq, "remat": "-", "peak_gib": 0.0, **kernel_bound(cfg, seq)})
             print(json.dumps(rows[-1]), flush=True)
-    _print_tables(rows, seqs, peak, comparisons=bool(a.peer or a.bound))
+    _print_tables(rows, seqs, peak, comparisons=bool(peers or a.bound))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(rows, indent=2))
     return 0
