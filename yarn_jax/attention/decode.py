@@ -14,7 +14,9 @@ slots [max(0, i - window + 1), i], which the token indices alone decide; the seg
 On GPU (float16 / bfloat16 caches) a Pallas Triton kernel, one program per (query row, kv head, part):
 its G query heads together against one kv head (GQA without repeating K/V), looping over the key blocks
 of its part of [begin, end) only, so slots not yet filled cost nothing. Elsewhere (CPU, TPU, float32) the
-same arithmetic in XLA over every slot, masked.
+same arithmetic in XLA over every slot, masked. The kernel uses jax.experimental.pallas.triton (Pallas'
+Triton backend, deprecated from jax 0.11 in favour of Mosaic GPU): tested with jax 0.10.2 (its
+interpreter, CPU) and 0.11.2 (compiled, H200).
 """
 
 from __future__ import annotations
