@@ -150,6 +150,20 @@ def peer(config, name: str, seq: int, steps: int, remat: bool, compiled: bool) -
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _peer_rows(config, peers: list[str], seqs: list[int], modes: list[str], steps: int) -> list[dict]:
+    """Every peer at every length and mode, with and without gradient checkpointing, one process each."""
+    rows = []
+    for name in peers:
+        for seq in seqs:
+            for mode in modes:
+                for remat in (False, True):
+                    r = peer(config, name, seq, steps, remat, mode == "compile")
+                    impl = name if mode == "eager" else f"{name} compile"
+                    rows.append({"impl": impl, "seq": seq, "remat": "full" if remat else "none", **r})
+                    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def _tokens(x: float | None) -> str:
     return f"{x:,.0f}" if x else "-"
 
@@ -216,16 +230,8 @@ def main(argv: list[str]) -> int:
     modes = a.peer_modes.split(",")
     if bad := sorted(set(modes) - {"eager", "compile"}):
         p.error(f"--peer-modes: expected eager and/or compile, got {', '.join(bad)}")
-    rows = []
-    config = run_config.load(a.config, overrides)
-    for name in peers:  # first, while this process holds no GPU memory (JAX preallocates most of it once started)
-        for seq in seqs:
-            for mode in modes:
-                for remat in (False, True):
-                    r = peer(config, name, seq, a.steps, remat, mode == "compile")
-                    impl = name if mode == "eager" else f"{name} compile"
-                    rows.append({"impl": impl, "seq": seq, "remat": "full" if remat else "none", **r})
-                    print(json.dumps(rows[-1]), flush=True)
+    # the peers first, while this process holds no GPU memory (JAX preallocates most of it once started)
+    rows = _peer_rows(run_config.load(a.config, overrides), peers, seqs, modes, a.steps)
     import jax
 
     from yarn_jax import hardware
