@@ -49,12 +49,16 @@ def _check_vjp(ring_out, ref_out, q, k, v, tol):
         np.testing.assert_allclose(a, b_, rtol=tol, atol=tol)
 
 
-GRID = [(chunks, True) for chunks in ((1024, 512), (4, 2), (2, 4))] + [((1024, 512), False)]
+# (ring size, (query chunk, kv chunk), packed segments): whole blocks over every ring size; the sub-block
+# chunkings (the XLA kernel's own loop, the same at any ring size) over a ring of 4
+GRID = [(r, (1024, 512), seg) for r in (2, 4, 8) for seg in (True, False)] + [(4, (4, 2), True), (4, (2, 4), True)]
 
 
-@pytest.mark.parametrize("chunks,segments", GRID, ids=["block", "sub-chunks", "wide-kv", "block-one-doc"])
+@pytest.mark.parametrize("ring_size,chunks,segments", GRID,
+                         ids=[f"ring{r}-" + {(4, 2): "sub-chunks", (2, 4): "wide-kv"}.get(c, "block" if s else
+                                                                                          "block-one-doc")
+                              for r, c, s in GRID])
 @pytest.mark.parametrize("layout", list(RingLayout))
-@pytest.mark.parametrize("ring_size", [2, 4, 8])
 def test_ring_forward_and_grad_equal_reference(ring_size, layout, chunks, segments, monkeypatch):
     """The XLA block kernel in the ring, GQA (4 query heads, 2 kv heads), float32; packed segments with
     three chunkings of the blocks, one document per row (the fused kernels' case) with whole blocks."""
