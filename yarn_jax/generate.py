@@ -140,6 +140,8 @@ def complete(cfg: LlamaConfig, params: Any, prompts: list[np.ndarray], max_new: 
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("prompt: expected at least one prompt of at least one token")
     b = len(prompts)
+    if max_new == 0:
+        return np.zeros((b, 0), np.int32)
     slots = cache_length(max(len(p) for p in prompts) + max_new, sharding.ring_size(mesh))
     check_cache_fits(cfg, b, slots, mesh)
     cache = init_cache(cfg, b, slots)
