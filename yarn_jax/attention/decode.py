@@ -71,7 +71,7 @@ def attention_xla(q, k, v, layer, q_seg, kv_seg, q_idx, kv_idx, *, window=None):
     """The XLA form (any platform): see the module docstring."""
     b, t, n, h = q.shape
     kh = k.shape[3]
-    k, v = k[layer], v[layer]  # read by the dots below, fused into them
+    k, v = k[layer], v[layer]  # [B, S, K, H]: this layer's slice of the carried cache
     lo_hi = bounds(q_idx, window)
     slots = jnp.arange(k.shape[1], dtype=jnp.int32)
     seen = (slots >= lo_hi[..., :1]) & (slots < lo_hi[..., 1:])  # [B, t, S]

@@ -17,7 +17,6 @@ the prefill), after one untimed run of the same shapes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -142,8 +141,8 @@ def _table(rows: list[dict]) -> list[str]:
 def main(argv: list[str]) -> int:
     from yarn_jax import cli, run_config
 
-    p = argparse.ArgumentParser(prog="python -m yarn_jax.bench generate",
-                                epilog="--config.KEY=VALUE overrides any key of the run config")
+    p = cli.ArgumentParser(prog="python -m yarn_jax.bench generate",
+                           epilog="--config.KEY=VALUE overrides any key of the run config")
     p.add_argument("--config", default="configs/h200_1b.py", help="the run config whose model shape is timed")
     p.add_argument("--prompt", default="32768", type=cli.int_list, help="comma list of prompt lengths")
     p.add_argument("--batch", default="1", type=cli.int_list, help="comma list of batch sizes (prompts at once)")
