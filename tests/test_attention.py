@@ -198,6 +198,16 @@ def test_flash_decoding_equals_the_float32_reference(form, b, t, n, kh, h, s, wi
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol[0], atol=tol[1])
 
 
+def test_flash_decoding_parts_fill_the_gpu_with_whole_blocks():
+    """~1024 programs (rows x kv heads x parts), each part at least two key blocks of a full cache."""
+    from yarn_jax.attention import decode
+
+    assert decode.splits(4, 33024) == 129  # batch 1, 4 kv heads, a 32k cache: 258 blocks
+    assert decode.splits(4, 131328) == 256  # 128k: the program count decides
+    assert decode.splits(64, 33024) == 16  # batch 16
+    assert decode.splits(4, 256) == 1 and decode.splits(2048, 1 << 20) == 1
+
+
 def test_decode_merge_is_the_softmax_over_all_parts():
     """Splitting the keys anywhere and merging the parts' (out, lse) gives softmax attention over all of
     them; a part that saw nothing (lse = MASK_VALUE) weighs 0."""

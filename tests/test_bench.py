@@ -32,6 +32,19 @@ def test_train_step_bench_prints_both_sides_and_the_ratio(tmp_path, capsys):
             f"{bound / peer:.2f}x |" in printed)
 
 
+def test_profile_decode_runs_to_its_trace(capsys):
+    """`bench profile --decode` prefills and runs the device loop under the profiler; on CPU the trace
+    holds no GPU kernels, which it says in one line. Kernel names are summed without XLA's numbering."""
+    from yarn_jax import cli
+    from yarn_jax.bench import profile_step
+
+    argv = ["--config", "configs/tiny.py", "--decode", "--seq", "40", "--steps", "1"]
+    assert cli.run(lambda: profile_step.main(argv)) == cli.FAILED
+    assert "no GPU stream kernels (cpu: profiles need a GPU)" in capsys.readouterr().err
+    assert [profile_step.stem(k) for k in ("loop_add_fusion_20", "gemm_fusion_dot.287", "memcpy128")] == [
+        "loop_add_fusion", "gemm_fusion_dot", "memcpy128"]
+
+
 def test_mosaic_probe_records_every_kernel_it_tries(tmp_path):
     """On CPU neither cuDNN nor Mosaic GPU exists: every attempt must come back as a row with its error,
     and the file must be written (on a GPU the same rows carry times)."""

@@ -107,6 +107,31 @@ def test_the_device_loop_in_chunks_equals_one_chunk(monkeypatch):
     assert (stopped[0, 13:] == eos).all() and stopped.shape == (1, 30) and len(chunks) == 1
 
 
+def test_a_decode_step_on_per_layer_weights_equals_the_layer_loop():
+    """The decode loop's form, each layer's weights apart (`llama.unstack_layers`, the layers unrolled) at
+    batch 1 (one row, which `projection.dot` pads to two), gives the logits and cache of the stacked layer
+    loop that the host loop and the prefill run."""
+    import jax.numpy as jnp
+
+    from yarn_jax.llama import unstack_layers
+
+    cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(rope_scaling=ROPES["yarn"], max_pos=64).to_dict(),
+                                       dtype="float32")
+    params = jax.tree.map(lambda x: x * 4, yarn_jax.init_params(cfg, jax.random.key(1)))
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, 9)
+    freqs = generate.row_frequencies(cfg, [9])
+    outs = []
+    for p in (params, unstack_layers(params)):
+        logits, cache = generate._prefill(cfg, params, generate.init_cache(cfg, 1, 256), [prompt], freqs, None)
+        nxt = jnp.argmax(logits, axis=-1)[:, None].astype(jnp.int32)
+        outs.append(generate.step(cfg, p, cache, nxt, jnp.asarray([9]), freqs, prefill=False))
+    (want, want_cache), (got, got_cache) = outs
+    assert len(unstack_layers(params)["layers"]) == cfg.num_layers
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_cache, want_cache, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 SEQ_MESHES = [("dynamic_yarn", dict(data=2, fsdp=2, tensor=2)), ("yarn", dict(seq=4, fsdp=2)),
               ("dynamic_yarn", dict(seq=4, fsdp=2)), ("dynamic_yarn", dict(seq=2, tensor=2, fsdp=2)),
               ("dynamic_yarn", dict(data=2, seq=4))]

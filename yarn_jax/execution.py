@@ -62,6 +62,7 @@ class Execution:
     attention: AttentionImpl = AttentionImpl.AUTO
     ring_layout: RingLayout = RingLayout.ZIGZAG
     scan_unroll: int = 1  # layers per iteration of the scan over layers (num_layers: no loop, only with remat none)
+    fp8: bool = False  # the layers' projections as FP8 GEMMs (llama.fp8_dot; for Hopper GPUs), off by default
 
     def __post_init__(self):
         set_ = functools.partial(set_field, self)
@@ -71,6 +72,9 @@ class Execution:
         set_("attention", member("attention", AttentionImpl, self.attention))
         set_("ring_layout", member("ring_layout", RingLayout, self.ring_layout))
         set_("scan_unroll", number("scan_unroll", self.scan_unroll, integer=True, gt=0))
+        if not isinstance(self.fp8, bool | np.bool_):
+            raise ValueError(f"fp8: expected true or false, got {self.fp8!r}")
+        set_("fp8", bool(self.fp8))
 
     def replace(self, **changes: Any) -> Execution:
         return dataclasses.replace(self, **changes)

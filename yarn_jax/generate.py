@@ -32,7 +32,7 @@ from yarn_jax import attention, sharding
 from yarn_jax import rope as rope_lib
 from yarn_jax import scaling as scaling_lib
 from yarn_jax.config import LlamaConfig
-from yarn_jax.llama import Cache, Llama, model, param_shardings
+from yarn_jax.llama import Cache, Llama, model, param_shardings, unstack_layers
 
 CACHE_BUCKET = 256  # cache lengths round up to a multiple: prompts of similar length share compilations
 
@@ -174,6 +174,8 @@ def decode_chunk(cfg: LlamaConfig, params: Any, cache: Cache, logits: jax.Array,
     before its position start[b]: each picked (greedy, or sampled at `temperature` with a key split per
     token, as the host loop does), rows `done` (past EOS) emit `eos`, then fed through the cached model.
     Returns (tokens [B, chunk], the next logits, cache, key, done)."""
+    params = unstack_layers(params)  # once per chunk, outside the steps (see unstack_layers)
+
     def body(carry, _):
         logits, cache, pos, key, done = carry
         key, sub = jax.random.split(key)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from yarn_jax import attention, sharding
+from yarn_jax import attention, projection, sharding
 from yarn_jax import rope as rope_lib
 from yarn_jax.attention import decode, reference
 from yarn_jax.config import LlamaConfig
@@ -106,7 +106,8 @@ class Attention(nn.Module):
                                         window=window)
         out = checkpoint_name(out, "attn_out")
         wo = _param(self, "o", (n, h, d), ("heads", "head_dim", "embed")).astype(dtype)
-        out = jnp.einsum("BTNH,NHD->BTD", out, wo)
+        # as one [N * H, D] matrix (a free reshape), a GEMM like the others (`projection.dot`)
+        out = projection.dot(out.reshape(*out.shape[:2], n * h), wo.reshape(n * h, d), c.execution.fp8)
         if c.o_bias:
             out = out + _param(self, "o_bias", (d,), ("embed",), nn.initializers.zeros).astype(dtype)
         return out, cache
@@ -115,7 +116,8 @@ class Attention(nn.Module):
         """x [B, T, D] @ w [D, heads, H] (+ bias [heads, H] when the family has one) -> [B, T, heads, H]."""
         dtype = self.cfg.execution.dtype
         w = _param(self, name, shape, ("embed", heads, "head_dim")).astype(dtype)
-        y = jnp.einsum("BTD,DNH->BTNH", x, w)
+        y = projection.dot(x, w.reshape(shape[0], -1), self.cfg.execution.fp8)  # [B, T, heads * H]: 2-D, see o
+        y = y.reshape(*x.shape[:2], *shape[1:])
         if self.cfg.qkv_bias:
             y = y + _param(self, f"{name}_bias", shape[1:], (heads, "head_dim"), nn.initializers.zeros).astype(dtype)
         return y
@@ -142,9 +144,10 @@ class Mlp(nn.Module):
         gate = _param(self, "gate", (c.hidden_size, c.intermediate_size), ("embed", "mlp")).astype(dtype)
         up = _param(self, "up", (c.hidden_size, c.intermediate_size), ("embed", "mlp")).astype(dtype)
         down = _param(self, "down", (c.intermediate_size, c.hidden_size), ("mlp", "embed")).astype(dtype)
-        hidden = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, gate)) * jnp.einsum("BTD,DF->BTF", x, up)
+        fp8 = c.execution.fp8
+        hidden = jax.nn.silu(projection.dot(x, gate, fp8)) * projection.dot(x, up, fp8)
         hidden = sharding.constrain(hidden, self.mesh, ("batch", "seq", "mlp"))  # [B, T, F]
-        return jnp.einsum("BTF,FD->BTD", hidden, down)
+        return projection.dot(hidden, down, fp8)
 
 
 class Block(nn.Module):
@@ -221,7 +224,8 @@ class Llama(nn.Module):
         caller (arrays: one compilation serves every length; per row when shaped [B, 1, H/2] and [B, 1, 1]).
         prefill: the tokens are the whole sequence (start 0), attending to each other with the model's
         kernel; otherwise they attend to the cache's slots. slot_index [S]: the token index each slot holds
-        (default 0..S-1; a cache split over a ring holds its slots in the ring's order)."""
+        (default 0..S-1; a cache split over a ring holds its slots in the ring's order). The parameters'
+        layers may be stacked (the layer loop) or per layer (`unstack_layers`: the layers unrolled)."""
         x, cos, sin = self._embed(tokens, positions, freqs, whole_table=prefill)
         layers, b, s = cache.k.shape[:3]
         held = jnp.arange(s, dtype=jnp.int32) if slot_index is None else slot_index  # [S]
@@ -229,8 +233,15 @@ class Llama(nn.Module):
         held = jnp.broadcast_to(held, (b, s))
         kv = ((held < start[:, None] + tokens.shape[1]).astype(jnp.int32), held, slot)
         ones = jnp.ones(tokens.shape, jnp.int32)
-        (x, (k, v)), _ = self.layers((x, tuple(cache)), cos, sin, ones, positions, kv,
-                                     jnp.arange(layers, dtype=jnp.int32), prefill)
+        per_layer = self.variables["params"]["layers"]
+        if isinstance(per_layer, tuple):  # `unstack_layers`: each layer's weights where they lie, no slicing
+            carry, block = (x, tuple(cache)), Block(self.cfg, self.attend, self.attend_cache, self.mesh, parent=None)
+            for i, p in enumerate(per_layer):
+                carry, _ = block.apply({"params": p}, carry, cos, sin, ones, positions, kv, jnp.int32(i), prefill)
+            x, (k, v) = carry
+        else:
+            (x, (k, v)), _ = self.layers((x, tuple(cache)), cos, sin, ones, positions, kv,
+                                         jnp.arange(layers, dtype=jnp.int32), prefill)
         return self.final_norm(x), Cache(k, v)
 
     def _embed(self, tokens, positions, freqs, *, whole_table: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -248,30 +259,17 @@ class Llama(nn.Module):
         """Hidden states [..., D] -> logits [..., V] in float32."""
         c = self.cfg
         w = self.embedding.T if c.tie_word_embeddings else self.lm_head  # [D, V]
-        return _logits(x, w.astype(c.execution.dtype))
+        return projection.logits(x, w.astype(c.execution.dtype))
 
 
-@jax.custom_vjp
-def _logits(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., D] @ w [D, V] -> [..., V] float32 (accumulated and returned in float32).
-
-    The backward casts the logits' cotangent to the inputs' dtype, so both backward matmuls run in it
-    (bf16) like every other matmul of the step; plain autodiff would run them in float32, since the
-    cotangent of a float32 result is float32."""
-    return jnp.einsum("...D,DV->...V", x, w, preferred_element_type=jnp.float32)
-
-
-def _logits_fwd(x, w):
-    return _logits(x, w), (x, w)
-
-
-def _logits_bwd(res, g):  # g [..., V] float32
-    x, w = res
-    g = g.astype(x.dtype)
-    return jnp.einsum("...V,DV->...D", g, w), jnp.einsum("...D,...V->DV", x, g).astype(w.dtype)
-
-
-_logits.defvjp(_logits_fwd, _logits_bwd)
+def unstack_layers(params: Any) -> Any:
+    """The parameter tree with its stacked layers [L, ...] as a tuple of L per-layer trees, for
+    `Llama.decode`. On GPU, XLA copies a layer's slice of a stacked weight out before a GEMM reads it (a
+    decode step would read its MLP weights three times over); separate arrays are read where they lie.
+    Costs one copy of the layers' weights, so a decode loop makes it once, outside its steps."""
+    stacked = params["layers"]
+    count = jax.tree.leaves(stacked)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda w, i=i: w[i], stacked) for i in range(count))}
 
 
 def model(cfg: LlamaConfig, attend: Callable[..., jax.Array] | None = None,

@@ -1,4 +1,4 @@
-"""Attention of a few new tokens to the KV cache (flash-decoding): the filled slots in SPLITS parts, one
+"""Attention of a few new tokens to the KV cache (flash-decoding): the filled slots in parts (`splits`), one
 partial output and log-sum-exp per part from a single pass over its keys and values in the cache's own
 dtype (float32 accumulation), the parts merged in float32 by `merge`, the same merge the seq-sharded
 decode (`ring.decode_attention`) applies across devices.
@@ -31,7 +31,7 @@ from jax.sharding import Mesh, PartitionSpec
 from yarn_jax.attention import reference
 from yarn_jax.attention.sharded import specs
 
-SPLITS = 32  # parts of the filled slots per (row, kv head): with B x K programs each, enough to fill a GPU
+PROGRAMS = 1024  # programs the GPU kernel aims for (rows x kv heads x parts): several per SM, loads overlapping
 BLOCK = 128  # keys per block of the GPU kernel (the cache length, a multiple of 256, is whole blocks)
 XLA_PART = 512  # slots per part of the XLA form
 
@@ -119,6 +119,12 @@ def _kernel(lo_hi_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block:
     lse_ref[...] = jnp.where(l_ > 0, m + jnp.log(jnp.maximum(l_, 1e-30)), reference.MASK_VALUE)
 
 
+def splits(programs: int, slots: int) -> int:
+    """Parts per (query row, kv head) for `programs` of those over a cache of `slots`: PROGRAMS in all,
+    each part at least two key blocks of a full cache."""
+    return max(1, min(PROGRAMS // programs, slots // (2 * BLOCK)))
+
+
 def fits_kernel(h: int, s: int) -> bool:
     """Shapes the GPU kernel takes: a power-of-two head dim of at least 16, whole key blocks."""
     return h >= 16 and h & (h - 1) == 0 and s % BLOCK == 0
@@ -136,9 +142,10 @@ def attention_pallas(q, k, v, layer, q_seg, kv_seg, q_idx, kv_idx, *, window=Non
     rows = b * t
     qr = jnp.pad(q.reshape(rows, kh, g, h), ((0, 0), (0, 0), (0, gp - g), (0, 0))).astype(k.dtype)
     lo_hi = bounds(q_idx, window).reshape(rows, 2)
+    parts = splits(rows * kh, s)
     outs, lses = pl.pallas_call(
-        functools.partial(_kernel, block=BLOCK, splits=SPLITS),
-        grid=(rows, kh, SPLITS),
+        functools.partial(_kernel, block=BLOCK, splits=parts),
+        grid=(rows, kh, parts),
         in_specs=[pl.BlockSpec((None, 2), lambda r, j, p: (r, 0)),
                   pl.BlockSpec((1,), lambda r, j, p: (0,)),
                   pl.BlockSpec((None, None, gp, h), lambda r, j, p: (r, j, 0, 0)),
@@ -146,8 +153,8 @@ def attention_pallas(q, k, v, layer, q_seg, kv_seg, q_idx, kv_idx, *, window=Non
                   pl.BlockSpec((layers, None, s, None, h), lambda r, j, p: (0, r // t, 0, j, 0))],
         out_specs=[pl.BlockSpec((None, None, None, gp, h), lambda r, j, p: (r, j, p, 0, 0)),
                    pl.BlockSpec((None, None, None, gp), lambda r, j, p: (r, j, p, 0))],
-        out_shape=[jax.ShapeDtypeStruct((rows, kh, SPLITS, gp, h), jnp.float32),
-                   jax.ShapeDtypeStruct((rows, kh, SPLITS, gp), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct((rows, kh, parts, gp, h), jnp.float32),
+                   jax.ShapeDtypeStruct((rows, kh, parts, gp), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret, name="flash_decode",
     )(lo_hi, jnp.reshape(layer, (1,)).astype(jnp.int32), qr, k, v)

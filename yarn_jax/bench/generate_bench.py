@@ -174,5 +174,7 @@ def main(argv: list[str]) -> int:
     print("\n".join(_table(rows)))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                                       "date": time.strftime("%Y-%m-%d"),
+                                       "command": " ".join(["python -m yarn_jax.bench generate", *argv]),
                                        "new": a.new, "rows": rows}, indent=2))
     return 0

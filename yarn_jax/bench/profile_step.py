@@ -1,16 +1,20 @@
-"""Where the train step's time goes on the device: GPU kernel time by kind and the costliest kernels.
+"""Where a step's time goes on the device: GPU kernel time by kind and the costliest kernels.
 
     python -m yarn_jax.bench profile --config configs/h200_1b.py --seq 8192 [--config.model.remat=attention]
+    python -m yarn_jax.bench profile --config configs/h200_1b.py --decode --seq 32768 [--batch 1]
 
-Traces `--steps` steps of the benchmark's step (after 2 warm-ups) with jax.profiler, reads the trace back
-(jax.profiler.ProfileData) and sums the kernels of the device's streams. Kinds: matmul (cuBLAS/cuBLASLt/
-CUTLASS/nvjet), attention (cuDNN), memory (copies, sets), fusion (XLA's own kernels: elementwise, reductions,
-Triton). Prints per-step milliseconds and shares of the step's wall time; writes the table as JSON.
+Traces `--steps` steps (after 2 warm-ups) with jax.profiler, reads the trace back (jax.profiler.ProfileData)
+and sums the kernels of the device's streams. A step is the train-step benchmark's step, or with
+`--decode` one new token of generation (`generate.decode_chunk`, as `bench generate` times it) after a
+`--seq`-token prompt: its kernels' time against its wall time shows what the step spends between kernels.
+Kinds: matmul (cuBLAS/cuBLASLt/CUTLASS/nvjet), attention (cuDNN, flash-decoding), memory (copies, sets),
+fusion (XLA's own kernels: elementwise, reductions, Triton). Kernels are summed by name without XLA's
+numbering (`stem`: an unrolled layer's fusions are numbered apart). Prints per-step milliseconds and
+shares of the step's wall time; writes the table as JSON.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import re
@@ -21,6 +25,12 @@ from pathlib import Path
 KINDS = (("attention", re.compile(r"cudnn|fmha|flash|sdpa", re.I)),
          ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_", re.I)),
          ("memory", re.compile(r"memcpy|memset|copy", re.I)))
+
+
+def stem(kernel: str) -> str:
+    """The kernel's name without XLA's numbering (`loop_add_fusion_20` -> `loop_add_fusion`): with the
+    layers unrolled each layer's copy of a fusion has its own number."""
+    return re.sub(r"([._]\d+)+$", "", kernel)
 
 
 def kind(kernel: str) -> str:
@@ -44,17 +54,95 @@ def kernel_times(xplane: str) -> tuple[dict[str, float], dict[str, int]]:
     return dict(total), dict(count)
 
 
-def main(argv: list[str]) -> int:
-    import jax
+def _train(config, seq: int):
+    """(run one step, finish: block on the last) for the train-step benchmark's step."""
     import jax.numpy as jnp
 
-    from yarn_jax import run_config
     from yarn_jax.bench.train_step_bench import setup
 
-    p = argparse.ArgumentParser(prog="python -m yarn_jax.bench profile")
+    _, step, state, batch = setup(config, seq)
+    one, last = jnp.float32(1.0), {}
+
+    def run():
+        nonlocal state
+        state, last["m"] = step(state, batch, one)
+
+    return run, lambda: float(last["m"]["loss"]), step.as_text
+
+
+def _decode(config, prompt: int, batch: int):
+    """(run DECODE_CHUNK decode steps, finish, HLO text) after one prefill of `prompt` random tokens per row."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from yarn_jax import generate, scaling
+    from yarn_jax.bench.generate_bench import _model
+    from yarn_jax.llama import init_params
+
+    chunk = generate.DECODE_CHUNK
+    cfg = _model(config, prompt, 8 * chunk)  # room for the warm-ups and the traced steps
+    params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(0))
+    net = cfg.replace(rope_scaling=scaling.Default())  # as `complete` compiles it
+    rows = list(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt)).astype(np.int32))
+    freqs = generate.row_frequencies(cfg, [prompt] * batch)
+    cache = generate.init_cache(cfg, batch, generate.cache_length(prompt + 8 * chunk))
+    logits, cache = generate._prefill(net, params, cache, rows, freqs, None)
+    state = {"logits": logits, "cache": cache, "key": jax.random.key(0), "done": jnp.zeros(batch, bool),
+             "start": prompt}
+
+    def args():
+        return (net, params, state["cache"], state["logits"], jnp.full(batch, state["start"], jnp.int32), freqs,
+                state["key"], jnp.float32(1.0), state["done"], jnp.int32(-1))
+
+    def run():
+        tokens, state["logits"], state["cache"], state["key"], state["done"] = generate.decode_chunk(
+            *args(), chunk=chunk, sample=False, mesh=None)
+        state["start"] += chunk
+        state["tokens"] = tokens
+
+    hlo = lambda: generate.decode_chunk.lower(*args(), chunk=chunk, sample=False, mesh=None).compile().as_text()  # noqa: E731
+    return run, lambda: np.asarray(state["tokens"]), hlo
+
+
+def _trace(run, finish, calls: int) -> tuple[float, collections.Counter, collections.Counter, collections.Counter]:
+    """(wall seconds per call, kernel ns by kind, by name stem, launches by name stem) over `calls` traced."""
+    import jax
+
+    from yarn_jax import cli
+
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        t = time.perf_counter()
+        for _ in range(calls):
+            run()
+        finish()
+        wall = (time.perf_counter() - t) / calls
+        jax.profiler.stop_trace()
+        (xplane,) = Path(d).rglob("*.xplane.pb")
+        total, count = kernel_times(str(xplane))
+    if not total:
+        raise cli.RunError(f"profile: the trace holds no GPU stream kernels ({jax.devices()[0].platform}: "
+                           "profiles need a GPU)")
+    by_kind, by_stem, launches = collections.Counter(), collections.Counter(), collections.Counter()
+    for name, ns in total.items():
+        by_kind[kind(name)] += ns
+        by_stem[stem(name)] += ns
+        launches[stem(name)] += count[name]
+    return wall, by_kind, by_stem, launches
+
+
+def main(argv: list[str]) -> int:
+    import jax
+
+    from yarn_jax import cli, generate, run_config
+
+    p = cli.ArgumentParser(prog="python -m yarn_jax.bench profile")
     p.add_argument("--config", default="configs/h200_1b.py")
-    p.add_argument("--seq", type=int, default=8192)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--seq", type=int, default=8192, help="tokens per step (--decode: the prompt's length)")
+    p.add_argument("--decode", action="store_true", help="profile generation's decode steps, not a train step")
+    p.add_argument("--batch", type=int, default=1, help="--decode: prompts at once")
+    p.add_argument("--steps", type=int, default=3, help="steps traced (--decode: chunks of DECODE_CHUNK tokens)")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="the old spelling of --config.KEY=VALUE (kept for one release)")
@@ -63,42 +151,37 @@ def main(argv: list[str]) -> int:
     overrides, rest = run_config.split_overrides(argv)
     a = p.parse_args(rest)
     a.set += overrides
-    _, step, state, batch = setup(run_config.load(a.config, a.set), a.seq)
+    config = run_config.load(a.config, a.set)
+    run, finish, hlo = _decode(config, a.seq, a.batch) if a.decode else _train(config, a.seq)
+    per_call = generate.DECODE_CHUNK if a.decode else 1  # steps per traced call
     if a.hlo:
-        Path(a.hlo).write_text(step.as_text())
-    one = jnp.float32(1.0)
+        Path(a.hlo).write_text(hlo())
     for _ in range(2):
-        state, m = step(state, batch, one)
-    float(m["loss"])
-    with tempfile.TemporaryDirectory() as d:
-        jax.profiler.start_trace(d)
-        t = time.perf_counter()
-        for _ in range(a.steps):
-            state, m = step(state, batch, one)
-        float(m["loss"])
-        wall = (time.perf_counter() - t) / a.steps
-        jax.profiler.stop_trace()
-        (xplane,) = Path(d).rglob("*.xplane.pb")
-        total, count = kernel_times(str(xplane))
-    if not total:
-        raise SystemExit("profile: the trace holds no GPU stream kernels (is this a GPU?)")
-    by_kind = collections.Counter()
-    for name, ns in total.items():
-        by_kind[kind(name)] += ns
-    ms = lambda ns: ns / a.steps / 1e6  # noqa: E731  per step
-    print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, seq {a.seq}, {' '.join(a.set)}")
-    print(f"step wall time {wall * 1e3:.1f} ms; kernels {ms(sum(total.values())):.1f} ms")
+        run()
+    finish()
+    steps = a.steps * per_call
+    wall, by_kind, total, count = _trace(run, finish, a.steps)
+    wall /= per_call
+    ms = lambda ns: ns / steps / 1e6  # noqa: E731  per step
+    what = f"decode after {a.seq} tokens, batch {a.batch}" if a.decode else f"seq {a.seq}"
+    print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, {what}, {' '.join(a.set)}")
+    print(f"step wall time {wall * 1e3:.3f} ms; kernels {ms(sum(total.values())):.3f} ms in "
+          f"{sum(count.values()) / steps:.0f} launches")
     print("| kind | ms/step | share of wall |\n|---|---|---|")
     for k, ns in by_kind.most_common():
-        print(f"| {k} | {ms(ns):.1f} | {ms(ns) / (wall * 1e3):.1%} |")
-    print("\n| kernel | kind | calls/step | ms/step |\n|---|---|---|---|")
+        print(f"| {k} | {ms(ns):.3f} | {ms(ns) / (wall * 1e3):.1%} |")
+    print("\n| kernel (numbering dropped) | kind | calls/step | ms/step |\n|---|---|---|---|")
     top = sorted(total, key=total.get, reverse=True)[:a.top]
     for name in top:
-        print(f"| {name[:90]} | {kind(name)} | {count[name] / a.steps:.0f} | {ms(total[name]):.2f} |")
-    out = Path(a.out or f"bench_results/profile_{a.seq}.json")
+        print(f"| {name[:90]} | {kind(name)} | {count[name] / steps:.0f} | {ms(total[name]):.3f} |")
+    out = Path(a.out or f"bench_results/profile_{'decode_' if a.decode else ''}{a.seq}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"seq": a.seq, "set": a.set, "wall_ms": wall * 1e3,
+    out.write_text(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                               "date": time.strftime("%Y-%m-%d"),
+                               "command": " ".join(["python -m yarn_jax.bench profile", *argv]),
+                               "seq": a.seq, "decode": a.decode, "batch": a.batch, "set": a.set,
+                               "wall_ms": wall * 1e3, "launches": sum(count.values()) / steps,
                                "kinds_ms": {k: ms(v) for k, v in by_kind.items()},
-                               "top": [{"kernel": n, "kind": kind(n), "calls": count[n] / a.steps,
+                               "top": [{"kernel": n, "kind": kind(n), "calls": count[n] / steps,
                                         "ms": ms(total[n])} for n in top]}, indent=2))
     return 0

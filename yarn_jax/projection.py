@@ -1,0 +1,81 @@
+"""The model's matrix products: `dot` for every projection of a layer (bf16, or FP8 GEMMs with
+`fp8_dot`), `logits` for the unembedding (float32 logits, bf16 backward).
+
+    dot(x [B, T, K], w [K, F], fp8) -> [B, T, F];  logits(x [..., D], w [D, V]) -> [..., V] float32
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def dot(x: jax.Array, w: jax.Array, fp8: bool = False) -> jax.Array:
+    """x [B, T, K] @ w [K, F] -> [B, T, F]: every projection of the model (`fp8`: as `fp8_dot`). A
+    single row (a decode step at batch 1) goes in padded to two: GPU XLA turns a one-row dot under 10M
+    operand elements (q/k/v/o of a 1B model) into a multiply and a reduction, ~3x slower than the GEMM
+    that two rows get; the barrier keeps the padded row from being sliced off before the dot."""
+    b, t, k = x.shape
+    if fp8:
+        return fp8_dot(x.reshape(b * t, k), w).reshape(b, t, -1)
+    if b * t != 1:
+        return jnp.einsum("BTK,KF->BTF", x, w)
+    two = jnp.einsum("RK,KF->RF", jnp.pad(x.reshape(1, -1), ((0, 1), (0, 0))), w)  # [2, F]
+    return jax.lax.optimization_barrier(two)[:1].reshape(b, t, -1)
+
+
+def _fp8(x: jax.Array, dtype: Any) -> jax.Array:
+    """x rounded through FP8 `dtype` with one scale for the whole tensor (its amax onto the format's
+    largest finite value), back in x's dtype: the quantise-dequantise pair that XLA's GPU compiler folds
+    into an FP8 GEMM with its scales on Hopper (elsewhere a plain dot of the rounded values)."""
+    big = float(jnp.finfo(dtype).max)
+    scale = jax.lax.stop_gradient(jnp.maximum(jnp.max(jnp.abs(x)).astype(jnp.float32), 1e-12) / big)
+    q = jnp.clip(x.astype(jnp.float32) / scale, -big, big).astype(dtype)
+    return q.astype(x.dtype) * scale.astype(x.dtype)
+
+
+@jax.custom_vjp
+def fp8_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [M, K] @ w [K, F] with both operands in float8 e4m3 and the output's cotangent in e5m2 (the
+    wider range gradients need), each with a per-tensor scale from its current amax; accumulation in
+    float32 (the GEMM's), the result in x's dtype."""
+    return _fp8(x, jnp.float8_e4m3fn) @ _fp8(w, jnp.float8_e4m3fn)
+
+
+def _fp8_dot_fwd(x, w):
+    x8, w8 = _fp8(x, jnp.float8_e4m3fn), _fp8(w, jnp.float8_e4m3fn)
+    return x8 @ w8, (x8, w8)
+
+
+def _fp8_dot_bwd(res, g):  # g [M, F]
+    x8, w8 = res
+    g8 = _fp8(g, jnp.float8_e5m2)
+    return g8 @ w8.T, (x8.T @ g8).astype(w8.dtype)
+
+
+fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
+
+
+@jax.custom_vjp
+def logits(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., D] @ w [D, V] -> [..., V] float32 (accumulated and returned in float32).
+
+    The backward casts the logits' cotangent to the inputs' dtype, so both backward matmuls run in it
+    (bf16) like every other matmul of the step; plain autodiff would run them in float32, since the
+    cotangent of a float32 result is float32."""
+    return jnp.einsum("...D,DV->...V", x, w, preferred_element_type=jnp.float32)
+
+
+def _logits_fwd(x, w):
+    return logits(x, w), (x, w)
+
+
+def _logits_bwd(res, g):  # g [..., V] float32
+    x, w = res
+    g = g.astype(x.dtype)
+    return jnp.einsum("...V,DV->...D", g, w), jnp.einsum("...D,...V->DV", x, g).astype(w.dtype)
+
+
+logits.defvjp(_logits_fwd, _logits_bwd)
