@@ -35,7 +35,7 @@ COVERED = {
     ("yarn_jax.bench", "real-model"): "parse only: fine-tunes a 135M model four times (an H200's minutes); its "
                                       "parts: tests/test_real_model.py",
     ("yarn_jax.bench", "tpu-aot"): "parse only: compiles the paper's configs for several topologies",
-    ("yarn_jax.bench", "profile"): "parse only: a GPU profile",
+    ("yarn_jax.bench", "profile"): "tests/test_bench.py::test_profile_decode_runs_to_its_trace",
     ("yarn_jax.bench", "mosaic-probe"): "tests/test_bench.py::test_mosaic_probe_records_every_kernel_it_tries",
     ("launch/tpu_pod.py", "up"): "tests/test_launch.py::test_tpu_pod_up_dry_run",
     ("launch/tpu_pod.py", "logs"): "tests/test_launch.py::test_tpu_pod_other_actions",
