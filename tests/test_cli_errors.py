@@ -235,3 +235,15 @@ def test_other_commands_bad_input_is_one_line_naming_the_flag(entry, argv, setup
     assert __import__("re").search(message, lines[0]), (message, lines[0])
     assert not (tmp_path / "out" / "passkey.csv").exists()  # nothing half-written
 
+
+
+def test_an_exit_with_a_message_is_printed_in_one_line(capsys):
+    """SystemExit("...") inside a command (not argparse's, which prints its own line) is a user error:
+    its message is printed as one line, not swallowed."""
+    from yarn_jax import cli
+
+    def job():
+        raise SystemExit("--lengths: expected a comma list of integers\nsecond line")
+
+    assert cli.run(job) == cli.BAD_INPUT
+    assert capsys.readouterr().err == "error: --lengths: expected a comma list of integers second line\n"

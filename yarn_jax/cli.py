@@ -64,8 +64,10 @@ def run(fn: Callable[[], int]) -> int:
     skip_absent_tpu()
     try:
         return fn()
-    except SystemExit as e:  # argparse (--help, or its one-line refusal already printed)
-        return e.code if isinstance(e.code, int) else BAD_INPUT
+    except SystemExit as e:  # argparse (--help, or its one-line refusal already printed), or a message
+        if isinstance(e.code, str):
+            return fail(e.code)
+        return BAD_INPUT if e.code is None else e.code
     except RunError as e:
         return fail(str(e), FAILED)
     except ValueError as e:
