@@ -139,10 +139,10 @@ def main(argv: list[str]) -> int:
 
     p = cli.ArgumentParser(prog="python -m yarn_jax.bench profile")
     p.add_argument("--config", default="configs/h200_1b.py")
-    p.add_argument("--seq", type=int, default=8192, help="tokens per step (--decode: the prompt's length)")
+    p.add_argument("--seq", type=cli.count(1), default=8192, help="tokens per step (--decode: the prompt's length)")
     p.add_argument("--decode", action="store_true", help="profile generation's decode steps, not a train step")
-    p.add_argument("--batch", type=int, default=1, help="--decode: prompts at once")
-    p.add_argument("--steps", type=int, default=3, help="steps traced (--decode: chunks of DECODE_CHUNK tokens)")
+    p.add_argument("--batch", type=cli.count(1), default=1, help="--decode: prompts at once")
+    p.add_argument("--steps", type=cli.count(1), default=3, help="steps traced (--decode: 32-token chunks)")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="the old spelling of --config.KEY=VALUE (kept for one release)")
