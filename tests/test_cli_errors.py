@@ -193,7 +193,8 @@ OTHER_ROWS = [
      "--data: .* matches only directories"),
     ("passkey-seed-negative", "eval", _passkey("--seed", "-1"), None, "argument --seed: expected an integer >= 0"),
     ("generate-cache-too-large", "generate", ["--hf", "TMP/hf", "--prompt", "hi", "--max-new", "2000000000"],
-     _hf_with_tokenizer, "max_new \\(--max-new\\): a KV cache of .* GiB per device, more than"),
+     _hf_with_tokenizer, "max_new \\(--max-new\\): a KV cache of .* GiB per device and the decode loop's "
+     "copy of the layers' weights .* GiB, more than"),
     ("generate-hf-is-a-checkpoint", "generate", ["--hf", "TMP/ckpt", "--prompt", "hi"], _checkpoint,
      "ckpt/config.json: missing .*an Orbax checkpoint\\? use --checkpoint"),
     ("convert-missing-config", "convert", ["from-hf", "TMP/nothing", "TMP/ckpt"], None, "config.json: missing"),

@@ -51,18 +51,24 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> Cache:
 
 
 def check_cache_fits(cfg: LlamaConfig, batch: int, slots: int, mesh: Mesh | None) -> None:
-    """Refuses (naming max_new) a KV cache larger than its device's memory, before allocating it: the
-    cache is split over the mesh's batch and seq axes (not over tensor, which the kv heads may not fill)."""
+    """Refuses (naming max_new) a KV cache that, with the decode loop's copy of the layers' weights
+    (`unstack_layers`), is larger than its device's memory, before allocating it: the cache is split over
+    the mesh's batch and seq axes (not over tensor, which the kv heads may not fill), the weights over
+    fsdp and tensor."""
     device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
     limit = (device.memory_stats() or {}).get("bytes_limit")
     if limit is None and device.platform == "cpu":
         limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     split = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"] * sharding.ring_size(mesh)
-    need = 2 * cfg.num_layers * batch * slots * cfg.num_kv_heads * cfg.head_dim * \
+    cache = 2 * cfg.num_layers * batch * slots * cfg.num_kv_heads * cfg.head_dim * \
         np.dtype(cfg.execution.dtype).itemsize / split
-    if limit and need > limit:
+    tables = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2) + cfg.hidden_size
+    weights = (cfg.num_params() - tables) * np.dtype(cfg.execution.param_dtype).itemsize / \
+        (1 if mesh is None else mesh.shape["fsdp"] * mesh.shape["tensor"])
+    if limit and cache + weights > limit:
         raise ValueError(f"max_new (--max-new): a KV cache of {slots:,} slots x {batch} rows needs "
-                         f"{need / 2**30:,.1f} GiB per device, more than the {limit / 2**30:,.1f} GiB of "
+                         f"{cache / 2**30:,.1f} GiB per device and the decode loop's copy of the layers' weights "
+                         f"{weights / 2**30:,.1f} GiB, more than the {limit / 2**30:,.1f} GiB of "
                          f"{device.platform} memory; generate fewer tokens or split the cache (mesh seq > 1)")
 
 
