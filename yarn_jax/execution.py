@@ -62,7 +62,7 @@ class Execution:
     attention: AttentionImpl = AttentionImpl.AUTO
     ring_layout: RingLayout = RingLayout.ZIGZAG
     scan_unroll: int = 1  # layers per iteration of the scan over layers (num_layers: no loop, only with remat none)
-    fp8: bool = False  # the layers' projections as FP8 GEMMs (llama.fp8_dot; for Hopper GPUs), off by default
+    fp8: bool = False  # the layers' projections as FP8 GEMMs (projection.fp8_dot; for Hopper GPUs), off by default
 
     def __post_init__(self):
         set_ = functools.partial(set_field, self)
