@@ -198,8 +198,24 @@ def test_flash_decoding_equals_the_float32_reference(form, b, t, n, kh, h, s, wi
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol[0], atol=tol[1])
 
 
+@pytest.mark.parametrize("form", ["xla", "pallas"])
+def test_flash_decoding_of_a_token_twice_equals_it_once(form):
+    """The twin rows of a batch-1 decode step (`Llama.decode`): one token twice at the same index gives
+    that token's output on both rows (the kernel packs both into one program's query rows)."""
+    from yarn_jax.attention import decode
+
+    rng = np.random.default_rng(7)
+    q = jnp.asarray(rng.normal(size=(1, 1, 16, 32)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.normal(size=(2, 1, 512, 2, 32)), jnp.bfloat16) for _ in range(2))
+    fn = decode.attention_xla if form == "xla" else functools.partial(decode.attention_pallas, interpret=True)
+    once = fn(q, k, v, jnp.int32(1), None, None, jnp.asarray([[300]]), None)
+    twice = fn(jnp.tile(q, (1, 2, 1, 1)), k, v, jnp.int32(1), None, None, jnp.asarray([[300, 300]]), None)
+    np.testing.assert_array_equal(np.asarray(twice[:, :1], np.float32), np.asarray(once, np.float32))
+    np.testing.assert_array_equal(np.asarray(twice[:, 1:], np.float32), np.asarray(once, np.float32))
+
+
 def test_flash_decoding_parts_fill_the_gpu_with_whole_blocks():
-    """~1024 programs (rows x kv heads x parts), each part at least two key blocks of a full cache."""
+    """~1024 programs (batch rows x kv heads x parts), each part at least two key blocks of a full cache."""
     from yarn_jax.attention import decode
 
     assert decode.splits(4, 33024) == 129  # batch 1, 4 kv heads, a 32k cache: 258 blocks

@@ -73,6 +73,7 @@ class Attention(nn.Module):
     attend: Callable[..., jax.Array]
     attend_cache: Callable[..., jax.Array] = decode.attention_xla
     mesh: Mesh | None = None
+    twin: bool = False  # the new tokens are one token twice (`Llama.decode`): only the first is written
 
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids, index, kv=None, cache=None, layer=None, prefill=False):
@@ -97,8 +98,8 @@ class Attention(nn.Module):
             out = self.attend(q, k_, v, segment_ids, segment_ids, index, index, window=window)  # [B, T, N, H]
         else:
             kv_segment_ids, kv_index, slot = kv
-            cache = tuple(_write(c_, new.astype(c_.dtype), layer, None if prefill else slot)
-                          for c_, new in zip(cache, (k_, v), strict=True))
+            cache = tuple(_write(c_, (new[:, :1] if self.twin else new).astype(c_.dtype), layer,
+                                 None if prefill else slot) for c_, new in zip(cache, (k_, v), strict=True))
             if prefill:  # the whole sequence: the model's kernel
                 out = self.attend(q, k_, v, None, None, index, index, window=window)
             else:  # a few new tokens against the cache, read in place
@@ -159,11 +160,12 @@ class Block(nn.Module):
     attend: Callable[..., jax.Array]
     attend_cache: Callable[..., jax.Array] = decode.attention_xla
     mesh: Mesh | None = None
+    twin: bool = False  # see Attention.twin
 
     @nn.compact
     def __call__(self, carry, cos, sin, segment_ids, index, kv=None, layer=None, prefill=False):
         x, cache = carry
-        attn = Attention(self.cfg, self.attend, self.attend_cache, self.mesh, name="attn")
+        attn = Attention(self.cfg, self.attend, self.attend_cache, self.mesh, self.twin, name="attn")
         y, cache = attn(RMSNorm(self.cfg, name="attn_norm")(x), cos, sin, segment_ids, index, kv, cache, layer,
                         prefill)
         x = x + y
@@ -225,24 +227,37 @@ class Llama(nn.Module):
         prefill: the tokens are the whole sequence (start 0), attending to each other with the model's
         kernel; otherwise they attend to the cache's slots. slot_index [S]: the token index each slot holds
         (default 0..S-1; a cache split over a ring holds its slots in the ring's order). The parameters'
-        layers may be stacked (the layer loop) or per layer (`unstack_layers`: the layers unrolled)."""
+        layers may be stacked (the layer loop) or per layer (`unstack_layers`: the layers unrolled).
+
+        A single new token on per-layer weights (a decode step at batch 1) runs as two rows, the token
+        twice (`twin`), one barrier after the embedding so that XLA cannot see them equal: every projection
+        is then a two-row GEMM (GPU XLA turns a one-row dot into a slower multiply + reduction; see
+        `projection.dot`) with no padding or slicing around it, and the attention kernel packs the two
+        tokens' query heads into the rows its tensor-core dot has anyway. Only the first is written to the
+        cache; both attend to the same slots, so they stay equal, and the first is returned."""
+        per_layer = self.variables["params"]["layers"]
+        twin = isinstance(per_layer, tuple) and not prefill and tokens.size == 1
+        if twin:
+            tokens, positions = jnp.tile(tokens, (1, 2)), jnp.tile(positions, (1, 2))
         x, cos, sin = self._embed(tokens, positions, freqs, whole_table=prefill)
+        x = jax.lax.optimization_barrier(x) if twin else x
         layers, b, s = cache.k.shape[:3]
         held = jnp.arange(s, dtype=jnp.int32) if slot_index is None else slot_index  # [S]
         slot = start if slot_index is None else jnp.argmax(held[None] == start[:, None], axis=1).astype(jnp.int32)
         held = jnp.broadcast_to(held, (b, s))
-        kv = ((held < start[:, None] + tokens.shape[1]).astype(jnp.int32), held, slot)
+        kv = ((held < start[:, None] + (1 if twin else tokens.shape[1])).astype(jnp.int32), held, slot)
         ones = jnp.ones(tokens.shape, jnp.int32)
-        per_layer = self.variables["params"]["layers"]
         if isinstance(per_layer, tuple):  # `unstack_layers`: each layer's weights where they lie, no slicing
-            carry, block = (x, tuple(cache)), Block(self.cfg, self.attend, self.attend_cache, self.mesh, parent=None)
+            carry = (x, tuple(cache))
+            block = Block(self.cfg, self.attend, self.attend_cache, self.mesh, twin, parent=None)
             for i, p in enumerate(per_layer):
                 carry, _ = block.apply({"params": p}, carry, cos, sin, ones, positions, kv, jnp.int32(i), prefill)
             x, (k, v) = carry
         else:
             (x, (k, v)), _ = self.layers((x, tuple(cache)), cos, sin, ones, positions, kv,
                                          jnp.arange(layers, dtype=jnp.int32), prefill)
-        return self.final_norm(x), Cache(k, v)
+        x = self.final_norm(x)
+        return (jax.lax.optimization_barrier(x)[:, :1] if twin else x), Cache(k, v)
 
     def _embed(self, tokens, positions, freqs, *, whole_table: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(embeddings [B, T, D], cos, sin [B, T, H/2]: shared by all layers). whole_table: gather from the

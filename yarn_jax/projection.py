@@ -26,14 +26,21 @@ def dot(x: jax.Array, w: jax.Array, fp8: bool = False) -> jax.Array:
     return jax.lax.optimization_barrier(two)[:1].reshape(b, t, -1)
 
 
-def _fp8(x: jax.Array, dtype: Any) -> jax.Array:
-    """x rounded through FP8 `dtype` with one scale for the whole tensor (its amax onto the format's
-    largest finite value), back in x's dtype: the quantise-dequantise pair that XLA's GPU compiler folds
-    into an FP8 GEMM with its scales on Hopper (elsewhere a plain dot of the rounded values)."""
+def _quantize(x: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """x as FP8 `dtype` with one scale for the whole tensor (its amax onto the format's largest finite
+    value): (x / scale in `dtype`, scale float32), x ~ x8 * scale."""
     big = float(jnp.finfo(dtype).max)
     scale = jax.lax.stop_gradient(jnp.maximum(jnp.max(jnp.abs(x)).astype(jnp.float32), 1e-12) / big)
-    q = jnp.clip(x.astype(jnp.float32) / scale, -big, big).astype(dtype)
-    return q.astype(x.dtype) * scale.astype(x.dtype)
+    return jnp.clip(x.astype(jnp.float32) / scale, -big, big).astype(dtype), scale
+
+
+def _scaled_dot(a8: jax.Array, b8: jax.Array, scale: jax.Array, dims: tuple, dtype: Any) -> jax.Array:
+    """dot_general of two FP8 arrays (float32 accumulation), times the product of their scales, in
+    `dtype`. The operands reach XLA as FP8 arrays, so the GPU compiler emits a cuBLASLt FP8 GEMM on
+    Hopper; a quantise-dequantise pair around a bf16 dot would not do: with excess precision allowed
+    (XLA's default) the float32 -> FP8 -> bf16 conversions are folded into one and the rounding vanishes."""
+    out = jax.lax.dot_general(a8, b8, (dims, ((), ())), preferred_element_type=jnp.float32)
+    return (out * scale).astype(dtype)
 
 
 @jax.custom_vjp
@@ -45,14 +52,16 @@ def fp8_dot(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _fp8_dot_fwd(x, w):
-    x8, w8 = _fp8(x, jnp.float8_e4m3fn), _fp8(w, jnp.float8_e4m3fn)
-    return x8 @ w8, (x8, w8)
+    (x8, sx), (w8, sw) = _quantize(x, jnp.float8_e4m3fn), _quantize(w, jnp.float8_e4m3fn)
+    return _scaled_dot(x8, w8, sx * sw, ((1,), (0,)), x.dtype), (x8, sx, w8, sw, jnp.zeros((), w.dtype))
 
 
 def _fp8_dot_bwd(res, g):  # g [M, F]
-    x8, w8 = res
-    g8 = _fp8(g, jnp.float8_e5m2)
-    return g8 @ w8.T, (x8.T @ g8).astype(w8.dtype)
+    x8, sx, w8, sw, w_zero = res  # w_zero: a scalar of w's dtype (residuals are arrays)
+    g8, sg = _quantize(g, jnp.float8_e5m2)
+    dx = _scaled_dot(g8, w8, sg * sw, ((1,), (1,)), g.dtype)  # [M, K]
+    dw = _scaled_dot(x8, g8, sx * sg, ((0,), (0,)), w_zero.dtype)  # [K, F]
+    return dx, dw
 
 
 fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)

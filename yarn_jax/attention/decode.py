@@ -11,9 +11,10 @@ it. Here the cache is in token order (slot j holds token j of its row): a query 
 slots [max(0, i - window + 1), i], which the token indices alone decide; the segment ids and kv_index
 (the same order) are not read.
 
-On GPU (float16 / bfloat16 caches) a Pallas Triton kernel, one program per (query row, kv head, part):
-its G query heads together against one kv head (GQA without repeating K/V), looping over the key blocks
-of its part of [begin, end) only, so slots not yet filled cost nothing. Elsewhere (CPU, TPU, float32) the
+On GPU (float16 / bfloat16 caches) a Pallas Triton kernel, one program per (batch row, kv head, part):
+the G query heads of every new token of the row together against one kv head (GQA without repeating K/V;
+new tokens share one read of the cache), looping over the key blocks of its part of the slots its queries
+see only, so slots not yet filled cost nothing. Elsewhere (CPU, TPU, float32) the
 same arithmetic in XLA over every slot, masked. The kernel uses jax.experimental.pallas.triton (Pallas'
 Triton backend, deprecated from jax 0.11 in favour of Mosaic GPU): tested with jax 0.10.2 (its
 interpreter, CPU) and 0.11.2 (compiled, H200).
@@ -31,7 +32,7 @@ from jax.sharding import Mesh, PartitionSpec
 from yarn_jax.attention import reference
 from yarn_jax.attention.sharded import specs
 
-PROGRAMS = 1024  # programs the GPU kernel aims for (rows x kv heads x parts): several per SM, loads overlapping
+PROGRAMS = 1024  # programs the GPU kernel aims for (batch rows x kv heads x parts): several per SM, loads overlapping
 BLOCK = 128  # keys per block of the GPU kernel (the cache length, a multiple of 256, is whole blocks)
 XLA_PART = 512  # slots per part of the XLA form
 
@@ -82,29 +83,30 @@ def attention_xla(q, k, v, layer, q_seg, kv_seg, q_idx, kv_idx, *, window=None):
 # ----------------------------------------------------------------------------- the GPU kernel
 
 
-def _kernel(lo_hi_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block: int, splits: int):
-    """One (query row, kv head, part): q_ref [Gp, H]; k_ref, v_ref [L, S, H] (this row's, this head's);
-    o_ref [Gp, H], lse_ref [Gp] float32: the part's normalised output and log-sum-exp."""
+def _kernel(bounds_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block: int, splits: int):
+    """One (batch row, kv head, part): q_ref [R, H] (the row's new tokens x its G query heads, padded);
+    bounds_ref [2, R] (each query row's first and last + 1 slot); k_ref, v_ref [L, S, H] (this row's, this
+    head's); o_ref [R, H], lse_ref [R] float32: the part's normalised output and log-sum-exp."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     part = pl.program_id(2)
-    begin, end, layer = lo_hi_ref[0], lo_hi_ref[1], layer_ref[0]
-    first = begin // block
-    count = pl.cdiv(end, block) - first  # blocks holding a seen slot, split evenly over the parts
+    begins, ends, layer = bounds_ref[0, :], bounds_ref[1, :], layer_ref[0]
+    first = begins.min() // block
+    count = pl.cdiv(ends.max(), block) - first  # blocks holding a slot some query sees, split over the parts
     per = pl.cdiv(count, splits)
     lo = first + part * per
     hi = jnp.minimum(lo + per, first + count)
     q = q_ref[...]
-    g, h = q.shape
+    r, h = q.shape
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
     def body(i, carry):
         acc, m, l_ = carry
         at = pl.ds(pl.multiple_of(i * block, block), block)
-        s = plgpu.dot(q, k_ref[layer, at, :], trans_b=True, precision=precision) * h**-0.5  # [Gp, block]
-        slot = i * block + jnp.arange(block, dtype=jnp.int32)
-        s = jnp.where(((slot >= begin) & (slot < end))[None, :], s, reference.MASK_VALUE)
+        s = plgpu.dot(q, k_ref[layer, at, :], trans_b=True, precision=precision) * h**-0.5  # [R, block]
+        slot = i * block + jnp.arange(block, dtype=jnp.int32)[None, :]
+        s = jnp.where((slot >= begins[:, None]) & (slot < ends[:, None]), s, reference.MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=1))
         p = jnp.exp(s - m_new[:, None])
         fade = jnp.exp(m - m_new)
@@ -112,15 +114,15 @@ def _kernel(lo_hi_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block:
         acc = acc * fade[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return acc, m_new, l_ * fade + p.sum(axis=1)
 
-    init = (jnp.zeros((g, h), jnp.float32), jnp.full((g,), reference.MASK_VALUE, jnp.float32),
-            jnp.zeros((g,), jnp.float32))
+    init = (jnp.zeros((r, h), jnp.float32), jnp.full((r,), reference.MASK_VALUE, jnp.float32),
+            jnp.zeros((r,), jnp.float32))
     acc, m, l_ = jax.lax.fori_loop(lo, jnp.maximum(hi, lo), body, init)
     o_ref[...] = acc / jnp.maximum(l_, 1e-30)[:, None]
     lse_ref[...] = jnp.where(l_ > 0, m + jnp.log(jnp.maximum(l_, 1e-30)), reference.MASK_VALUE)
 
 
 def splits(programs: int, slots: int) -> int:
-    """Parts per (query row, kv head) for `programs` of those over a cache of `slots`: PROGRAMS in all,
+    """Parts per (batch row, kv head) for `programs` of those over a cache of `slots`: PROGRAMS in all,
     each part at least two key blocks of a full cache."""
     return max(1, min(PROGRAMS // programs, slots // (2 * BLOCK)))
 
@@ -138,28 +140,31 @@ def attention_pallas(q, k, v, layer, q_seg, kv_seg, q_idx, kv_idx, *, window=Non
     b, t, n, h = q.shape
     layers, _, s, kh, _ = k.shape
     g = n // kh
-    gp = max(16, 1 << (g - 1).bit_length())  # the query rows of a tensor-core dot: a power of two >= 16
-    rows = b * t
-    qr = jnp.pad(q.reshape(rows, kh, g, h), ((0, 0), (0, 0), (0, gp - g), (0, 0))).astype(k.dtype)
-    lo_hi = bounds(q_idx, window).reshape(rows, 2)
-    parts = splits(rows * kh, s)
+    rows = t * g  # a kv head's query rows in a batch row: its G heads of every new token, read against it once
+    rp = max(16, 1 << (rows - 1).bit_length())  # the query rows of a tensor-core dot: a power of two >= 16
+    qr = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, rows, h)
+    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rp - rows), (0, 0))).astype(k.dtype)  # [B, K, R, H]
+    none = jnp.broadcast_to(jnp.asarray([s, 0], jnp.int32), (b, rp - rows, 2))  # padding rows: no slot seen
+    lo_hi = jnp.concatenate([jnp.repeat(bounds(q_idx, window), g, axis=1), none], axis=1)  # [B, R, 2] as qr's rows
+    lo_hi = lo_hi.transpose(0, 2, 1)  # [B, 2, R]
+    parts = splits(b * kh, s)
     outs, lses = pl.pallas_call(
         functools.partial(_kernel, block=BLOCK, splits=parts),
-        grid=(rows, kh, parts),
-        in_specs=[pl.BlockSpec((None, 2), lambda r, j, p: (r, 0)),
+        grid=(b, kh, parts),
+        in_specs=[pl.BlockSpec((None, 2, rp), lambda r, j, p: (r, 0, 0)),
                   pl.BlockSpec((1,), lambda r, j, p: (0,)),
-                  pl.BlockSpec((None, None, gp, h), lambda r, j, p: (r, j, 0, 0)),
-                  pl.BlockSpec((layers, None, s, None, h), lambda r, j, p: (0, r // t, 0, j, 0)),
-                  pl.BlockSpec((layers, None, s, None, h), lambda r, j, p: (0, r // t, 0, j, 0))],
-        out_specs=[pl.BlockSpec((None, None, None, gp, h), lambda r, j, p: (r, j, p, 0, 0)),
-                   pl.BlockSpec((None, None, None, gp), lambda r, j, p: (r, j, p, 0))],
-        out_shape=[jax.ShapeDtypeStruct((rows, kh, parts, gp, h), jnp.float32),
-                   jax.ShapeDtypeStruct((rows, kh, parts, gp), jnp.float32)],
+                  pl.BlockSpec((None, None, rp, h), lambda r, j, p: (r, j, 0, 0)),
+                  pl.BlockSpec((layers, None, s, None, h), lambda r, j, p: (0, r, 0, j, 0)),
+                  pl.BlockSpec((layers, None, s, None, h), lambda r, j, p: (0, r, 0, j, 0))],
+        out_specs=[pl.BlockSpec((None, None, None, rp, h), lambda r, j, p: (r, j, p, 0, 0)),
+                   pl.BlockSpec((None, None, None, rp), lambda r, j, p: (r, j, p, 0))],
+        out_shape=[jax.ShapeDtypeStruct((b, kh, parts, rp, h), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kh, parts, rp), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret, name="flash_decode",
     )(lo_hi, jnp.reshape(layer, (1,)).astype(jnp.int32), qr, k, v)
-    out = merge(outs[:, :, :, :g], lses[:, :, :, :g], axis=2)  # [rows, K, G, H]
-    return out.reshape(b, t, n, h).astype(q.dtype)
+    out = merge(outs[:, :, :, :rows], lses[:, :, :, :rows], axis=2)  # [B, K, t * G, H]
+    return out.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q.dtype)
 
 
 def per_device(fn, mesh: Mesh):
