@@ -10,26 +10,44 @@ from yarn_jax.bench import train_step_bench
 
 
 def test_train_step_bench_prints_both_sides_and_the_ratio(tmp_path, capsys):
-    """transformers, transformers + Liger (a row with its reason where Liger's kernels cannot run, as on
-    this CPU), ours and the kernel bound; the comparison names the fastest peer that ran."""
+    """transformers, transformers + Liger, torchtitan and MaxText (a row with its reason where one cannot
+    run, as Liger's kernels and the absent torchtitan / MaxText on this CPU), ours and the kernel bound,
+    each with its setting in the config's precision; the comparison names the fastest peer that ran."""
     out = tmp_path / "rows.json"
     assert train_step_bench.main(["--config", "configs/tiny.py", "--seq", "64", "--steps", "1", "--peer",
-                                  "hf-torch,hf-liger", "--set", "model.scan_unroll=2", "--bound",
+                                  "hf-torch,hf-liger,torchtitan,maxtext", "--set", "model.scan_unroll=2", "--bound",
                                   "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [(r["impl"], r["remat"]) for r in rows] == [
-        ("hf-torch", "none"), ("hf-torch", "full"), ("hf-liger", "none"), ("hf-liger", "full"), ("yarn_jax", "none"),
-        ("kernel bound", "-")]
-    assert all(r["step_s"] > 0 for r in rows[:2] + rows[4:]), rows
-    assert all(r.get("step_s", 0) > 0 or r["error"] for r in rows[2:4]), rows  # timed, or the reason it was not
-    assert rows[4]["program_gib"] > 0
-    assert rows[5]["matmul_tflops"] > 0 and rows[5]["attention_layer_s"] > 0
+        ("hf-torch", "none"), ("hf-torch", "full"), ("hf-liger", "none"), ("hf-liger", "full"),
+        ("torchtitan", "none"), ("torchtitan", "selective"), ("maxtext", "minimal"), ("maxtext", "full"),
+        ("yarn_jax", "none"), ("kernel bound", "-")]
+    assert all(r["step_s"] > 0 for r in rows[:2] + rows[8:]), rows
+    assert all(r.get("step_s", 0) > 0 or r["error"] for r in rows[2:8]), rows  # timed, or the reason it was not
+    # configs/tiny.py computes in float32: the peer too, without autocast
+    assert rows[0]["setting"] == "float32 weights, SDPA, eager" and rows[1]["setting"].endswith("checkpointing")
+    assert rows[8]["setting"] == "float32 weights, float32 compute, auto attention"
+    assert rows[8]["program_gib"] > 0
+    assert rows[9]["matmul_tflops"] > 0 and rows[9]["attention_layer_s"] > 0
     printed = capsys.readouterr().out
-    ran = [r for r in rows[:4] if "step_s" in r]
+    ran = [r for r in rows[:8] if "step_s" in r]
     best = max(ran, key=lambda r: 64 / r["step_s"])
-    ours, peer, bound = (64 / r["step_s"] for r in (rows[4], best, rows[5]))
+    ours, peer, bound = (64 / r["step_s"] for r in (rows[8], best, rows[9]))
     assert (f"| 64 | {ours:,.0f} | {best['impl']} | {peer:,.0f} | {ours / peer:.2f}x | {ours / bound:.2f}x | "
             f"{bound / peer:.2f}x |" in printed)
+
+
+def test_peers_keep_the_precision_of_the_run_config():
+    """float32 master weights (the trainer's default) -> the transformers peer trains float32 weights
+    under bf16 autocast, torchtitan through FSDP's bf16 policy, MaxText with weight_dtype float32;
+    bf16 weights -> bf16 throughout."""
+    from yarn_jax import run_config
+    from yarn_jax.bench import train_peers
+
+    for overrides, want in (([], ("float32", "bfloat16")), (["model.param_dtype=bfloat16"], ("bfloat16", "bfloat16"))):
+        cfg, _ = run_config.model_config(run_config.load(str(ROOT / "configs/h200_1b.py"), overrides))
+        assert train_peers._dtypes(cfg) == want
+    assert train_peers._shape(cfg, 131072)["max_position_embeddings"] == 131072
 
 
 def test_profile_decode_runs_to_its_trace(capsys):

@@ -1,15 +1,16 @@
-"""The real train step on one accelerator, side by side with transformers + PyTorch.
+"""The real train step on one accelerator, side by side with the PyTorch and JAX stacks a user would pick.
 
-    python -m yarn_jax.bench train-step --config configs/h200_1b.py --seq 8192,32768 [--peer hf-torch,hf-liger]
+    python -m yarn_jax.bench train-step --config configs/h200_1b.py --seq 8192,32768 \
+        [--peer hf-torch,hf-liger,torchtitan,maxtext]
 
 Ours: the trainer's jitted step (forward, backward, AdamW update, donated state) on random tokens; the
-median of `--steps` device-synchronised steps after 2 warm-ups. Peers (each in its own process, same model
-shape, bf16 weights and compute (no float32 master copy), SDPA attention, fused AdamW, with and without
-gradient checkpointing, eager and/or torch.compile): hf-torch is transformers as it comes, hf-liger the
-same after `liger_kernel.transformers.apply_liger_kernel_to_llama()` (fused RMSNorm, RoPE, SwiGLU and
-linear + cross-entropy); the same timing; then each side's best and the ratio. A peer that cannot run
-(its package missing, out of memory) is a row with the reason. MFU uses (6N + 6 L d S) FLOPs per token over the
-device's peak bf16 FLOP/s (989 TFLOP/s for H100/H200).
+median of `--steps` device-synchronised steps after 2 warm-ups. Peers (`train_peers.py`: transformers,
+transformers + Liger, torchtitan, MaxText), each in its own process with the same model shape, tokens per
+step and precision (`model.param_dtype` float32: float32 master weights and bf16 compute on both sides),
+without and with activation checkpointing; the same timing; then each side's best and the ratio. A peer
+that cannot run (its package missing, out of memory) is a row with the reason. Every row records its
+exact `setting`. MFU uses (6N + 6 L d S) FLOPs per token over the device's peak bf16 FLOP/s (989 TFLOP/s
+for H100/H200).
 
 The kernel bound (`--bound`): the step's matmul FLOPs at the measured rate of one of its GEMMs plus L times
 the measured forward+backward of the step's attention kernel at the step's shape, with everything else
@@ -22,42 +23,10 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from yarn_jax.bench import fwd_bwd, kernel_time
-
-PEER = r'''
-import json, statistics, sys, time, torch, transformers
-shape, seq, steps = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[5])
-remat, compiled, liger = sys.argv[3] == "1", sys.argv[4] == "1", sys.argv[6] == "hf-liger"
-if liger:  # patches transformers' Llama classes: before the model is built
-    from liger_kernel.transformers import apply_liger_kernel_to_llama
-    apply_liger_kernel_to_llama()
-dev = "cuda" if torch.cuda.is_available() else "cpu"
-sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-cfg = transformers.LlamaConfig(**shape, attn_implementation="sdpa", torch_dtype="bfloat16")
-torch.manual_seed(0)
-model = transformers.LlamaForCausalLM(cfg).to(dev, torch.bfloat16)
-if remat:
-    model.gradient_checkpointing_enable()
-opt = torch.optim.AdamW(model.parameters(), lr=2e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
-forward = torch.compile(model) if compiled else model
-x = torch.randint(0, shape["vocab_size"], (1, seq), device=dev)
-times = []
-if dev == "cuda":
-    torch.cuda.reset_peak_memory_stats()
-for i in range(steps + 2):
-    sync(); t = time.perf_counter()
-    loss = forward(input_ids=x, labels=x).loss
-    loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-    sync()
-    if i >= 2: times.append(time.perf_counter() - t)
-peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
-print(json.dumps({"step_s": statistics.median(times), "peak_gib": peak}))
-'''
+from yarn_jax.bench import fwd_bwd, kernel_time, train_peers
 
 
 def setup(config, seq: int):
@@ -131,35 +100,34 @@ def ours(config, seq: int, steps: int) -> dict:
     need = aot.program_bytes(step)  # this program's own need (peak_bytes_in_use is the process's maximum)
     return {"step_s": statistics.median(times), "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
             "program_gib": need / 2**30, "loss": float(m["loss"]),
-            "flops_per_token": train_step.flops_per_token(cfg, seq), "remat": cfg.execution.remat.value}
+            "flops_per_token": train_step.flops_per_token(cfg, seq), "remat": cfg.execution.remat.value,
+            "setting": setting(cfg)}
 
 
-PEERS = ("hf-torch", "hf-liger")
+def setting(cfg) -> str:
+    """Our row's precision and kernels, in the peers' terms."""
+    import numpy as np
+
+    e = cfg.execution
+    return (f"{np.dtype(e.param_dtype).name} weights, {np.dtype(e.dtype).name} compute"
+            + (", FP8 projections" if e.fp8 else "") + f", {e.attention.value} attention")
 
 
-def peer(config, name: str, seq: int, steps: int, remat: bool, compiled: bool) -> dict:
-    m = config.model
-    shape = dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-                 num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
-                 head_dim=m.head_dim, max_position_embeddings=max(seq, m.max_position_embeddings))
-    flags = ["1" if remat else "0", "1" if compiled else "0"]
-    r = subprocess.run([sys.executable, "-c", PEER, json.dumps(shape), str(seq), *flags, str(steps), name],
-                       capture_output=True, text=True)
-    if r.returncode:
-        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:200]}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+REMAT = {"hf-torch": ("none", "full"), "hf-liger": ("none", "full"), "torchtitan": ("none", "selective"),
+         "maxtext": ("minimal", "full")}  # each peer's names for its two settings: without, with checkpointing
 
 
-def _peer_rows(config, peers: list[str], seqs: list[int], modes: list[str], steps: int) -> list[dict]:
-    """Every peer at every length and mode, with and without gradient checkpointing, one process each."""
+def _peer_rows(cfg, peers: list[str], seqs: list[int], modes: list[str], steps: int) -> list[dict]:
+    """Every peer at every length, without and with activation checkpointing, one process each; the
+    transformers peers in each of `modes` (eager, torch.compile), the others as their trainers run."""
     rows = []
     for name in peers:
         for seq in seqs:
-            for mode in modes:
-                for remat in (False, True):
-                    r = peer(config, name, seq, steps, remat, mode == "compile")
+            for mode in modes if name.startswith("hf-") else ["eager"]:
+                for remat, label in zip((False, True), REMAT[name], strict=True):
+                    r = train_peers.peer(cfg, name, seq, steps, remat, mode == "compile")
                     impl = name if mode == "eager" else f"{name} compile"
-                    rows.append({"impl": impl, "seq": seq, "remat": "full" if remat else "none", **r})
+                    rows.append({"impl": impl, "seq": seq, "remat": label, **r})
                     print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -177,17 +145,18 @@ def _print_tables(rows: list[dict], seqs: list[int], peak: float | None, compari
     import jax
 
     flops = {r["seq"]: r["flops_per_token"] for r in rows if "flops_per_token" in r}
-    print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, batch 1, bf16")
-    print("| impl | seq | remat | tokens/s | MFU | peak GiB (process) | GiB (program) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, batch 1")
+    print("| impl | seq | remat | tokens/s | MFU | peak GiB (process) | GiB (program) | setting |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['impl']} | {r['seq']} | {r['remat']} | {r['error']} | | | |")
+            print(f"| {r['impl']} | {r['seq']} | {r['remat']} | {r['error']} | | | | |")
             continue
         tps = r["seq"] / r["step_s"]
         mfu = f"{tps * flops.get(r['seq'], 0) / peak:.1%}" if peak and r["seq"] in flops else "-"
         program = f"{r['program_gib']:.1f}" if "program_gib" in r else "-"
-        print(f"| {r['impl']} | {r['seq']} | {r['remat']} | {tps:,.0f} | {mfu} | {r['peak_gib']:.1f} | {program} |")
+        print(f"| {r['impl']} | {r['seq']} | {r['remat']} | {tps:,.0f} | {mfu} | {r['peak_gib']:.1f} | {program} | "
+              f"{r.get('setting', '')} |")
     def best(seq, kinds):  # (tokens/s, impl) of the fastest row of `kinds` at `seq`
         ok = [(seq / r["step_s"], r["impl"]) for r in rows if r["seq"] == seq and "step_s" in r
               and r["impl"].split()[0] in kinds]
@@ -198,7 +167,8 @@ def _print_tables(rows: list[dict], seqs: list[int], peak: float | None, compari
               "bound / peer |")
         print("|---|---|---|---|---|---|---|")
         for seq in seqs:
-            (ours_, _), (peer_, name), (bound, _) = (best(seq, k) for k in (("yarn_jax",), PEERS, ("kernel",)))
+            (ours_, _), (peer_, name), (bound, _) = (best(seq, k) for k in
+                                                      (("yarn_jax",), train_peers.PEERS, ("kernel",)))
             print(f"| {seq} | {_tokens(ours_)} | {name} | {_tokens(peer_)} | {_ratio(ours_, peer_)} | "
                   f"{_ratio(ours_, bound)} | {_ratio(bound, peer_)} |")
 
@@ -211,7 +181,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--config", default="configs/h200_1b.py")
     p.add_argument("--seq", type=cli.int_list, default=[8192], help="comma-separated sequence lengths")
     p.add_argument("--steps", type=cli.count(1), default=5)
-    p.add_argument("--peer", default="", help=f"comma list of {', '.join(PEERS)} (none by default)")
+    p.add_argument("--peer", default="", help=f"comma list of {', '.join(train_peers.PEERS)} (none by default)")
     p.add_argument("--peer-modes", default="eager",
                    help="comma list of eager,compile (torch.compile; slower than eager on the H200 up to 32k and "
                         "not done compiling 64k after 7 minutes, so not run by default)")
@@ -225,13 +195,14 @@ def main(argv: list[str]) -> int:
     overrides = a.set + overrides
     seqs = a.seq
     peers = [x for x in a.peer.split(",") if x]
-    if unknown := sorted(set(peers) - set(PEERS)):
-        p.error(f"--peer: expected a comma list of {', '.join(PEERS)}, got {', '.join(unknown)}")
+    if unknown := sorted(set(peers) - set(train_peers.PEERS)):
+        p.error(f"--peer: expected a comma list of {', '.join(train_peers.PEERS)}, got {', '.join(unknown)}")
     modes = a.peer_modes.split(",")
     if bad := sorted(set(modes) - {"eager", "compile"}):
         p.error(f"--peer-modes: expected eager and/or compile, got {', '.join(bad)}")
     # the peers first, while this process holds no GPU memory (JAX preallocates most of it once started)
-    rows = _peer_rows(run_config.load(a.config, overrides), peers, seqs, modes, a.steps)
+    cfg, _ = run_config.model_config(run_config.load(a.config, overrides))
+    rows = _peer_rows(cfg, peers, seqs, modes, a.steps)
     import jax
 
     from yarn_jax import hardware
@@ -249,7 +220,6 @@ def main(argv: list[str]) -> int:
             rows.append({"impl": "yarn_jax", "seq": seq, "remat": remat or config.model.remat, **r})
             print(json.dumps(rows[-1]), flush=True)
         if a.bound:
-            cfg, _ = run_config.model_config(run_config.load(a.config, overrides))
             rows.append({"impl": "kernel bound", "seq": seq, "remat": "-", "peak_gib": 0.0, **kernel_bound(cfg, seq)})
             print(json.dumps(rows[-1]), flush=True)
     _print_tables(rows, seqs, peak, comparisons=bool(peers or a.bound))

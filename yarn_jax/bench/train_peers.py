@@ -1,0 +1,202 @@
+"""The peers of the train-step benchmark, each timed in its own process on the same device.
+
+    peer(config, "hf-liger", seq=8192, steps=5, remat=False, compiled=False) -> {"step_s", "peak_gib", "setting"}
+                                                                              or {"error": one line}
+
+Every peer trains the run config's model shape on `seq` random tokens (batch 1) with AdamW and the
+config's precision where it allows: `model.param_dtype` float32 -> float32 master weights and bf16
+compute (torch autocast for transformers, FSDP's mixed-precision policy for torchtitan, MaxText's
+`weight_dtype`); bfloat16 -> bf16 weights throughout. The exact setting is the row's `setting`.
+
+- hf-torch: `transformers.LlamaForCausalLM`, SDPA attention, fused AdamW, eager or `torch.compile`.
+- hf-liger: the same after `liger_kernel.transformers.apply_liger_kernel_to_llama()` (fused RMSNorm,
+  RoPE, SwiGLU, linear + cross-entropy).
+- torchtitan (0.3.0): its Llama 3 model (fused qkv, YaRN RoPE, varlen attention), each block under
+  `torch.compile` and selective activation checkpointing (`remat`) or none, FSDP on one device for the
+  mixed precision, as its trainer applies them (`parallelize_llama`).
+- maxtext (0.2.5): its trainer on synthetic data (`hardware=gpu`, cuDNN attention through Transformer
+  Engine), remat policy `full` or `minimal`; the median of its logged step times.
+
+A peer whose package is missing or that fails (out of memory, an import the device lacks) is a row with
+the reason: never silently absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PEERS = ("hf-torch", "hf-liger", "torchtitan", "maxtext")
+
+# argv: shape json, seq, remat 0/1, compiled 0/1, steps, name, param dtype, compute dtype
+HF = r'''
+import contextlib, json, statistics, sys, time, torch, transformers
+shape, seq, steps = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[5])
+remat, compiled, liger = sys.argv[3] == "1", sys.argv[4] == "1", sys.argv[6] == "hf-liger"
+param, compute = getattr(torch, sys.argv[7]), getattr(torch, sys.argv[8])
+if liger:  # patches transformers' Llama classes: before the model is built
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    apply_liger_kernel_to_llama()
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+cfg = transformers.LlamaConfig(**shape, attn_implementation="sdpa", torch_dtype=sys.argv[7])
+torch.manual_seed(0)
+model = transformers.LlamaForCausalLM(cfg).to(dev, param)
+if remat:
+    model.gradient_checkpointing_enable()
+opt = torch.optim.AdamW(model.parameters(), lr=2e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=dev == "cuda")
+forward = torch.compile(model) if compiled else model
+autocast = (lambda: torch.autocast(dev, dtype=compute)) if compute != param else contextlib.nullcontext
+x = torch.randint(0, shape["vocab_size"], (1, seq), device=dev)
+times = []
+if dev == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+for i in range(steps + 2):
+    sync(); t = time.perf_counter()
+    with autocast():
+        loss = forward(input_ids=x, labels=x).loss
+    loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    sync()
+    if i >= 2: times.append(time.perf_counter() - t)
+peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
+setting = (f"{sys.argv[7]} weights" + (f", {sys.argv[8]} autocast" if compute != param else "") + ", SDPA"
+           + (", torch.compile" if compiled else ", eager") + (", checkpointing" if remat else ""))
+print(json.dumps({"step_s": statistics.median(times), "peak_gib": peak, "setting": setting}))
+'''
+
+# argv: shape json, seq, remat 0/1, steps, param dtype, compute dtype, rope json
+TITAN = r'''
+import json, os, statistics, sys, time, torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+from torchtitan.models.llama3 import Llama3Model, _build_llama3_layers
+shape, seq, remat, steps = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
+param, compute, rope = getattr(torch, sys.argv[5]), getattr(torch, sys.argv[6]), json.loads(sys.argv[7])
+os.environ.setdefault("MASTER_ADDR", "127.0.0.1"); os.environ.setdefault("MASTER_PORT", "29517")
+dist.init_process_group("nccl", rank=0, world_size=1)
+d, v = shape["hidden_size"], shape["vocab_size"]
+cfg = Llama3Model.Config(
+    dim=d, vocab_size=v, tok_embeddings=Embedding.Config(num_embeddings=v, embedding_dim=d),
+    norm=RMSNorm.Config(normalized_shape=d), lm_head=Linear.Config(in_features=d, out_features=v),
+    layers=_build_llama3_layers(
+        n_layers=shape["num_hidden_layers"], dim=d, n_heads=shape["num_attention_heads"],
+        n_kv_heads=shape["num_key_value_heads"], hidden_dim=shape["intermediate_size"], fuse_qkv=True,
+        rope=ComplexRoPE.Config(dim=shape["head_dim"], max_seq_len=seq, theta=rope["theta"], scaling="yarn",
+                                rope_factor=rope["factor"], original_seq_len=rope["original"]),
+        attn_backend="varlen"))
+with torch.device("meta"):
+    model = cfg.build()
+model.to_empty(device="cuda")
+with torch.no_grad():
+    model.init_states(buffer_device=torch.device("cuda"))
+model = model.to(param)
+if remat:
+    from torchtitan.distributed.activation_checkpoint import SelectiveAC
+    SelectiveAC.Config().build(dump_folder="/tmp").apply(model)
+torch._dynamo.config.capture_scalar_outputs = True
+for name, block in model.layers.named_children():  # torchtitan's apply_compile: each block, fullgraph
+    model.layers.register_module(name, torch.compile(block, fullgraph=True))
+mesh = init_device_mesh("cuda", (1,))
+mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+for block in model.layers.values():
+    fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+opt = torch.optim.AdamW(model.parameters(), lr=2e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+loss_fn = torch.compile(lambda logits, y: torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten()))
+x = torch.randint(0, v, (1, seq + 1), device="cuda")
+positions = torch.arange(seq, device="cuda")[None]
+masks = model.get_attention_masks(positions)
+times = []
+torch.cuda.reset_peak_memory_stats()
+for i in range(steps + 2):
+    torch.cuda.synchronize(); t = time.perf_counter()
+    loss = loss_fn(model(x[:, :-1], positions, masks), x[:, 1:])
+    loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    if i >= 2: times.append(time.perf_counter() - t)
+setting = (f"{sys.argv[5]} weights, {sys.argv[6]} compute (FSDP policy), varlen attention, per-block "
+           f"torch.compile" + (", selective AC" if remat else ""))
+print(json.dumps({"step_s": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                  "setting": setting}))
+'''
+
+
+def _shape(cfg, seq: int) -> dict:
+    """transformers' LlamaConfig keys of model `cfg` (a LlamaConfig) taking `seq` tokens."""
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                max_position_embeddings=max(seq, cfg.max_position_embeddings))
+
+
+def _dtypes(cfg) -> tuple[str, str]:
+    """(parameter, compute) dtype names of model `cfg`."""
+    import numpy as np
+
+    return np.dtype(cfg.execution.param_dtype).name, np.dtype(cfg.execution.dtype).name
+
+
+def _last_json(r: subprocess.CompletedProcess) -> dict:
+    if r.returncode:
+        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _maxtext(cfg, seq: int, steps: int, remat: bool) -> dict:
+    """MaxText's own trainer for `steps` + 2 steps; the median step time it logs after the first two."""
+    try:
+        import maxtext
+    except ImportError as e:
+        return {"error": f"maxtext not importable: {e}"[:200]}
+    m, (param, compute) = cfg, _dtypes(cfg)
+    base = Path(maxtext.__file__).parent / "configs" / "base.yml"
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = Path(tmp) / "metrics.txt"
+        args = dict(run_name="peer", base_output_directory=tmp, hardware="gpu", dataset_type="synthetic",
+                    steps=steps + 2, enable_checkpointing="false", per_device_batch_size=1, max_target_length=seq,
+                    base_emb_dim=m.hidden_size, base_num_query_heads=m.num_heads, base_num_kv_heads=m.num_kv_heads,
+                    base_mlp_dim=m.intermediate_size, base_num_decoder_layers=m.num_layers, head_dim=m.head_dim,
+                    vocab_size=m.vocab_size, dtype=compute, weight_dtype=param, attention="cudnn_flash_te",
+                    remat_policy="full" if remat else "minimal", metrics_file=str(metrics), log_period=1)
+        r = subprocess.run([sys.executable, "-m", "maxtext.trainers.pre_train.train", str(base),
+                            *(f"{k}={v}" for k, v in args.items())], capture_output=True, text=True,
+                           env={**os.environ, "DECOUPLE_GCLOUD": "TRUE"})
+        if r.returncode or not metrics.exists():
+            tail = [ln for ln in r.stderr.strip().splitlines() if ln.strip()] or ["no metrics written"]
+            return {"error": tail[-1][:200]}
+        times = [json.loads(ln)["perf/step_time_seconds"] for ln in metrics.read_text().splitlines()
+                 if "perf/step_time_seconds" in ln][2:]
+    if not times:
+        return {"error": "maxtext logged no step times"}
+    times.sort()
+    setting = (f"{param} weights, {compute} compute, cuDNN attention (Transformer Engine), remat "
+               f"{args['remat_policy']}, scanned layers")
+    return {"step_s": times[len(times) // 2], "peak_gib": 0.0, "setting": setting}
+
+
+def peer(cfg, name: str, seq: int, steps: int, remat: bool, compiled: bool) -> dict:
+    """One peer's timing of model `cfg` (a LlamaConfig) at `seq` tokens in its own process, or {"error":
+    the reason it did not run}. `compiled` (torch.compile) is for the transformers peers only."""
+    param, compute = _dtypes(cfg)
+    shape = _shape(cfg, seq)
+    if name == "maxtext":
+        return _maxtext(cfg, seq, steps, remat)
+    if name == "torchtitan":
+        try:
+            import torchtitan  # noqa: F401
+        except ImportError as e:
+            return {"error": f"torchtitan not importable: {e}"[:200]}
+        scaling = cfg.rope_scaling  # YaRN's factor and trained length; torchtitan's YaRN otherwise the same
+        rope = {"theta": cfg.rope_theta, "factor": getattr(scaling, "factor", 1.0),
+                "original": getattr(scaling, "original_max_position_embeddings", cfg.max_position_embeddings)}
+        argv = [json.dumps(shape), str(seq), "1" if remat else "0", str(steps), param, compute, json.dumps(rope)]
+        return _last_json(subprocess.run([sys.executable, "-c", TITAN, *argv], capture_output=True, text=True))
+    argv = [json.dumps(shape), str(seq), "1" if remat else "0", "1" if compiled else "0", str(steps), name,
+            param, compute]
+    return _last_json(subprocess.run([sys.executable, "-c", HF, *argv], capture_output=True, text=True))
