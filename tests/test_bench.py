@@ -46,7 +46,7 @@ def test_peers_keep_the_precision_of_the_run_config():
 
     for overrides, want in (([], ("float32", "bfloat16")), (["model.param_dtype=bfloat16"], ("bfloat16", "bfloat16"))):
         cfg, _ = run_config.model_config(run_config.load(str(ROOT / "configs/h200_1b.py"), overrides))
-        assert train_peers._dtypes(cfg) == want
+        assert train_peers.dtypes(cfg) == want
     assert train_peers._shape(cfg, 131072)["max_position_embeddings"] == 131072
 
 

@@ -1,6 +1,6 @@
 """The peers of the train-step benchmark, each timed in its own process on the same device.
 
-    peer(config, "hf-liger", seq=8192, steps=5, remat=False, compiled=False) -> {"step_s", "peak_gib", "setting"}
+    peer(cfg, "hf-liger", seq=8192, steps=5, remat=False, compiled=False) -> {"step_s", "peak_gib", "setting"}
                                                                               or {"error": one line}
 
 Every peer trains the run config's model shape on `seq` random tokens (batch 1) with AdamW and the
@@ -135,7 +135,7 @@ def _shape(cfg, seq: int) -> dict:
                 max_position_embeddings=max(seq, cfg.max_position_embeddings))
 
 
-def _dtypes(cfg) -> tuple[str, str]:
+def dtypes(cfg) -> tuple[str, str]:
     """(parameter, compute) dtype names of model `cfg`."""
     import numpy as np
 
@@ -154,15 +154,16 @@ def _maxtext(cfg, seq: int, steps: int, remat: bool) -> dict:
         import maxtext
     except ImportError as e:
         return {"error": f"maxtext not importable: {e}"[:200]}
-    m, (param, compute) = cfg, _dtypes(cfg)
+    param, compute = dtypes(cfg)
     base = Path(maxtext.__file__).parent / "configs" / "base.yml"
     with tempfile.TemporaryDirectory() as tmp:
         metrics = Path(tmp) / "metrics.txt"
         args = dict(run_name="peer", base_output_directory=tmp, hardware="gpu", dataset_type="synthetic",
                     steps=steps + 2, enable_checkpointing="false", per_device_batch_size=1, max_target_length=seq,
-                    base_emb_dim=m.hidden_size, base_num_query_heads=m.num_heads, base_num_kv_heads=m.num_kv_heads,
-                    base_mlp_dim=m.intermediate_size, base_num_decoder_layers=m.num_layers, head_dim=m.head_dim,
-                    vocab_size=m.vocab_size, dtype=compute, weight_dtype=param, attention="cudnn_flash_te",
+                    base_emb_dim=cfg.hidden_size, base_num_query_heads=cfg.num_heads,
+                    base_num_kv_heads=cfg.num_kv_heads, base_mlp_dim=cfg.intermediate_size,
+                    base_num_decoder_layers=cfg.num_layers, head_dim=cfg.head_dim,
+                    vocab_size=cfg.vocab_size, dtype=compute, weight_dtype=param, attention="cudnn_flash_te",
                     remat_policy="full" if remat else "minimal", metrics_file=str(metrics), log_period=1)
         r = subprocess.run([sys.executable, "-m", "maxtext.trainers.pre_train.train", str(base),
                             *(f"{k}={v}" for k, v in args.items())], capture_output=True, text=True,
@@ -183,10 +184,10 @@ def _maxtext(cfg, seq: int, steps: int, remat: bool) -> dict:
 def peer(cfg, name: str, seq: int, steps: int, remat: bool, compiled: bool) -> dict:
     """One peer's timing of model `cfg` (a LlamaConfig) at `seq` tokens in its own process, or {"error":
     the reason it did not run}. `compiled` (torch.compile) is for the transformers peers only."""
-    param, compute = _dtypes(cfg)
-    shape = _shape(cfg, seq)
     if name == "maxtext":
         return _maxtext(cfg, seq, steps, remat)
+    param, compute = dtypes(cfg)
+    shape = _shape(cfg, seq)
     if name == "torchtitan":
         try:
             import torchtitan  # noqa: F401

@@ -106,11 +106,9 @@ def ours(config, seq: int, steps: int) -> dict:
 
 def setting(cfg) -> str:
     """Our row's precision and kernels, in the peers' terms."""
-    import numpy as np
-
-    e = cfg.execution
-    return (f"{np.dtype(e.param_dtype).name} weights, {np.dtype(e.dtype).name} compute"
-            + (", FP8 projections" if e.fp8 else "") + f", {e.attention.value} attention")
+    param, compute = train_peers.dtypes(cfg)
+    return (f"{param} weights, {compute} compute" + (", FP8 projections" if cfg.execution.fp8 else "")
+            + f", {cfg.execution.attention.value} attention")
 
 
 REMAT = {"hf-torch": ("none", "full"), "hf-liger": ("none", "full"), "torchtitan": ("none", "selective"),
