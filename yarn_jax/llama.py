@@ -99,7 +99,8 @@ class Attention(nn.Module):
         else:
             kv_segment_ids, kv_index, slot = kv
             cache = tuple(_write(c_, (new[:, :1] if self.twin else new).astype(c_.dtype), layer,
-                                 None if prefill else slot) for c_, new in zip(cache, (k_, v), strict=True))
+                                 None if prefill else slot, self.mesh is None)
+                          for c_, new in zip(cache, (k_, v), strict=True))
             if prefill:  # the whole sequence: the model's kernel
                 out = self.attend(q, k_, v, None, None, index, index, window=window)
             else:  # a few new tokens against the cache, read in place
@@ -124,12 +125,15 @@ class Attention(nn.Module):
         return y
 
 
-def _write(cache: jax.Array, new: jax.Array, layer: jax.Array, slot: jax.Array | None) -> jax.Array:
+def _write(cache: jax.Array, new: jax.Array, layer: jax.Array, slot: jax.Array | None, whole: bool) -> jax.Array:
     """cache [L, B, S, K, H] with new [B, T, K, H] written at `layer`, each row b at slots slot[b]..+T
-    (None: the whole layer, T = S), in place inside the layer loop."""
+    (None: the whole layer, T = S), in place inside the layer loop. whole: the cache is on one device (not
+    split over a mesh, where a scatter lets each device keep its own slots)."""
     if slot is None:
         return jax.lax.dynamic_update_index_in_dim(cache, new, layer, axis=0)
     b, t = new.shape[:2]
+    if b == 1 and whole:  # one slice in place; a scatter adds a bounds check (read the old row, select, write)
+        return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, slot[0], 0, 0))
     return cache.at[layer, jnp.arange(b)[:, None], slot[:, None] + jnp.arange(t)].set(new, mode="promise_in_bounds")
 
 
@@ -334,6 +338,11 @@ def hidden_states(cfg: LlamaConfig, params: Any, tokens: jax.Array, positions: j
     segment_ids = None if segment_ids is None else segment_ids.astype(jnp.int32)
     return model(cfg, attend, mesh=mesh).apply({"params": params}, tokens, positions=positions, index=index,
                                                segment_ids=segment_ids, seq_len=seq_len or t)
+
+
+def unembedding(cfg: LlamaConfig, params: Any) -> jax.Array:
+    """The unembedding matrix [D, V] in the parameter dtype (the embedding's transpose when tied)."""
+    return params["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]
 
 
 def unembed(cfg: LlamaConfig, params: Any, hidden: jax.Array) -> jax.Array:

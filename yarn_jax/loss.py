@@ -1,13 +1,15 @@
 """The next-token loss of a batch, shared by the train step and perplexity evaluation.
 
 The loss never materialises [B, T, V] float32 logits: the final hidden states are cut into chunks of
-`loss_chunk` tokens whose logits are computed, reduced and recomputed in the backward pass
-(jax.checkpoint). With the mesh's seq axis > 1 the batch is permuted to the ring's layout first; every
-per-token term follows the permutation, so the loss is unchanged.
+`loss_chunk` tokens whose logits are computed and reduced one chunk at a time; under differentiation
+each chunk's gradient is taken right there (`_nll`), so nothing of the logits is kept or recomputed.
+With the mesh's seq axis > 1 the batch is permuted to the ring's layout first; every per-token term
+follows the permutation, so the loss is unchanged.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -16,7 +18,7 @@ from jax.sharding import Mesh
 
 from yarn_jax import attention
 from yarn_jax.config import LlamaConfig
-from yarn_jax.llama import hidden_states, unembed
+from yarn_jax.llama import hidden_states, unembedding
 
 
 def targets(tokens: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -30,28 +32,73 @@ def targets(tokens: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.A
 
 def chunked_nll(cfg: LlamaConfig, params: Any, hidden: jax.Array, tgt: jax.Array, weights: jax.Array,
                 chunk: int) -> jax.Array:
-    """Sum of weighted negative log-likelihoods; logits [B, chunk, V] float32 exist one chunk at a time."""
-    b, t, d = hidden.shape
+    """Sum of weighted negative log-likelihoods of hidden [B, T, D] (final-norm states) against tgt [B, T]
+    with weights [B, T]; logits [B, chunk, V] float32 exist one chunk at a time (`_nll`)."""
+    t = hidden.shape[1]
     chunk = min(chunk, t)
     if t % chunk:
         raise ValueError(f"train.loss_chunk: expected a divisor of seq_len ({t}), got {chunk}")
-    n = t // chunk
-    # chunk i holds positions i, i + n, i + 2n, ...: each chunk spans every 'seq' shard, so the scan runs
-    # over an unsharded axis and no device waits for another's chunk (the sum does not care about order)
-    split = lambda x: jnp.moveaxis(x.reshape(b, chunk, n, *x.shape[2:]), 2, 0)  # noqa: E731
+    return _nll(hidden, unembedding(cfg, params), tgt, weights, chunk)
 
-    @jax.checkpoint
-    def one(h, y, w):  # [B, c, D], [B, c], [B, c]
-        logits = unembed(cfg, params, h)  # [B, c, V] float32
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
-        return jnp.sum((logz - picked) * w)
 
+def _split(x: jax.Array, chunk: int) -> jax.Array:
+    """[B, T, ...] -> [T / chunk, B, chunk, ...]: chunk i holds positions i, i + n, i + 2n, ... (n chunks),
+    so each chunk spans every 'seq' shard and no device waits for another's chunk (a sum ignores order)."""
+    b, t = x.shape[:2]
+    return jnp.moveaxis(x.reshape(b, chunk, t // chunk, *x.shape[2:]), 2, 0)
+
+
+def _unsplit(x: jax.Array) -> jax.Array:
+    """The inverse of `_split`: [n, B, chunk, ...] -> [B, chunk * n, ...]."""
+    n, b, c = x.shape[:3]
+    return jnp.moveaxis(x, 0, 2).reshape(b, c * n, *x.shape[3:])
+
+
+def _chunk_terms(h, w, y, wt):
+    """One chunk: h [B, c, D], w [D, V] (parameter dtype), y, wt [B, c] -> (weighted NLL sum, logits
+    [B, c, V] float32, their log-sum-exp [B, c])."""
+    logits = jnp.einsum("BCD,DV->BCV", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+    return jnp.sum((logz - picked) * wt), logits, logz
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _nll(hidden: jax.Array, w: jax.Array, tgt: jax.Array, weights: jax.Array, chunk: int) -> jax.Array:
+    """hidden [B, T, D] (compute dtype), w [D, V] (the unembedding in its parameter dtype) -> the weighted
+    NLL sum, chunk by chunk. Differentiated, the forward pass also takes each chunk's gradient (softmax
+    minus the one-hot target, times the weight, as the logits' cotangent in the compute dtype; dh [B, c, D]
+    kept, dW summed in float32), so the backward pass only scales them: three GEMMs per chunk, not the four
+    of recomputing the logits under a checkpoint, and no float32 logits kept or made again."""
     def body(total, xs):
-        return total + one(*xs), None
+        return total + _chunk_terms(*xs[:1], w, *xs[1:])[0], None
 
-    total, _ = jax.lax.scan(body, jnp.float32(0), (split(hidden), split(tgt), split(weights)))
+    total, _ = jax.lax.scan(body, jnp.float32(0), (_split(hidden, chunk), _split(tgt, chunk), _split(weights, chunk)))
     return total
+
+
+def _nll_fwd(hidden, w, tgt, weights, chunk):
+    def body(carry, xs):
+        total, dw = carry
+        h, y, wt = xs  # [B, c, D], [B, c], [B, c]
+        nll, logits, logz = _chunk_terms(h, w, y, wt)
+        probs = jnp.exp(logits - logz[..., None])
+        g = ((probs - jax.nn.one_hot(y, logits.shape[-1], dtype=probs.dtype)) * wt[..., None]).astype(h.dtype)
+        dh = jnp.einsum("BCV,DV->BCD", g, w.astype(h.dtype))
+        dw = dw + jnp.einsum("BCD,BCV->DV", h, g, preferred_element_type=jnp.float32)
+        return (total + nll, dw), dh
+
+    init = (jnp.float32(0), jnp.zeros(w.shape, jnp.float32))
+    (total, dw), dh = jax.lax.scan(body, init, (_split(hidden, chunk), _split(tgt, chunk), _split(weights, chunk)))
+    return total, (_unsplit(dh), dw, jnp.zeros((0,), w.dtype))
+
+
+def _nll_bwd(chunk, res, g):
+    dh, dw, w_dtype = res  # w_dtype: an empty array of w's dtype (residuals are arrays)
+    return (g * dh).astype(dh.dtype), (g * dw).astype(w_dtype.dtype), None, None
+
+
+_nll.defvjp(_nll_fwd, _nll_bwd)
 
 
 def loss_fn(cfg: LlamaConfig, mesh: Mesh | None, loss_chunk: int, segment_mask: bool, params: Any,
