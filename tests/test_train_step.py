@@ -79,3 +79,33 @@ def test_step_loss_and_grads_equal_plain_autodiff(dtype, case):
                                     jax.tree.leaves(plain), strict=True):
         bound = rtol if dtype == "float32" else min(rtol, 2 * rel(bf, ref))
         assert rel(got, ref) < bound, f"{jax.tree_util.keystr(path)}: relative error {rel(got, ref):.2e} >= {bound:.2e}"
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_loss_gradient_taken_in_its_forward_pass_equals_autodiff(param_dtype):
+    """`loss._nll` (each chunk's gradient computed in the forward pass) against autodiff of the same NLL
+    from full float32 logits: value, both gradients, the unembedding's gradient in its own dtype, and the
+    undifferentiated value equal to the differentiated one."""
+    from yarn_jax import loss
+
+    rng = np.random.default_rng(7)
+    b, t, d, v, chunk = 2, 16, 8, 50, 4
+    hidden = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(d, v)) * 0.5, param_dtype)
+    tgt = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+    weights = jnp.asarray(rng.integers(0, 2, (b, t)), jnp.float32)  # some positions without a target
+
+    def plain(h, w_):
+        logits = jnp.einsum("BTD,DV->BTV", h, w_.astype(h.dtype), preferred_element_type=jnp.float32)
+        picked = jnp.take_along_axis(jax.nn.log_softmax(logits), tgt[..., None], axis=-1)[..., 0]
+        return -jnp.sum(picked * weights)
+
+    fused = lambda h, w_: 3.0 * loss._nll(h, w_, tgt, weights, chunk)  # noqa: E731  (a cotangent other than 1)
+    want, (want_h, want_w) = jax.value_and_grad(lambda h, w_: 3.0 * plain(h, w_), argnums=(0, 1))(hidden, w)
+    got, (got_h, got_w) = jax.value_and_grad(fused, argnums=(0, 1))(hidden, w)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(fused)(hidden, w), want, rtol=1e-5)
+    np.testing.assert_allclose(got_h, want_h, rtol=1e-4, atol=1e-5)
+    assert got_w.dtype == w.dtype
+    tol = 1e-4 if param_dtype == "float32" else 1e-2
+    np.testing.assert_allclose(np.asarray(got_w, np.float32), np.asarray(want_w, np.float32), rtol=tol, atol=tol)
