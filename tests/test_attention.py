@@ -244,3 +244,24 @@ def test_decode_merge_is_the_softmax_over_all_parts():
         lses.append(lg.max(1) + np.log(p.sum(1)))
     got = decode.merge(jnp.asarray(np.stack(outs), jnp.float32), jnp.asarray(np.stack(lses), jnp.float32), axis=0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,n,kh,h,dtype", [(2, 32, 4, 64, jnp.bfloat16), (1, 8, 2, 128, jnp.float16),
+                                            (3, 4, 4, 32, jnp.bfloat16)])
+def test_flash_decoding_kernel_lowers_to_triton_without_a_gpu(t, n, kh, h, dtype):
+    """The kernel as the GPU runs it (not the interpreter): exported for CUDA on this host, Pallas lowers
+    it to Triton IR, so a construct its Triton backend does not take fails here rather than on a device.
+    (Triton's own compilation to PTX still happens only on a GPU.)"""
+    from jax import export
+
+    from yarn_jax.attention import decode
+
+    q = jax.ShapeDtypeStruct((1, t, n, h), dtype)
+    cache = jax.ShapeDtypeStruct((2, 1, 1024, kh, h), dtype)
+    index = jax.ShapeDtypeStruct((1, t), jnp.int32)
+    fn = lambda q, k, v, layer, q_idx: decode.attention_pallas(q, k, v, layer, None, None, q_idx, None)  # noqa: E731
+    exported = export.export(jax.jit(fn), platforms=["cuda"],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+        q, cache, cache, jax.ShapeDtypeStruct((), jnp.int32), index)
+    text = exported.mlir_module()
+    assert text.count("__gpu$xla.gpu.triton") == 1 and 'name = "flash_decode"' in text

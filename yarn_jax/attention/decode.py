@@ -17,7 +17,7 @@ new tokens share one read of the cache), looping over the key blocks of its part
 see only, so slots not yet filled cost nothing. Elsewhere (CPU, TPU, float32) the
 same arithmetic in XLA over every slot, masked. The kernel uses jax.experimental.pallas.triton (Pallas'
 Triton backend, deprecated from jax 0.11 in favour of Mosaic GPU): tested with jax 0.10.2 (its
-interpreter, CPU) and 0.11.2 (compiled, H200).
+interpreter, and lowered to Triton IR for CUDA on a CPU host) and 0.11.2 (compiled, H200).
 """
 
 from __future__ import annotations
