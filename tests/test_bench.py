@@ -123,6 +123,24 @@ def test_attention_bench_reference_runs(tmp_path):
     assert out.exists()
 
 
+def test_attention_bench_checks_and_times_a_tokamax_candidate(tmp_path, capsys):
+    """A candidate kernel (tokamax's XLA form runs on CPU) is checked forward and backward against the
+    float32 reference before it is timed; one that cannot run on this platform fails in one line."""
+    from yarn_jax import cli
+    from yarn_jax.bench import attention_bench
+
+    out = tmp_path / "attention.json"
+    args = ["--seq", "256", "--heads", "4", "--kv-heads", "2", "--head-dim", "32", "--out", str(out)]
+    assert cli.run(lambda: attention_bench.main(["--impl", "tokamax-xla", *args])) == 0
+    got = json.loads(out.read_text())
+    assert 0 < got["rel_err"] < 2e-2 and got["rows"][0]["fwd_bwd_ms"] > 0
+    assert cli.run(lambda: attention_bench.main(["--impl", "tokamax-mosaic", *args])) == cli.FAILED
+    assert cli.run(lambda: attention_bench.main(["--impl", "tokamax-flash", *args])) == cli.BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --impl tokamax-mosaic does not run on cpu: Not supported on cpu.",
+                   "error: --impl tokamax-flash: expected tokamax-<one of mosaic, triton, cudnn, xla, xla_chunked>"]
+
+
 def test_bench_command_errors_are_one_line(tmp_path, capsys, monkeypatch):
     import os
     import runpy

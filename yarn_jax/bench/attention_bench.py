@@ -3,6 +3,7 @@
     python -m yarn_jax.bench attention [--seq 8192,32768] [--impl cudnn|splash|reference]
                                        [--heads 32] [--kv-heads 32,8] [--head-dim 128]
     python -m yarn_jax.bench attention --impl ring --seq 65536,131072 --ring 2,4,8 [--block auto|cudnn|...]
+    python -m yarn_jax.bench attention --impl tokamax-mosaic [--seq ...]   (also tokamax-triton, -cudnn, -xla)
 
 Causal, bfloat16, batch 1. `ring`: the work of one device of a ring of R over `--seq` total tokens, timed
 on one device (`ring.device_work`: its R block steps with the masks and skips of the zigzag schedule, its
@@ -12,6 +13,12 @@ FLOPs of causal fwd+bwd: 4 * T^2 * N * H * (1 fwd + 2.5 bwd) / 2 (the FlashAtten
 convention), over R for one device of a ring. Timing: `bench.kernel_time` (10 calls back to back, median
 of 3 batches). Correctness: the kernel's logits in a small bf16 model (ring: the ring over every local
 device, bf16 inputs, T = 2048) against the float32 reference, relative to their maximum.
+
+`tokamax-<implementation>`: a candidate kernel outside the model, `tokamax.dot_product_attention` (PyPI
+`tokamax`, the `kernels` extra) with that implementation (mosaic: Mosaic GPU, FlashAttention-3 style on
+Hopper; triton; cudnn; xla), causal, GQA without repeated K/V; checked forward and backward against the
+float32 reference on bf16 inputs (T = 2048 or the longest --seq if shorter), so that a kernel is timed only
+once it is known to compute the same attention.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import json
 from pathlib import Path
 
 from yarn_jax.bench import fwd_bwd, kernel_time
+from yarn_jax.cli import RunError
 
 
 def model_check(impl: str, t: int = 2048) -> float:
@@ -38,6 +46,44 @@ def model_check(impl: str, t: int = 2048) -> float:
     want = yarn_jax.forward(cfg.with_execution(attention="reference"), params, tokens)
     got = yarn_jax.forward(cfg.with_execution(attention=impl), params, tokens)
     return float(abs(got - want).max() / abs(want).max())
+
+
+TOKAMAX = ("mosaic", "triton", "cudnn", "xla", "xla_chunked")  # tokamax.dot_product_attention's implementations
+
+
+def candidate(impl: str):
+    """`tokamax-<implementation>` -> attend(q [B, T, N, H], k, v [B, T, K, H]) -> [B, T, N, H], causal."""
+    kind = impl.removeprefix("tokamax-")
+    if kind not in TOKAMAX:
+        raise SystemExit(f"--impl {impl}: expected tokamax-<one of {', '.join(TOKAMAX)}>")
+    try:
+        import tokamax
+    except ImportError as e:
+        raise SystemExit(f"--impl {impl} needs tokamax (pip install -e '.[kernels]'): {e}") from None
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # tokamax reads its options as absl flags, else parsing our argv
+        flags.FLAGS.mark_as_parsed()
+    return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=True, implementation=kind)
+
+
+def kernel_check(attend, t: int) -> float:
+    """Max |attend - reference| over the output and dq, dk, dv, each relative to its reference's max, on
+    bf16 inputs [1, T, 8, 64] with 2 kv heads; the reference in float32."""
+    import jax
+    import jax.numpy as jnp
+
+    from yarn_jax.attention import reference
+
+    q, k, v = _qkv(t, 8, 2, 64)
+    do = jax.random.normal(jax.random.key(2), q.shape, q.dtype)
+    index = _index(t)
+    ref = lambda q, k, v: reference.attention(q, k, v, None, None, index, index)  # noqa: E731
+    want = (ref(*(x.astype(jnp.float32) for x in (q, k, v))),
+            *fwd_bwd(ref)(*(x.astype(jnp.float32) for x in (q, k, v, do))))
+    got = (jax.jit(attend)(q, k, v), *jax.jit(fwd_bwd(attend))(q, k, v, do))
+    return max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)) / jnp.max(jnp.abs(w)))
+               for g, w in zip(got, want, strict=True))
 
 
 def _qkv(t: int, n: int, kv_heads: int, h: int, perm=None):
@@ -66,11 +112,12 @@ def kernel_rows(impl: str, seqs: list[int], n: int, kv_list: list[int], h: int) 
     from yarn_jax import attention
     from yarn_jax.execution import AttentionImpl
 
-    fn = attention.select(AttentionImpl(impl))
+    fn = None if impl.startswith("tokamax-") else attention.select(AttentionImpl(impl))
     rows = []
     for t in seqs:
         for kv_heads in kv_list:
-            attend = lambda q, k, v, t=t: fn(q, k, v, None, None, *[_index(t)] * 2)  # noqa: E731
+            attend = candidate(impl) if fn is None else (
+                lambda q, k, v, t=t: fn(q, k, v, None, None, *[_index(t)] * 2))
             rows.append({"seq": t, "kv_heads": kv_heads, **_time(attend, *_qkv(t, n, kv_heads, h), 2 * t * t * n * h)})
     return rows
 
@@ -142,7 +189,8 @@ def _table(impl: str, rows: list[dict]) -> list[str]:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m yarn_jax.bench attention")
     p.add_argument("--seq", default="8192,32768", help="comma list; total tokens for --impl ring")
-    p.add_argument("--impl", default="cudnn", help="an attention kernel (cudnn, splash, reference) or ring")
+    p.add_argument("--impl", default="cudnn", help="an attention kernel (cudnn, splash, reference), ring, or a "
+                   "candidate: tokamax-<implementation> (mosaic, triton, cudnn, xla)")
     p.add_argument("--ring", default="2,4,8", help="--impl ring: ring sizes (comma list)")
     p.add_argument("--block", default="auto", help="--impl ring: the block kernel (auto, cudnn, splash, reference)")
     p.add_argument("--heads", type=int, default=32)
@@ -153,13 +201,20 @@ def main(argv: list[str]) -> int:
     import jax
 
     ints = lambda x: [int(s) for s in x.split(",")]  # noqa: E731
+    t = min(2048, max(ints(a.seq)))  # the check's length: a CPU-sized run checks a CPU-sized model
+    tokamax_impl = a.impl.startswith("tokamax-")
+    if tokamax_impl:  # checked before it is timed; a kernel that cannot run here says so in one line
+        try:
+            err = kernel_check(candidate(a.impl), t)
+        except (NotImplementedError, ValueError) as e:
+            raise RunError(f"--impl {a.impl} does not run on {jax.devices()[0].platform}: "
+                           f"{str(e).splitlines()[0]}") from None
     if a.impl == "ring":
         rows = ring_rows(a.block, ints(a.seq), ints(a.ring), a.heads, ints(a.kv_heads), a.head_dim)
     else:
         rows = kernel_rows(a.impl, ints(a.seq), a.heads, ints(a.kv_heads), a.head_dim)
-    t = min(2048, max(ints(a.seq)))  # the model check's length: a CPU-sized run checks a CPU-sized model
-    # the reference's check against itself is 0 by construction: not computed
-    err = ring_check() if a.impl == "ring" else 0.0 if a.impl == "reference" else model_check(a.impl, t)
+    if not tokamax_impl:  # the reference's check against itself is 0 by construction: not computed
+        err = ring_check() if a.impl == "ring" else 0.0 if a.impl == "reference" else model_check(a.impl, t)
     print(f"{a.impl} on {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}; "
           f"{a.heads} heads, head dim {a.head_dim}; vs the float32 reference (bf16, T={t}): max relative "
           f"difference {err:.2e}")
