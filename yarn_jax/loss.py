@@ -55,9 +55,9 @@ def _unsplit(x: jax.Array) -> jax.Array:
 
 
 def _chunk_terms(h, w, y, wt):
-    """One chunk: h [B, c, D], w [D, V] (parameter dtype), y, wt [B, c] -> (weighted NLL sum, logits
-    [B, c, V] float32, their log-sum-exp [B, c])."""
-    logits = jnp.einsum("BCD,DV->BCV", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    """One chunk: h [B, c, D], w [D, V] (both in the compute dtype), y, wt [B, c] -> (weighted NLL sum,
+    logits [B, c, V] float32, their log-sum-exp [B, c])."""
+    logits = jnp.einsum("BCD,DV->BCV", h, w, preferred_element_type=jnp.float32)
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
     return jnp.sum((logz - picked) * wt), logits, logz
@@ -70,21 +70,26 @@ def _nll(hidden: jax.Array, w: jax.Array, tgt: jax.Array, weights: jax.Array, ch
     minus the one-hot target, times the weight, as the logits' cotangent in the compute dtype; dh [B, c, D]
     kept, dW summed in float32), so the backward pass only scales them: three GEMMs per chunk, not the four
     of recomputing the logits under a checkpoint, and no float32 logits kept or made again."""
+    w = w.astype(hidden.dtype)
+
     def body(total, xs):
-        return total + _chunk_terms(*xs[:1], w, *xs[1:])[0], None
+        h, y, wt = xs  # [B, c, D], [B, c], [B, c]
+        return total + _chunk_terms(h, w, y, wt)[0], None
 
     total, _ = jax.lax.scan(body, jnp.float32(0), (_split(hidden, chunk), _split(tgt, chunk), _split(weights, chunk)))
     return total
 
 
 def _nll_fwd(hidden, w, tgt, weights, chunk):
+    wc = w.astype(hidden.dtype)
+
     def body(carry, xs):
         total, dw = carry
         h, y, wt = xs  # [B, c, D], [B, c], [B, c]
-        nll, logits, logz = _chunk_terms(h, w, y, wt)
+        nll, logits, logz = _chunk_terms(h, wc, y, wt)
         probs = jnp.exp(logits - logz[..., None])
         g = ((probs - jax.nn.one_hot(y, logits.shape[-1], dtype=probs.dtype)) * wt[..., None]).astype(h.dtype)
-        dh = jnp.einsum("BCV,DV->BCD", g, w.astype(h.dtype))
+        dh = jnp.einsum("BCV,DV->BCD", g, wc)
         dw = dw + jnp.einsum("BCD,BCV->DV", h, g, preferred_element_type=jnp.float32)
         return (total + nll, dw), dh
 
