@@ -141,6 +141,26 @@ def test_attention_bench_checks_and_times_a_tokamax_candidate(tmp_path, capsys):
                    "error: --impl tokamax-flash: expected tokamax-<one of mosaic, triton, cudnn, xla, xla_chunked>"]
 
 
+def test_layer_ops_bench_checks_candidates_against_float32(tmp_path, capsys):
+    """SwiGLU and RMSNorm, ours and tokamax's: each computes the float32 function within bf16 rounding,
+    forward and backward, and is timed; a kernel this platform lacks is a row with its reason."""
+    from yarn_jax import cli
+    from yarn_jax.bench import layer_ops
+
+    out = tmp_path / "layer_ops.json"
+    args = ["--config", str(ROOT / "configs/tiny.py"), "--seq", "64", "--out", str(out)]
+    assert layer_ops.main([*args, "--impl", "xla,tokamax-xla,tokamax-mosaic"]) == 0
+    rows = {(r["op"], r["impl"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {("swiglu", "xla"), ("swiglu", "tokamax-xla"), ("swiglu", "tokamax-mosaic"),
+                         ("rmsnorm", "xla"), ("rmsnorm", "tokamax-xla")}
+    for key in (("swiglu", "xla"), ("swiglu", "tokamax-xla"), ("rmsnorm", "xla"), ("rmsnorm", "tokamax-xla")):
+        assert 0 < rows[key]["rel_err"] < 2e-2 and rows[key]["fwd_bwd_ms"] > 0, rows[key]
+    assert rows["swiglu", "tokamax-mosaic"]["error"] == "NotImplementedError: Not supported on cpu."
+    assert cli.run(lambda: layer_ops.main([*args, "--impl", "xla,tokamax-cuda"])) == cli.BAD_INPUT
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --impl: expected a comma list of tokamax-mosaic, tokamax-triton, tokamax-xla, xla, got 'tokamax-cuda'")
+
+
 def test_bench_command_errors_are_one_line(tmp_path, capsys, monkeypatch):
     import os
     import runpy
@@ -154,7 +174,7 @@ def test_bench_command_errors_are_one_line(tmp_path, capsys, monkeypatch):
         runpy.run_module("yarn_jax.bench", run_name="__main__")
     assert stop.value.code == 2 and capsys.readouterr().err.strip() == (
         "error: COMMAND: expected one of ['convert', 'ring-memory', 'attention', 'train-step', 'reproduce', "
-        "'tpu-aot', 'profile', 'mosaic-probe', 'generate', 'real-model'], got 'trainstep' (did you mean "
+        "'tpu-aot', 'profile', 'mosaic-probe', 'generate', 'real-model', 'layer-ops'], got 'trainstep' (did you mean "
         "'train-step'?)")
     assert cli.run(lambda: train_step_bench.main(["--seq", "abc"])) == 2
     assert capsys.readouterr().err.startswith("error: argument --seq: expected comma-separated positive integers")

@@ -57,10 +57,14 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = _param(self, "scale", (x.shape[-1],), (self.axis_name,), nn.initializers.ones)
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
-        dtype = self.cfg.execution.dtype
-        return scale.astype(dtype) * y.astype(dtype)
+        return rms_norm(x, scale, self.cfg.rms_norm_eps, self.cfg.execution.dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype: Any) -> jax.Array:
+    """x [..., D] / rms(x) * scale [D]: the statistics in float32, the result and the scale in `dtype`."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(dtype) * y.astype(dtype)
 
 
 class Attention(nn.Module):
@@ -150,9 +154,13 @@ class Mlp(nn.Module):
         up = _param(self, "up", (c.hidden_size, c.intermediate_size), ("embed", "mlp")).astype(dtype)
         down = _param(self, "down", (c.intermediate_size, c.hidden_size), ("mlp", "embed")).astype(dtype)
         fp8 = c.execution.fp8
-        hidden = jax.nn.silu(projection.dot(x, gate, fp8)) * projection.dot(x, up, fp8)
-        hidden = sharding.constrain(hidden, self.mesh, ("batch", "seq", "mlp"))  # [B, T, F]
+        hidden = sharding.constrain(swiglu(x, gate, up, fp8), self.mesh, ("batch", "seq", "mlp"))  # [B, T, F]
         return projection.dot(hidden, down, fp8)
+
+
+def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, fp8: bool = False) -> jax.Array:
+    """silu(x @ gate) * (x @ up): x [B, T, D], gate and up [D, F] -> [B, T, F]."""
+    return jax.nn.silu(projection.dot(x, gate, fp8)) * projection.dot(x, up, fp8)
 
 
 class Block(nn.Module):

@@ -6,7 +6,7 @@ import sys
 COMMANDS = {"convert": "convert_bench", "ring-memory": "ring_memory", "attention": "attention_bench",
             "train-step": "train_step_bench", "reproduce": "reproduce",
             "tpu-aot": "tpu_aot", "profile": "profile_step", "mosaic-probe": "mosaic_probe",
-            "generate": "generate_bench", "real-model": "real_model"}
+            "generate": "generate_bench", "real-model": "real_model", "layer-ops": "layer_ops"}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
