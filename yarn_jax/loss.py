@@ -54,6 +54,11 @@ def _unsplit(x: jax.Array) -> jax.Array:
     return jnp.moveaxis(x, 0, 2).reshape(b, c * n, *x.shape[3:])
 
 
+def _chunks(hidden, tgt, weights, chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The scan's inputs: hidden [n, B, c, D], tgt and weights [n, B, c] (`_split`)."""
+    return _split(hidden, chunk), _split(tgt, chunk), _split(weights, chunk)
+
+
 def _chunk_terms(h, w, y, wt):
     """One chunk: h [B, c, D], w [D, V] (both in the compute dtype), y, wt [B, c] -> (weighted NLL sum,
     logits [B, c, V] float32, their log-sum-exp [B, c])."""
@@ -76,7 +81,7 @@ def _nll(hidden: jax.Array, w: jax.Array, tgt: jax.Array, weights: jax.Array, ch
         h, y, wt = xs  # [B, c, D], [B, c], [B, c]
         return total + _chunk_terms(h, w, y, wt)[0], None
 
-    total, _ = jax.lax.scan(body, jnp.float32(0), (_split(hidden, chunk), _split(tgt, chunk), _split(weights, chunk)))
+    total, _ = jax.lax.scan(body, jnp.float32(0), _chunks(hidden, tgt, weights, chunk))
     return total
 
 
@@ -94,7 +99,7 @@ def _nll_fwd(hidden, w, tgt, weights, chunk):
         return (total + nll, dw), dh
 
     init = (jnp.float32(0), jnp.zeros(w.shape, jnp.float32))
-    (total, dw), dh = jax.lax.scan(body, init, (_split(hidden, chunk), _split(tgt, chunk), _split(weights, chunk)))
+    (total, dw), dh = jax.lax.scan(body, init, _chunks(hidden, tgt, weights, chunk))
     return total, (_unsplit(dh), dw, jnp.zeros((0,), w.dtype))
 
 

@@ -72,8 +72,8 @@ def logits(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., D] @ w [D, V] -> [..., V] float32 (accumulated and returned in float32).
 
     The backward casts the logits' cotangent to the inputs' dtype, so both backward matmuls run in it
-    (bf16) like every other matmul of the step; plain autodiff would run them in float32, since the
-    cotangent of a float32 result is float32."""
+    (bf16) like every other matmul (the train loss, `loss._nll`, takes its gradient the same way); plain
+    autodiff would run them in float32, since the cotangent of a float32 result is float32."""
     return jnp.einsum("...D,DV->...V", x, w, preferred_element_type=jnp.float32)
 
 

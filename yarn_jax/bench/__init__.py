@@ -20,8 +20,35 @@ def kernel_time(fn, *args, calls: int) -> float:
     return statistics.median(batches)
 
 
-def fwd_bwd(attend):
-    """(q, k, v, do) -> (dq, dk, dv): forward and backward of the attention function `attend(q, k, v)`."""
+def fwd_bwd(fn):
+    """(*args, cotangent) -> the gradients of args: forward and backward of `fn(*args)` (an attention
+    `attend(q, k, v)` gives (q, k, v, do) -> (dq, dk, dv))."""
     import jax
 
-    return lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do)
+    return lambda *args: jax.vjp(fn, *args[:-1])[1](args[-1])
+
+
+def rel_diff(got, want) -> float:
+    """The largest |got - want| over pairs of arrays, each relative to its want's largest magnitude."""
+    import jax.numpy as jnp
+
+    return max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)) / jnp.max(jnp.abs(w)))
+               for g, w in zip(got, want, strict=True))
+
+
+def tokamax(option: str):
+    """The `tokamax` package (candidate kernels; the `kernels` extra), or a one-line error naming `option`.
+    Its options are absl flags, which it would otherwise parse from our argv; its failed implementations
+    log tracebacks, silenced here (a bench reports them as one line or one row)."""
+    import logging
+
+    try:
+        import tokamax as module
+    except ImportError as e:
+        raise SystemExit(f"{option} needs tokamax (pip install -e '.[kernels]'): {e}") from None
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    return module

@@ -27,7 +27,7 @@ import argparse
 import json
 from pathlib import Path
 
-from yarn_jax.bench import fwd_bwd, kernel_time
+from yarn_jax.bench import fwd_bwd, kernel_time, rel_diff, tokamax
 from yarn_jax.cli import RunError
 
 
@@ -56,15 +56,8 @@ def candidate(impl: str):
     kind = impl.removeprefix("tokamax-")
     if kind not in TOKAMAX:
         raise SystemExit(f"--impl {impl}: expected tokamax-<one of {', '.join(TOKAMAX)}>")
-    try:
-        import tokamax
-    except ImportError as e:
-        raise SystemExit(f"--impl {impl} needs tokamax (pip install -e '.[kernels]'): {e}") from None
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():  # tokamax reads its options as absl flags, else parsing our argv
-        flags.FLAGS.mark_as_parsed()
-    return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=True, implementation=kind)
+    module = tokamax(f"--impl {impl}")
+    return lambda q, k, v: module.dot_product_attention(q, k, v, is_causal=True, implementation=kind)
 
 
 def kernel_check(attend, t: int) -> float:
@@ -82,8 +75,7 @@ def kernel_check(attend, t: int) -> float:
     want = (ref(*(x.astype(jnp.float32) for x in (q, k, v))),
             *fwd_bwd(ref)(*(x.astype(jnp.float32) for x in (q, k, v, do))))
     got = (jax.jit(attend)(q, k, v), *jax.jit(fwd_bwd(attend))(q, k, v, do))
-    return max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)) / jnp.max(jnp.abs(w)))
-               for g, w in zip(got, want, strict=True))
+    return rel_diff(got, want)
 
 
 def _qkv(t: int, n: int, kv_heads: int, h: int, perm=None):

@@ -19,25 +19,10 @@ import functools
 import json
 from pathlib import Path
 
-from yarn_jax.bench import kernel_time
+from yarn_jax.bench import fwd_bwd, kernel_time, rel_diff, tokamax
 
 IMPLS = {"swiglu": ("xla", "tokamax-mosaic", "tokamax-triton", "tokamax-xla"),
          "rmsnorm": ("xla", "tokamax-triton", "tokamax-xla")}
-
-
-def _tokamax():
-    try:
-        import tokamax
-    except ImportError as e:
-        raise SystemExit(f"--impl tokamax-...: needs tokamax (pip install -e '.[kernels]'): {e}") from None
-    import logging
-
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():  # tokamax reads its options as absl flags, else parsing our argv
-        flags.FLAGS.mark_as_parsed()
-    logging.getLogger("absl").setLevel(logging.CRITICAL)  # its failed implementations log tracebacks: rows here
-    return tokamax
 
 
 def op(name: str, impl: str, eps: float):
@@ -50,12 +35,12 @@ def op(name: str, impl: str, eps: float):
         if name == "swiglu":
             return llama.swiglu
         return lambda x, scale: llama.rms_norm(x, scale, eps, x.dtype)
-    kind = impl.removeprefix("tokamax-")
+    kind, module = impl.removeprefix("tokamax-"), tokamax(f"--impl {impl}")
     if name == "swiglu":
-        return lambda x, gate, up: _tokamax().gated_linear_unit(x, (gate, up), activation=jax.nn.silu,
-                                                                implementation=kind)
-    return lambda x, scale: _tokamax().layer_norm(x, scale, None, subtract_mean=False, epsilon=eps,
-                                                  implementation=kind)
+        return lambda x, gate, up: module.gated_linear_unit(x, (gate, up), activation=jax.nn.silu,
+                                                            implementation=kind)
+    return lambda x, scale: module.layer_norm(x, scale, None, subtract_mean=False, epsilon=eps,
+                                              implementation=kind)
 
 
 def _inputs(name: str, t: int, d: int, f: int):
@@ -69,12 +54,6 @@ def _inputs(name: str, t: int, d: int, f: int):
     return x, 1.0 + 0.1 * jax.random.normal(keys[1], (d,), jnp.bfloat16)
 
 
-def _grads(fn):
-    import jax
-
-    return lambda *args: jax.vjp(fn, *args[:-1])[1](args[-1])
-
-
 def row(name: str, impl: str, t: int, d: int, f: int, eps: float) -> dict:
     import jax
     import jax.numpy as jnp
@@ -84,13 +63,11 @@ def row(name: str, impl: str, t: int, d: int, f: int, eps: float) -> dict:
     try:
         out = jax.jit(fn)(*args)
         cot = jax.random.normal(jax.random.key(1), out.shape, out.dtype)
-        got = (out, *jax.jit(_grads(fn))(*args, cot))
+        got = (out, *jax.jit(fwd_bwd(fn))(*args, cot))
         wide = [a.astype(jnp.float32) for a in (*args, cot)]
-        want = (ref(*wide[:-1]), *_grads(ref)(*wide))
-        err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)) / jnp.max(jnp.abs(w)))
-                  for g, w in zip(got, want, strict=True))
+        err = rel_diff(got, (ref(*wide[:-1]), *fwd_bwd(ref)(*wide)))
         fwd = kernel_time(jax.jit(fn), *args, calls=10)
-        both = kernel_time(jax.jit(lambda *a: (fn(*a[:-1]), _grads(fn)(*a))), *args, cot, calls=10)
+        both = kernel_time(jax.jit(fwd_bwd(fn)), *args, cot, calls=10)
     except Exception as e:  # noqa: BLE001  a candidate that does not run here is a finding, not a crash
         while isinstance(e, ExceptionGroup):  # tokamax: one per implementation tried
             e = e.exceptions[0]
