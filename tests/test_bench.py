@@ -123,9 +123,12 @@ def test_attention_bench_reference_runs(tmp_path):
     assert out.exists()
 
 
-def test_attention_bench_checks_and_times_a_tokamax_candidate(tmp_path, capsys):
-    """A candidate kernel (tokamax's XLA form runs on CPU) is checked forward and backward against the
-    float32 reference before it is timed; one that cannot run on this platform fails in one line."""
+def test_attention_bench_checks_and_times_candidate_kernels(tmp_path, capsys):
+    """A candidate kernel (tokamax's XLA form and jax's Pallas Triton kernel, interpreted, run on CPU) is
+    checked forward and backward against the float32 reference before it is timed; one that cannot run on
+    this platform fails in one line."""
+    import jax
+
     from yarn_jax import cli
     from yarn_jax.bench import attention_bench
 
@@ -134,11 +137,17 @@ def test_attention_bench_checks_and_times_a_tokamax_candidate(tmp_path, capsys):
     assert cli.run(lambda: attention_bench.main(["--impl", "tokamax-xla", *args])) == 0
     got = json.loads(out.read_text())
     assert 0 < got["rel_err"] < 2e-2 and got["rows"][0]["fwd_bwd_ms"] > 0
+    assert cli.run(lambda: attention_bench.main(["--impl", "pallas-triton", *args])) == 0
+    got = json.loads(out.read_text())
+    assert got["impl"] == "pallas-triton" and 0 < got["rel_err"] < 2e-2
     assert cli.run(lambda: attention_bench.main(["--impl", "tokamax-mosaic", *args])) == cli.FAILED
     assert cli.run(lambda: attention_bench.main(["--impl", "tokamax-flash", *args])) == cli.BAD_INPUT
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: --impl tokamax-mosaic does not run on cpu: Not supported on cpu.",
-                   "error: --impl tokamax-flash: expected tokamax-<one of mosaic, triton, cudnn, xla, xla_chunked>"]
+    assert err == ["error: --impl tokamax-mosaic does not run on cpu (jax "
+                   f"{jax.__version__}): NotImplementedError: Not supported on cpu.",
+                   "error: --impl tokamax-flash: expected a kernel (cudnn, splash, reference), ring, or one of "
+                   "tokamax-mosaic, tokamax-triton, tokamax-cudnn, tokamax-xla, tokamax-xla_chunked, pallas-triton, "
+                   "pallas-mgpu"]
 
 
 def test_layer_ops_bench_checks_candidates_against_float32(tmp_path, capsys):

@@ -36,6 +36,14 @@ def rel_diff(got, want) -> float:
                for g, w in zip(got, want, strict=True))
 
 
+def failure(e: BaseException) -> str:
+    """A candidate kernel's failure as one line: its type and first line (an ExceptionGroup, as tokamax
+    raises with one exception per implementation tried, by its first)."""
+    while isinstance(e, BaseExceptionGroup):
+        e = e.exceptions[0]
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e).strip() else '(no message)'}"[:300]
+
+
 def tokamax(option: str):
     """The `tokamax` package (candidate kernels; the `kernels` extra), or a one-line error naming `option`.
     Its options are absl flags, which it would otherwise parse from our argv; its failed implementations

@@ -3,7 +3,8 @@
     python -m yarn_jax.bench attention [--seq 8192,32768] [--impl cudnn|splash|reference]
                                        [--heads 32] [--kv-heads 32,8] [--head-dim 128]
     python -m yarn_jax.bench attention --impl ring --seq 65536,131072 --ring 2,4,8 [--block auto|cudnn|...]
-    python -m yarn_jax.bench attention --impl tokamax-mosaic [--seq ...]   (also tokamax-triton, -cudnn, -xla)
+    python -m yarn_jax.bench attention --impl tokamax-mosaic [--seq ...]   (also tokamax-triton, -cudnn, -xla,
+                                                                            pallas-triton, pallas-mgpu)
 
 Causal, bfloat16, batch 1. `ring`: the work of one device of a ring of R over `--seq` total tokens, timed
 on one device (`ring.device_work`: its R block steps with the masks and skips of the zigzag schedule, its
@@ -18,7 +19,9 @@ device, bf16 inputs, T = 2048) against the float32 reference, relative to their 
 `tokamax`, the `kernels` extra) with that implementation (mosaic: Mosaic GPU, FlashAttention-3 style on
 Hopper; triton; cudnn; xla), causal, GQA without repeated K/V; checked forward and backward against the
 float32 reference on bf16 inputs (T = 2048 or the longest --seq if shorter), so that a kernel is timed only
-once it is known to compute the same attention.
+once it is known to compute the same attention. `pallas-triton` and `pallas-mgpu`: the flash attention
+kernels jax itself ships (`jax.experimental.pallas.ops.gpu`: `attention.mha`, FlashAttention-2 in Pallas'
+Triton backend, K/V repeated per query head, interpreted on CPU; `attention_mgpu.attention`, Mosaic GPU).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import argparse
 import json
 from pathlib import Path
 
-from yarn_jax.bench import fwd_bwd, kernel_time, rel_diff, tokamax
+from yarn_jax.bench import failure, fwd_bwd, kernel_time, rel_diff, tokamax
 from yarn_jax.cli import RunError
 
 
@@ -49,14 +52,32 @@ def model_check(impl: str, t: int = 2048) -> float:
 
 
 TOKAMAX = ("mosaic", "triton", "cudnn", "xla", "xla_chunked")  # tokamax.dot_product_attention's implementations
+CANDIDATES = (*(f"tokamax-{kind}" for kind in TOKAMAX), "pallas-triton", "pallas-mgpu")
 
 
 def candidate(impl: str):
-    """`tokamax-<implementation>` -> attend(q [B, T, N, H], k, v [B, T, K, H]) -> [B, T, N, H], causal."""
-    kind = impl.removeprefix("tokamax-")
-    if kind not in TOKAMAX:
-        raise SystemExit(f"--impl {impl}: expected tokamax-<one of {', '.join(TOKAMAX)}>")
+    """A kernel outside the model -> attend(q [B, T, N, H], k, v [B, T, K, H]) -> [B, T, N, H], causal."""
+    import jax
+    import jax.numpy as jnp
+
+    if impl not in CANDIDATES:
+        raise SystemExit(f"--impl {impl}: expected a kernel (cudnn, splash, reference), ring, or one of "
+                         f"{', '.join(CANDIDATES)}")
+    if impl == "pallas-triton":  # FlashAttention-2 in Pallas' Triton backend; one head of K/V per query head
+        from jax.experimental.pallas.ops.gpu import attention as triton_attention
+
+        interpret = jax.devices()[0].platform == "cpu"  # so that CPU runs check it
+        return lambda q, k, v: triton_attention.mha(
+            q, *(jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v)), None,
+            sm_scale=q.shape[-1] ** -0.5, causal=True, interpret=interpret)
+    if impl == "pallas-mgpu":  # Mosaic GPU (Hopper, warp-specialised); no softmax scale of its own
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+        config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True,
+                                             block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
+        return lambda q, k, v: attention_mgpu.attention((q * q.shape[-1] ** -0.5).astype(q.dtype), k, v, config)
     module = tokamax(f"--impl {impl}")
+    kind = impl.removeprefix("tokamax-")
     return lambda q, k, v: module.dot_product_attention(q, k, v, is_causal=True, implementation=kind)
 
 
@@ -104,7 +125,7 @@ def kernel_rows(impl: str, seqs: list[int], n: int, kv_list: list[int], h: int) 
     from yarn_jax import attention
     from yarn_jax.execution import AttentionImpl
 
-    fn = None if impl.startswith("tokamax-") else attention.select(AttentionImpl(impl))
+    fn = None if impl.startswith(("tokamax-", "pallas-")) else attention.select(AttentionImpl(impl))
     rows = []
     for t in seqs:
         for kv_heads in kv_list:
@@ -182,7 +203,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m yarn_jax.bench attention")
     p.add_argument("--seq", default="8192,32768", help="comma list; total tokens for --impl ring")
     p.add_argument("--impl", default="cudnn", help="an attention kernel (cudnn, splash, reference), ring, or a "
-                   "candidate: tokamax-<implementation> (mosaic, triton, cudnn, xla)")
+                   "candidate: tokamax-<implementation> (mosaic, triton, cudnn, xla), pallas-triton, pallas-mgpu")
     p.add_argument("--ring", default="2,4,8", help="--impl ring: ring sizes (comma list)")
     p.add_argument("--block", default="auto", help="--impl ring: the block kernel (auto, cudnn, splash, reference)")
     p.add_argument("--heads", type=int, default=32)
@@ -194,18 +215,18 @@ def main(argv: list[str]) -> int:
 
     ints = lambda x: [int(s) for s in x.split(",")]  # noqa: E731
     t = min(2048, max(ints(a.seq)))  # the check's length: a CPU-sized run checks a CPU-sized model
-    tokamax_impl = a.impl.startswith("tokamax-")
-    if tokamax_impl:  # checked before it is timed; a kernel that cannot run here says so in one line
+    candidate_impl = a.impl.startswith(("tokamax-", "pallas-"))
+    if candidate_impl:  # checked before it is timed; a kernel that cannot run here says so in one line
         try:
             err = kernel_check(candidate(a.impl), t)
-        except (NotImplementedError, ValueError) as e:
-            raise RunError(f"--impl {a.impl} does not run on {jax.devices()[0].platform}: "
-                           f"{str(e).splitlines()[0]}") from None
+        except Exception as e:  # noqa: BLE001  a candidate that does not run here is a finding, not a crash
+            raise RunError(f"--impl {a.impl} does not run on {jax.devices()[0].platform} "
+                           f"(jax {jax.__version__}): {failure(e)}") from None
     if a.impl == "ring":
         rows = ring_rows(a.block, ints(a.seq), ints(a.ring), a.heads, ints(a.kv_heads), a.head_dim)
     else:
         rows = kernel_rows(a.impl, ints(a.seq), a.heads, ints(a.kv_heads), a.head_dim)
-    if not tokamax_impl:  # the reference's check against itself is 0 by construction: not computed
+    if not candidate_impl:  # the reference's check against itself is 0 by construction: not computed
         err = ring_check() if a.impl == "ring" else 0.0 if a.impl == "reference" else model_check(a.impl, t)
     print(f"{a.impl} on {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}; "
           f"{a.heads} heads, head dim {a.head_dim}; vs the float32 reference (bf16, T={t}): max relative "

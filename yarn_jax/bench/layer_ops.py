@@ -19,7 +19,7 @@ import functools
 import json
 from pathlib import Path
 
-from yarn_jax.bench import fwd_bwd, kernel_time, rel_diff, tokamax
+from yarn_jax.bench import failure, fwd_bwd, kernel_time, rel_diff, tokamax
 
 IMPLS = {"swiglu": ("xla", "tokamax-mosaic", "tokamax-triton", "tokamax-xla"),
          "rmsnorm": ("xla", "tokamax-triton", "tokamax-xla")}
@@ -69,9 +69,7 @@ def row(name: str, impl: str, t: int, d: int, f: int, eps: float) -> dict:
         fwd = kernel_time(jax.jit(fn), *args, calls=10)
         both = kernel_time(jax.jit(fwd_bwd(fn)), *args, cot, calls=10)
     except Exception as e:  # noqa: BLE001  a candidate that does not run here is a finding, not a crash
-        while isinstance(e, ExceptionGroup):  # tokamax: one per implementation tried
-            e = e.exceptions[0]
-        return {"op": name, "impl": impl, "seq": t, "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"[:300]}
+        return {"op": name, "impl": impl, "seq": t, "error": failure(e)}
     return {"op": name, "impl": impl, "seq": t, "fwd_ms": fwd * 1e3, "fwd_bwd_ms": both * 1e3, "rel_err": err}
 
 
