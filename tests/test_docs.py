@@ -28,6 +28,7 @@ COVERED = {
     ("yarn_jax.bench", "train-step"): "tests/test_bench.py::test_train_step_bench_prints_both_sides_and_the_ratio",
     ("yarn_jax.bench", "generate"): "tests/test_bench.py::test_generate_bench_times_ours_and_both_peers",
     ("yarn_jax.bench", "attention"): "tests/test_bench.py::test_attention_bench_reference_runs",
+    ("yarn_jax.bench", "layer-ops"): "tests/test_bench.py::test_layer_ops_bench_checks_candidates_against_float32",
     ("yarn_jax.bench", "ring-memory"): "tests/test_bench.py::test_ring_memory_bench_runs_and_temporaries_fall",
     # parse only (the parse check below): their smallest run is minutes of CPU or needs a GPU
     ("yarn_jax.bench", "reproduce"): "parse only: --smoke pretrains and fine-tunes 7 models (minutes)",
