@@ -173,6 +173,7 @@ DECODE_GRID = [  # (batch, queries, heads, kv heads, head dim, cache slots, wind
     (2, 1, 8, 2, 32, 512, None, jnp.float32),  # GQA 4, one block of the XLA form per 512 slots
     (3, 1, 14, 2, 16, 256, None, jnp.bfloat16),  # GQA 7 (Qwen2-0.5B's): padded to 16 query rows in the kernel
     (1, 3, 4, 4, 32, 1024, 100, jnp.bfloat16),  # MHA, three queries at once, a sliding window
+    (2, 2, 16, 2, 32, 512, None, jnp.bfloat16),  # 2 x 8 = 16 query rows: read and written in place, no padding
 ]
 
 
@@ -247,7 +248,7 @@ def test_decode_merge_is_the_softmax_over_all_parts():
 
 
 @pytest.mark.parametrize("t,n,kh,h,dtype", [(2, 32, 4, 64, jnp.bfloat16), (1, 8, 2, 128, jnp.float16),
-                                            (3, 4, 4, 32, jnp.bfloat16)])
+                                            (3, 4, 4, 32, jnp.bfloat16), (1, 64, 4, 64, jnp.bfloat16)])
 def test_flash_decoding_kernel_lowers_to_triton_without_a_gpu(t, n, kh, h, dtype):
     """The kernel as the GPU runs it (not the interpreter): exported for CUDA on this host, Pallas lowers
     it to Triton IR, so a construct its Triton backend does not take fails here rather than on a device.
