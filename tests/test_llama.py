@@ -133,3 +133,33 @@ def test_norm_and_swiglu_backward_rules_equal_autodiff(dtype):
             assert have.dtype == (dtype if name != "d1" or fn is llama.silu_mul else jnp.float32), name
             err = float(jnp.max(jnp.abs(have.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
             assert err < tol, (fn, name, err)
+
+
+def test_remat_casts_keeps_no_compute_dtype_copy_of_the_weights():
+    """Remat 'casts' keeps what 'none' keeps for the backward except dtype casts and reshapes (their inputs
+    instead, where the backward needs them): the layers' weights cast to the compute dtype above all, which
+    'none' keeps: at least 2 bytes a layer matrix parameter less (bf16 compute, float32 weights)."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(layers=3, rope_scaling=YARN).to_dict(),
+                                       dtype="bfloat16", param_dtype="float32")
+    params = yarn_jax.init_params(cfg, jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 32)))
+
+    def kept(remat):  # (shape, dtype) of each array the backward keeps that is not an argument
+        c = cfg.with_execution(remat=remat)
+        res = saved_residuals(lambda p: jnp.sum(yarn_jax.forward(c, p, tokens).astype(jnp.float32)), params)
+        return sorted((a.shape, str(a.dtype)) for a, why in res if "argument" not in why)
+
+    def size(arrays):
+        return sum(np.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in arrays)
+
+    matrices = [w for name, w in params["layers"]["attn"].items() if not name.endswith("bias")]
+    matrices += list(params["layers"]["mlp"].values())
+    attn = params["layers"]["attn"]  # [L, ...] each; the GEMMs read q/k/v as [D, heads * H], o as [N * H, D]
+    as_read = [(*attn[x].shape[:2], attn[x].shape[2] * attn[x].shape[3]) for x in "qkv"]
+    as_read += [(attn["o"].shape[0], attn["o"].shape[1] * attn["o"].shape[2], attn["o"].shape[3])]
+    bf16_weights = {(shape, "bfloat16") for shape in as_read + [w.shape for w in params["layers"]["mlp"].values()]}
+    none, casts = kept("none"), kept("casts")
+    assert bf16_weights <= set(none) and not bf16_weights & set(casts)
+    assert size(none) - size(casts) >= 2 * sum(w.size for w in matrices)
