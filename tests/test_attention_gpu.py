@@ -134,19 +134,21 @@ def test_cudnn_sliding_window_forward_and_backward_equal_the_reference(window):
     assert all(e <= b for e, b in zip(errors, bound, strict=True)), (errors, bound)
 
 
-@pytest.mark.parametrize("n,k,h,window", [(32, 4, 64, None), (14, 2, 128, 1000), (32, 32, 128, None)],
-                         ids=["tinyllama", "qwen2-window", "llama2-mha"])
-def test_flash_decoding_kernel_equals_the_float32_reference(n, k, h, window):
+@pytest.mark.parametrize("t,n,k,h,window", [(1, 32, 4, 64, None), (2, 32, 4, 64, None), (1, 14, 2, 128, 1000),
+                                             (1, 32, 32, 128, None)],
+                         ids=["tinyllama", "tinyllama-two-tokens", "qwen2-window", "llama2-mha"])
+def test_flash_decoding_kernel_equals_the_float32_reference(t, n, k, h, window):
     """The Triton kernel (compiled, not interpreted) on a bf16 cache of 8,448 slots read at layer 2 of 3,
-    rows filled to 1, 5,000 and 8,448 slots: within bf16 tolerance of the float32 reference over the
-    filled slots, and equal to the XLA form's result within the same."""
+    rows filled to t, 5,000 and 8,448 slots (t new tokens each; two tokens x 8 heads: the unpadded layout):
+    within bf16 tolerance of the float32 reference over the filled slots, and equal to the XLA form's
+    result within the same."""
     from yarn_jax.attention import decode
 
     b, s = 3, 8448
-    keys = jax.random.split(jax.random.key(k + h), 3)
-    q = jax.random.normal(keys[0], (b, 1, n, h), jnp.bfloat16)
+    keys = jax.random.split(jax.random.key(k + h + t), 3)
+    q = jax.random.normal(keys[0], (b, t, n, h), jnp.bfloat16)
     kk, v = (jax.random.normal(key, (3, b, s, k, h), jnp.bfloat16) for key in keys[1:])
-    q_idx = jnp.asarray([[0], [4999], [s - 1]], jnp.int32)
+    q_idx = jnp.asarray([[0], [5000 - t], [s - t]], jnp.int32) + jnp.arange(t, dtype=jnp.int32)
     kv_idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     want = reference.attention(q, kk[2], v[2], None, None, q_idx, kv_idx, window=window)
     args = (q, kk, v, jnp.int32(2), None, None, q_idx, kv_idx)
