@@ -53,6 +53,7 @@ def model_check(impl: str, t: int = 2048) -> float:
 
 TOKAMAX = ("mosaic", "triton", "cudnn", "xla", "xla_chunked")  # tokamax.dot_product_attention's implementations
 CANDIDATES = (*(f"tokamax-{kind}" for kind in TOKAMAX), "pallas-triton", "pallas-mgpu")
+CANDIDATE_PREFIXES = ("tokamax-", "pallas-")  # kernels outside the model: `candidate` builds (or refuses) them
 
 
 def candidate(impl: str):
@@ -125,7 +126,7 @@ def kernel_rows(impl: str, seqs: list[int], n: int, kv_list: list[int], h: int) 
     from yarn_jax import attention
     from yarn_jax.execution import AttentionImpl
 
-    fn = None if impl.startswith(("tokamax-", "pallas-")) else attention.select(AttentionImpl(impl))
+    fn = None if impl.startswith(CANDIDATE_PREFIXES) else attention.select(AttentionImpl(impl))
     rows = []
     for t in seqs:
         for kv_heads in kv_list:
@@ -215,7 +216,7 @@ def main(argv: list[str]) -> int:
 
     ints = lambda x: [int(s) for s in x.split(",")]  # noqa: E731
     t = min(2048, max(ints(a.seq)))  # the check's length: a CPU-sized run checks a CPU-sized model
-    candidate_impl = a.impl.startswith(("tokamax-", "pallas-"))
+    candidate_impl = a.impl.startswith(CANDIDATE_PREFIXES)
     if candidate_impl:  # checked before it is timed; a kernel that cannot run here says so in one line
         try:
             err = kernel_check(candidate(a.impl), t)
