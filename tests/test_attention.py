@@ -173,7 +173,7 @@ DECODE_GRID = [  # (batch, queries, heads, kv heads, head dim, cache slots, wind
     (2, 1, 8, 2, 32, 512, None, jnp.float32),  # GQA 4, one block of the XLA form per 512 slots
     (3, 1, 14, 2, 16, 256, None, jnp.bfloat16),  # GQA 7 (Qwen2-0.5B's): padded to 16 query rows in the kernel
     (1, 3, 4, 4, 32, 1024, 100, jnp.bfloat16),  # MHA, three queries at once, a sliding window
-    (2, 2, 16, 2, 32, 512, None, jnp.bfloat16),  # 2 x 8 = 16 query rows: read and written in place, no padding
+    (2, 2, 16, 2, 32, 512, None, jnp.bfloat16),  # 2 x 8 = 16 query rows: the batch-1 twin rows, no padding rows
 ]
 
 

@@ -287,7 +287,7 @@ def unstack_layers(params: Any) -> Any:
     """The parameter tree with its stacked layers [L, ...] as a tuple of L per-layer trees, for
     `Llama.decode`. On GPU, XLA copies a layer's slice of a stacked weight out before a GEMM reads it (a
     decode step would read its MLP weights three times over); separate arrays are read where they lie.
-    Costs one copy of the layers' weights, so generation makes it once (`generate.decode_weights`)."""
+    Costs one copy of the layers' weights, so a decode loop makes it once, outside its steps."""
     stacked = params["layers"]
     count = jax.tree.leaves(stacked)[0].shape[0]
     return {**params, "layers": tuple(jax.tree.map(lambda w, i=i: w[i], stacked) for i in range(count))}

@@ -84,10 +84,9 @@ def attention_xla(q, k, v, layer, q_seg, kv_seg, q_idx, kv_idx, *, window=None):
 
 
 def _kernel(bounds_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block: int, splits: int):
-    """One (batch row, kv head, part): q_ref [R, H] (the row's new tokens x its G query heads, padded) or
-    [t, G, H] (unpadded: read where the model left it); bounds_ref [2, R] (each query row's first and last
-    + 1 slot); k_ref, v_ref [L, S, H] (this row's, this head's); o_ref [R, H] or [t, G, H], lse_ref [R] or
-    [t, G] float32: the part's normalised output and log-sum-exp, rows in the order of q_ref's."""
+    """One (batch row, kv head, part): q_ref [R, H] (the row's new tokens x its G query heads, padded);
+    bounds_ref [2, R] (each query row's first and last + 1 slot); k_ref, v_ref [L, S, H] (this row's, this
+    head's); o_ref [R, H], lse_ref [R] float32: the part's normalised output and log-sum-exp."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -99,7 +98,6 @@ def _kernel(bounds_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block
     lo = first + part * per
     hi = jnp.minimum(lo + per, first + count)
     q = q_ref[...]
-    q = q.reshape(-1, q.shape[-1])  # [R, H]
     r, h = q.shape
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
@@ -119,8 +117,8 @@ def _kernel(bounds_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block
     init = (jnp.zeros((r, h), jnp.float32), jnp.full((r,), reference.MASK_VALUE, jnp.float32),
             jnp.zeros((r,), jnp.float32))
     acc, m, l_ = jax.lax.fori_loop(lo, jnp.maximum(hi, lo), body, init)
-    o_ref[...] = (acc / jnp.maximum(l_, 1e-30)[:, None]).reshape(o_ref.shape)
-    lse_ref[...] = jnp.where(l_ > 0, m + jnp.log(jnp.maximum(l_, 1e-30)), reference.MASK_VALUE).reshape(lse_ref.shape)
+    o_ref[...] = acc / jnp.maximum(l_, 1e-30)[:, None]
+    lse_ref[...] = jnp.where(l_ > 0, m + jnp.log(jnp.maximum(l_, 1e-30)), reference.MASK_VALUE)
 
 
 def splits(programs: int, slots: int) -> int:
@@ -144,38 +142,27 @@ def attention_pallas(q, k, v, layer, q_seg, kv_seg, q_idx, kv_idx, *, window=Non
     g = n // kh
     rows = t * g  # a kv head's query rows in a batch row: its G heads of every new token, read against it once
     rp = max(16, 1 << (rows - 1).bit_length())  # the query rows of a tensor-core dot: a power of two >= 16
+    qr = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, rows, h)
+    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rp - rows), (0, 0))).astype(k.dtype)  # [B, K, R, H]
     none = jnp.broadcast_to(jnp.asarray([s, 0], jnp.int32), (b, rp - rows, 2))  # padding rows: no slot seen
-    lo_hi = jnp.concatenate([jnp.repeat(bounds(q_idx, window), g, axis=1), none], axis=1)  # [B, R, 2], (t, G) order
+    lo_hi = jnp.concatenate([jnp.repeat(bounds(q_idx, window), g, axis=1), none], axis=1)  # [B, R, 2] as qr's rows
     lo_hi = lo_hi.transpose(0, 2, 1)  # [B, 2, R]
     parts = splits(b * kh, s)
-    cache_spec = pl.BlockSpec((layers, None, s, None, h), lambda r, j, p: (0, r, 0, j, 0))
-    if rows == rp:  # no padding: each program reads its rows of q [B, t, K, G, H] and writes its output
-        # rows where the model wants them ([B, P, t, K, G, H]), so no transpose runs before or after
-        qr, q_spec = q.reshape(b, t, kh, g, h).astype(k.dtype), pl.BlockSpec((None, t, None, g, h),
-                                                                             lambda r, j, p: (r, 0, j, 0, 0))
-        out_specs = [pl.BlockSpec((None, None, t, None, g, h), lambda r, j, p: (r, p, 0, j, 0, 0)),
-                     pl.BlockSpec((None, None, t, None, g), lambda r, j, p: (r, p, 0, j, 0))]
-        out_shape = [jax.ShapeDtypeStruct((b, parts, t, kh, g, h), jnp.float32),
-                     jax.ShapeDtypeStruct((b, parts, t, kh, g), jnp.float32)]
-    else:  # rows gathered per kv head and padded: [B, K, R, H]
-        qr = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, rows, h)
-        qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rp - rows), (0, 0))).astype(k.dtype)
-        q_spec = pl.BlockSpec((None, None, rp, h), lambda r, j, p: (r, j, 0, 0))
-        out_specs = [pl.BlockSpec((None, None, None, rp, h), lambda r, j, p: (r, j, p, 0, 0)),
-                     pl.BlockSpec((None, None, None, rp), lambda r, j, p: (r, j, p, 0))]
-        out_shape = [jax.ShapeDtypeStruct((b, kh, parts, rp, h), jnp.float32),
-                     jax.ShapeDtypeStruct((b, kh, parts, rp), jnp.float32)]
     outs, lses = pl.pallas_call(
         functools.partial(_kernel, block=BLOCK, splits=parts),
         grid=(b, kh, parts),
         in_specs=[pl.BlockSpec((None, 2, rp), lambda r, j, p: (r, 0, 0)),
-                  pl.BlockSpec((1,), lambda r, j, p: (0,)), q_spec, cache_spec, cache_spec],
-        out_specs=out_specs, out_shape=out_shape,
+                  pl.BlockSpec((1,), lambda r, j, p: (0,)),
+                  pl.BlockSpec((None, None, rp, h), lambda r, j, p: (r, j, 0, 0)),
+                  pl.BlockSpec((layers, None, s, None, h), lambda r, j, p: (0, r, 0, j, 0)),
+                  pl.BlockSpec((layers, None, s, None, h), lambda r, j, p: (0, r, 0, j, 0))],
+        out_specs=[pl.BlockSpec((None, None, None, rp, h), lambda r, j, p: (r, j, p, 0, 0)),
+                   pl.BlockSpec((None, None, None, rp), lambda r, j, p: (r, j, p, 0))],
+        out_shape=[jax.ShapeDtypeStruct((b, kh, parts, rp, h), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kh, parts, rp), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret, name="flash_decode",
     )(lo_hi, jnp.reshape(layer, (1,)).astype(jnp.int32), qr, k, v)
-    if rows == rp:
-        return merge(outs, lses, axis=1).reshape(b, t, n, h).astype(q.dtype)  # [B, t, K, G, H] -> [B, t, N, H]
     out = merge(outs[:, :, :, :rows], lses[:, :, :, :rows], axis=2)  # [B, K, t * G, H]
     return out.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q.dtype)
 

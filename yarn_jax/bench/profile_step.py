@@ -88,7 +88,6 @@ def _decode(config, prompt: int, batch: int):
     freqs = generate.row_frequencies(cfg, [prompt] * batch)
     cache = generate.init_cache(cfg, batch, generate.cache_length(prompt + 8 * chunk))
     logits, cache = generate._prefill(net, params, cache, rows, freqs, None)
-    params = generate.decode_weights(params)  # as generation passes them
     state = {"logits": logits, "cache": cache, "key": jax.random.key(0), "done": jnp.zeros(batch, bool),
              "start": prompt}
 
