@@ -113,7 +113,7 @@ def step_flops(config: Any, mesh: Mesh, cfg: LlamaConfig, traced: Any) -> dict[s
     # in the striped ring, the XLA block kernel's chunk-pair skips, run for the visible pairs. Kernels' own
     # skips (splash's causal blocks, the XLA kernel's inside the zigzag ring's diagonal) are counted whole.
     visible = ring.visible_fraction(config.data.seq_len, ring_size, cfg.execution.ring_layout) if ring_size > 1 else 1.0
-    recompute = 1.0 + (1 / 3 if cfg.execution.remat not in (Remat.NONE, Remat.CASTS) else 0.0)
+    recompute = 1.0 + (1 / 3 if cfg.execution.remat is not Remat.NONE else 0.0)
     model = config.data.batch_size * config.data.seq_len * train_step.flops_per_token(cfg, config.data.seq_len)
     return {"flops": upper - (1.0 - visible) * conditional, "flops_upper": upper, "visible": visible,
             "model_flops": model, "analytic_flops": model * recompute}

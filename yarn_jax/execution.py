@@ -25,8 +25,6 @@ class Remat(enum.Enum):
     FULL = "full"  # keep only the layer input
     DOTS = "dots"  # keep matmul outputs without batch dims (projections), recompute attention & elementwise
     ATTENTION = "attention"  # keep q, k, v, the attention output (and cuDNN's softmax statistics); recompute the MLP
-    CASTS = "casts"  # keep all but dtype casts and reshapes, redone in the backward: the layer's weights in the
-    # compute dtype above all (2 bytes a parameter: 12.5 GiB at 7B with float32 weights and bf16 compute)
 
 
 class AttentionImpl(enum.Enum):

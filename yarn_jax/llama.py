@@ -39,7 +39,6 @@ _REMAT_POLICIES = {
     Remat.DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     Remat.ATTENTION: jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.save_only_these_names("q", "k", "v", "attn_out"), _attention_kernel_outputs),
-    Remat.CASTS: lambda prim, *_, **__: prim.name not in ("convert_element_type", "reshape"),
 }
 
 
