@@ -134,3 +134,26 @@ def test_norm_and_swiglu_equal_their_float32_formulas(dtype):
             err = float(jnp.max(jnp.abs(have.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
             assert err < tol, (fn, name, err)
 
+
+
+
+def test_remat_offload_keeps_the_layer_inputs_in_host_memory():
+    """What the backward keeps: with 'full' the stacked layer inputs [L, B, T, D] in device memory, with
+    'offload' the same array in host memory (pinned_host) and nothing else changed."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(layers=3, rope_scaling=YARN).to_dict(),
+                                       dtype="bfloat16", param_dtype="float32")
+    params = yarn_jax.init_params(cfg, jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 32)))
+
+    def kept(remat):  # the arrays the backward keeps that are not arguments, as "dtype<memory>[shape]"
+        c = cfg.with_execution(remat=remat)
+        res = saved_residuals(lambda p: jnp.sum(yarn_jax.forward(c, p, tokens).astype(jnp.float32)), params)
+        return sorted(a.str_short() for a, why in res if "argument" not in why)
+
+    full, offload = kept("full"), kept("offload")
+    inputs = f"bfloat16[{cfg.num_layers},1,32,{cfg.hidden_size}]"
+    assert inputs in full and inputs not in offload
+    assert sorted(s.replace("<host>", "") for s in offload) == full
+    assert [s for s in offload if "<host>" in s] == [inputs.replace("[", "<host>[", 1)]

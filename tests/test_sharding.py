@@ -28,6 +28,16 @@ def test_sharded_model_logits_and_grads_equal_single_device(mesh_shape):
     assert_sharded_equals_one_device(cfg, params, sharding.make_mesh(**mesh_shape), tokens, positions, segment_ids)
 
 
+def test_offloaded_layer_inputs_on_a_mesh_equal_single_device():
+    """Remat 'offload' with the layer inputs sharded over fsdp, seq (the ring) and tensor: each device's
+    share goes to host memory and comes back for the backward, equal to one device's gradients."""
+    cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(rope_scaling=YARN, max_pos=64).to_dict(),
+                                       dtype="float32", remat="offload")
+    params = yarn_jax.init_params(cfg, jax.random.key(1))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 64)))
+    assert_sharded_equals_one_device(cfg, params, sharding.make_mesh(fsdp=2, seq=2, tensor=2), tokens)
+
+
 def assert_sharded_equals_one_device(cfg, params, mesh, tokens, positions=None, segment_ids=None):
     """Logits and parameter gradients of a loss over them on `mesh` (parameters placed by the rules) equal
     one device's; shared by the model families' tests."""

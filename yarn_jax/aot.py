@@ -146,7 +146,9 @@ def report(config: Any, topology: str, num_slices: int = 1) -> tuple[dict[str, f
     step_s = flops / (chip.peak_flops * chips)  # compute-bound roofline (XLA's byte count also counts loops once)
     loops = hlo.ring_loop_kernels(compiled.as_text())
     fused = sum(1 for kernels in loops if kernels)
+    host = mem.host_temp_size_in_bytes * per_chip  # remat 'offload': the layer inputs in the host's memory
     figures = {"chips": chips, "devices": len(devices), "state_gib": state / 2**30, "temp_gib": temp / 2**30,
+               "host_gib": host / 2**30,
                "ring_loops": len(loops), "ring_loops_fused": fused,
                "total_gib": total / 2**30, "hbm_gib": chip.hbm_bytes / 2**30,
                "headroom": 1 - total / chip.hbm_bytes, **fl, "xla_flops": xla_flops,
@@ -161,6 +163,7 @@ def report(config: Any, topology: str, num_slices: int = 1) -> tuple[dict[str, f
         f"| activations / temporaries | {figures['temp_gib']:.2f} |",
         f"| total (arguments + temporaries + outputs - donated) | {figures['total_gib']:.2f} |",
         f"| HBM | {figures['hbm_gib']:.0f} ({figures['total_gib'] / figures['hbm_gib']:.0%} used) |",
+        *([f"| host memory (offloaded layer inputs, not in HBM) | {figures['host_gib']:.2f} |"] if host else []),
         f"FLOPs per step: program {flops:.3e} ("
         + (f"{fl['visible']:.0%} of ring chunk pairs run; " if sharding.ring_size(mesh) > 1 else "")
         + f"every branch: {fl['flops_upper']:.3e}), analytic (6N + 6LdS) x "

@@ -25,6 +25,8 @@ class Remat(enum.Enum):
     FULL = "full"  # keep only the layer input
     DOTS = "dots"  # keep matmul outputs without batch dims (projections), recompute attention & elementwise
     ATTENTION = "attention"  # keep q, k, v, the attention output (and cuDNN's softmax statistics); recompute the MLP
+    OFFLOAD = "offload"  # as FULL, the layer input kept in the host's memory instead (pinned_host): copied out in
+    # the forward, back before the layer's backward; device memory less by [L, B, T, D] in the compute dtype
 
 
 class AttentionImpl(enum.Enum):

@@ -39,6 +39,9 @@ _REMAT_POLICIES = {
     Remat.DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     Remat.ATTENTION: jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.save_only_these_names("q", "k", "v", "attn_out"), _attention_kernel_outputs),
+    Remat.OFFLOAD: jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"], offload_src="device",
+        offload_dst="pinned_host"),
 }
 
 
@@ -170,6 +173,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, carry, cos, sin, segment_ids, index, kv=None, layer=None, prefill=False):
         x, cache = carry
+        x = checkpoint_name(x, "layer_input")  # what remat 'offload' keeps, in host memory
         attn = Attention(self.cfg, self.attend, self.attend_cache, self.mesh, self.twin, name="attn")
         y, cache = attn(RMSNorm(self.cfg, name="attn_norm")(x), cos, sin, segment_ids, index, kv, cache, layer,
                         prefill)
