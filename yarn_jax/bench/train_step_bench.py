@@ -98,8 +98,9 @@ def ours(config, seq: int, steps: int) -> dict:
             times.append(time.perf_counter() - t)
     stats = jax.devices()[0].memory_stats() or {}
     need = aot.program_bytes(step)  # this program's own need (peak_bytes_in_use is the process's maximum)
+    host = step.memory_analysis().host_temp_size_in_bytes  # remat 'offload': the layer inputs, off the device
     return {"step_s": statistics.median(times), "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
-            "program_gib": need / 2**30, "loss": float(m["loss"]),
+            "program_gib": need / 2**30, "host_gib": host / 2**30, "loss": float(m["loss"]),
             "flops_per_token": train_step.flops_per_token(cfg, seq), "remat": cfg.execution.remat.value,
             "setting": setting(cfg)}
 
@@ -153,8 +154,9 @@ def _print_tables(rows: list[dict], seqs: list[int], peak: float | None, compari
         tps = r["seq"] / r["step_s"]
         mfu = f"{tps * flops.get(r['seq'], 0) / peak:.1%}" if peak and r["seq"] in flops else "-"
         program = f"{r['program_gib']:.1f}" if "program_gib" in r else "-"
+        host = f"; {r['host_gib']:.1f} GiB in host memory" if r.get("host_gib") else ""
         print(f"| {r['impl']} | {r['seq']} | {r['remat']} | {tps:,.0f} | {mfu} | {r['peak_gib']:.1f} | {program} | "
-              f"{r.get('setting', '')} |")
+              f"{r.get('setting', '')}{host} |")
     def best(seq, kinds):  # (tokens/s, impl) of the fastest row of `kinds` at `seq`
         ok = [(seq / r["step_s"], r["impl"]) for r in rows if r["seq"] == seq and "step_s" in r
               and r["impl"].split()[0] in kinds]
