@@ -47,7 +47,7 @@ def test_config_that_cannot_fit_fails_with_a_clear_message(capsys):
                    "--set", "train.grad_accum=1"])
     err = capsys.readouterr().err
     assert rc == 1
-    assert "DOES NOT FIT" in err and "activations are too big" in err and "mesh.seq" in err
+    assert "DOES NOT FIT" in err and "activations are too big" in err and "mesh.seq" in err and "'offload'" in err
 
 
 def test_optimizer_moments_are_sharded_like_their_parameters_on_tpu():

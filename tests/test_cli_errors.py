@@ -259,3 +259,25 @@ def test_commands_claim_most_of_a_gpu_unless_told(monkeypatch):
     assert cli.run(lambda: 0) == 0 and os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.95"
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
     assert cli.run(lambda: 0) == 0 and os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
+
+
+def test_out_of_device_memory_is_one_line_with_what_to_change(capsys):
+    """XLA's RESOURCE_EXHAUSTED (a step or cache too big for the device) is a failed run, said in one line
+    with the settings that shrink it; any other XLA runtime error keeps its traceback (a bug)."""
+    import jax
+
+    from yarn_jax import cli
+
+    def job(message):
+        def raising():
+            raise jax.errors.JaxRuntimeError(message)
+        return raising
+
+    oom = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 59.70GiB with allocator GPU_0_bfc.\nmore"
+    assert cli.run(job(oom)) == cli.FAILED
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: out of device memory (RESOURCE_EXHAUSTED: Out of memory")
+    assert "59.70GiB" in err and "'offload'" in err and "mesh.seq" in err and "more" not in err.split(")")[0]
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        cli.run(job("INTERNAL: a compiler bug"))
+

@@ -229,7 +229,8 @@ def advice(figures: dict[str, float]) -> str:
         return ("parameters + optimizer state are too big for this slice: shard them over more chips (a larger "
                 "fsdp axis or slice) or keep parameters in bfloat16 (model.param_dtype)")
     return ("activations are too big: use a larger ring (mesh.seq), more gradient accumulation (smaller "
-            "micro-batches), remat='full', or a smaller train.loss_chunk")
+            "micro-batches), remat='full' or 'offload' (the layer inputs in host memory), or a smaller "
+            "train.loss_chunk")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,9 @@
 
 `run(fn)` calls `fn() -> exit status` and turns the project's input errors (`ValueError`, naming the
 field) and the expected OS errors (a missing or unwritable file, a full disk) into that line, with exit
-status 2 for bad input and 1 for a run that failed mid-way (`RunError`). Anything else is a bug and keeps
-its traceback.
+status 2 for bad input and 1 for a run that failed mid-way (`RunError`) or whose shapes do not fit the
+device's memory (XLA's RESOURCE_EXHAUSTED, with what to change). Anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -88,6 +89,17 @@ def run(fn: Callable[[], int]) -> int:
     except KeyboardInterrupt as e:
         print(f"error: {e or 'interrupted'}", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        return fail(f"out of device memory ({str(e).splitlines()[0][:200]}): the run's shapes do not fit; "
+                    f"training: model.remat 'full' or 'offload' (layer inputs in host memory), a larger mesh.seq, "
+                    f"more train.grad_accum; generation and eval: fewer prompts at once, or a mesh", FAILED)
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """XLA's allocation failure (jax's JaxRuntimeError, by name: this module is imported before jax)."""
+    return type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and str(e).startswith("RESOURCE_EXHAUSTED")
 
 
 @contextlib.contextmanager
