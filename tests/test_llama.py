@@ -135,8 +135,6 @@ def test_norm_and_swiglu_equal_their_float32_formulas(dtype):
             assert err < tol, (fn, name, err)
 
 
-
-
 def test_remat_offload_keeps_the_layer_inputs_in_host_memory():
     """What the backward keeps: with 'full' the stacked layer inputs [L, B, T, D] in device memory, with
     'offload' the same array in host memory (pinned_host) and nothing else changed."""
