@@ -11,9 +11,12 @@ compute (torch autocast for transformers, FSDP's mixed-precision policy for torc
 - hf-torch: `transformers.LlamaForCausalLM`, SDPA attention, fused AdamW, eager or `torch.compile`.
 - hf-liger: the same after `liger_kernel.transformers.apply_liger_kernel_to_llama()` (fused RMSNorm,
   RoPE, SwiGLU, linear + cross-entropy).
-- torchtitan (0.3.0): its Llama 3 model (fused qkv, YaRN RoPE, varlen attention), each block under
-  `torch.compile` and selective activation checkpointing (`remat`) or none, FSDP on one device for the
-  mixed precision, as its trainer applies them (`parallelize_llama`).
+- torchtitan (0.2.x: 0.3.0 needs torch >= 2.12, newer than the GPU image's 2.11): its Llama 3 model
+  (the same parameter count as ours at the TinyLlama and Llama-2-7B shapes; Llama 3.1 RoPE scaling, as
+  0.2.x has no YaRN: the same arithmetic on another frequency table), SDPA attention, op-level selective
+  activation checkpointing (`remat`) or none, each block under `torch.compile`, FSDP2 on one device for
+  the mixed precision, in the order its trainer applies them (`parallelize_llama`). Checked on CPU with
+  torch 2.11 and torchtitan 0.2.2 (both settings run); not yet timed on a GPU.
 - maxtext (0.2.5): its trainer on synthetic data (`hardware=gpu`, cuDNN attention through Transformer
   Engine), remat policy `full` or `minimal`; the median of its logged step times.
 
@@ -68,61 +71,59 @@ setting = (f"{sys.argv[7]} weights" + (f", {sys.argv[8]} autocast" if compute !=
 print(json.dumps({"step_s": statistics.median(times), "peak_gib": peak, "setting": setting}))
 '''
 
-# argv: shape json, seq, remat 0/1, steps, param dtype, compute dtype, rope json
+# argv: shape json, seq, remat 0/1, steps, param dtype, compute dtype, rope json (torchtitan 0.2.x's API)
 TITAN = r'''
 import json, os, statistics, sys, time, torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
-from torchtitan.models.llama3 import Llama3Model, _build_llama3_layers
+from torchtitan.config.job_config import ActivationCheckpoint, Compile
+from torchtitan.distributed.activation_checkpoint import apply_ac
+from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list, apply_compile, apply_fsdp
+from torchtitan.models.llama3.model.args import RoPEScalingArgs, TransformerModelArgs
+from torchtitan.models.llama3.model.model import Transformer
 shape, seq, remat, steps = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
 param, compute, rope = getattr(torch, sys.argv[5]), getattr(torch, sys.argv[6]), json.loads(sys.argv[7])
+d, f, heads = shape["hidden_size"], shape["intermediate_size"], shape["num_attention_heads"]
+if int(8 * d / 3) > f or d // heads != shape["head_dim"]:  # its FFN width: 8d/3 rounded up to multiple_of
+    print(json.dumps({"error": f"torchtitan's Llama 3 cannot take this shape (d {d}, FFN {f}, head dim "
+                               f"{shape['head_dim']})"})); sys.exit()
+dev = "cuda" if torch.cuda.is_available() else "cpu"
 os.environ.setdefault("MASTER_ADDR", "127.0.0.1"); os.environ.setdefault("MASTER_PORT", "29517")
-dist.init_process_group("nccl", rank=0, world_size=1)
-d, v = shape["hidden_size"], shape["vocab_size"]
-cfg = Llama3Model.Config(
-    dim=d, vocab_size=v, tok_embeddings=Embedding.Config(num_embeddings=v, embedding_dim=d),
-    norm=RMSNorm.Config(normalized_shape=d), lm_head=Linear.Config(in_features=d, out_features=v),
-    layers=_build_llama3_layers(
-        n_layers=shape["num_hidden_layers"], dim=d, n_heads=shape["num_attention_heads"],
-        n_kv_heads=shape["num_key_value_heads"], hidden_dim=shape["intermediate_size"], fuse_qkv=True,
-        rope=ComplexRoPE.Config(dim=shape["head_dim"], max_seq_len=seq, theta=rope["theta"], scaling="yarn",
-                                rope_factor=rope["factor"], original_seq_len=rope["original"]),
-        attn_backend="varlen"))
+dist.init_process_group("nccl" if dev == "cuda" else "gloo", rank=0, world_size=1)
+args = TransformerModelArgs(
+    dim=d, n_layers=shape["num_hidden_layers"], n_heads=heads, n_kv_heads=shape["num_key_value_heads"],
+    vocab_size=shape["vocab_size"], multiple_of=f, ffn_dim_multiplier=None, rope_theta=rope["theta"],
+    rope_scaling_args=RoPEScalingArgs(scaling_factor=rope["factor"], original_max_position_embeddings=rope["original"]),
+    max_seq_len=seq, attn_type="sdpa")
 with torch.device("meta"):
-    model = cfg.build()
-model.to_empty(device="cuda")
+    model = Transformer(args)
+model.to_empty(device=dev)
 with torch.no_grad():
-    model.init_states(buffer_device=torch.device("cuda"))
+    model.init_weights(buffer_device=torch.device(dev))
 model = model.to(param)
-if remat:
-    from torchtitan.distributed.activation_checkpoint import SelectiveAC
-    SelectiveAC.Config().build(dump_folder="/tmp").apply(model)
-torch._dynamo.config.capture_scalar_outputs = True
-for name, block in model.layers.named_children():  # torchtitan's apply_compile: each block, fullgraph
-    model.layers.register_module(name, torch.compile(block, fullgraph=True))
-mesh = init_device_mesh("cuda", (1,))
-mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
-for block in model.layers.values():
-    fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
-fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
-opt = torch.optim.AdamW(model.parameters(), lr=2e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+if remat:  # as its trainer's default: op-level selective AC, then per-block compile, then FSDP
+    apply_ac(model, ActivationCheckpoint(mode="selective", selective_ac_option="op"), model_compile_enabled=True,
+             op_sac_save_list=_op_sac_save_list, base_folder="/tmp")
+apply_compile(model, Compile(enable=True))
+apply_fsdp(model, init_device_mesh(dev, (1,)), param_dtype=compute, reduce_dtype=torch.float32, pp_enabled=False)
+opt = torch.optim.AdamW(model.parameters(), lr=2e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=dev == "cuda")
 loss_fn = torch.compile(lambda logits, y: torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten()))
-x = torch.randint(0, v, (1, seq + 1), device="cuda")
-positions = torch.arange(seq, device="cuda")[None]
-masks = model.get_attention_masks(positions)
+x = torch.randint(0, shape["vocab_size"], (1, seq + 1), device=dev)
+sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 times = []
-torch.cuda.reset_peak_memory_stats()
+if dev == "cuda":
+    torch.cuda.reset_peak_memory_stats()
 for i in range(steps + 2):
-    torch.cuda.synchronize(); t = time.perf_counter()
-    loss = loss_fn(model(x[:, :-1], positions, masks), x[:, 1:])
+    sync(); t = time.perf_counter()
+    loss = loss_fn(model(x[:, :-1]), x[:, 1:])
     loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
+    sync()
     if i >= 2: times.append(time.perf_counter() - t)
-setting = (f"{sys.argv[5]} weights, {sys.argv[6]} compute (FSDP policy), varlen attention, per-block "
-           f"torch.compile" + (", selective AC" if remat else ""))
-print(json.dumps({"step_s": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+import torchtitan
+setting = (f"torchtitan {torchtitan.__version__}, {sys.argv[5]} weights, {sys.argv[6]} compute (FSDP policy), "
+           f"Llama 3.1 RoPE scaling, SDPA, per-block torch.compile" + (", selective AC" if remat else ""))
+print(json.dumps({"step_s": statistics.median(times),
+                  "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0,
                   "setting": setting}))
 '''
 
@@ -193,7 +194,7 @@ def peer(cfg, name: str, seq: int, steps: int, remat: bool, compiled: bool) -> d
             import torchtitan  # noqa: F401
         except ImportError as e:
             return {"error": f"torchtitan not importable: {e}"[:200]}
-        scaling = cfg.rope_scaling  # YaRN's factor and trained length; torchtitan's YaRN otherwise the same
+        scaling = cfg.rope_scaling  # YaRN's factor and trained length, for torchtitan's Llama 3.1 scaling
         rope = {"theta": cfg.rope_theta, "factor": getattr(scaling, "factor", 1.0),
                 "original": getattr(scaling, "original_max_position_embeddings", cfg.max_position_embeddings)}
         argv = [json.dumps(shape), str(seq), "1" if remat else "0", str(steps), param, compute, json.dumps(rope)]
