@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from yarn_jax import attention, ops, projection, sharding
+from yarn_jax import attention, projection, sharding
 from yarn_jax import rope as rope_lib
 from yarn_jax.attention import decode, reference
 from yarn_jax.config import LlamaConfig
@@ -60,7 +60,14 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = _param(self, "scale", (x.shape[-1],), (self.axis_name,), nn.initializers.ones)
-        return ops.rms_norm(x, scale, self.cfg.rms_norm_eps, self.cfg.execution.dtype)
+        return rms_norm(x, scale, self.cfg.rms_norm_eps, self.cfg.execution.dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype: Any) -> jax.Array:
+    """x [..., D] / rms(x) * scale [D]: the statistics in float32, the result and the scale in `dtype`."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(dtype) * y.astype(dtype)
 
 
 class Attention(nn.Module):
@@ -156,7 +163,7 @@ class Mlp(nn.Module):
 
 def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, fp8: bool = False) -> jax.Array:
     """silu(x @ gate) * (x @ up): x [B, T, D], gate and up [D, F] -> [B, T, F]."""
-    return ops.silu_mul(projection.dot(x, gate, fp8), projection.dot(x, up, fp8))
+    return jax.nn.silu(projection.dot(x, gate, fp8)) * projection.dot(x, up, fp8)
 
 
 class Block(nn.Module):

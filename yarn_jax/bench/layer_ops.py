@@ -4,7 +4,7 @@ up projections with their activation) and RMSNorm, forward and backward, at a ru
     python -m yarn_jax.bench layer-ops [--config configs/h200_1b.py] [--seq 8192]
                                        [--impl xla,tokamax-mosaic,tokamax-triton]
 
-`xla`: the model's own functions (`llama.swiglu`, `ops.rms_norm`) as XLA compiles them in the step.
+`xla`: the model's own functions (`llama.swiglu`, `llama.rms_norm`) as XLA compiles them in the step.
 `tokamax-<implementation>`: `tokamax.gated_linear_unit` (silu; mosaic, triton or xla) and
 `tokamax.layer_norm` without the mean (triton or xla), from PyPI `tokamax` (the `kernels` extra). bf16
 inputs [1, T, D] and weights [D, F] of the config's model; each row: fwd and fwd+bwd milliseconds
@@ -29,12 +29,12 @@ def op(name: str, impl: str, eps: float):
     """fn(x, w...) for op `name` ('swiglu': x, gate, up; 'rmsnorm': x, scale) by `impl`."""
     import jax
 
-    from yarn_jax import llama, ops
+    from yarn_jax import llama
 
     if impl == "xla":
         if name == "swiglu":
             return llama.swiglu
-        return lambda x, scale: ops.rms_norm(x, scale, eps, x.dtype)
+        return lambda x, scale: llama.rms_norm(x, scale, eps, x.dtype)
     kind, module = impl.removeprefix("tokamax-"), tokamax(f"--impl {impl}")
     if name == "swiglu":
         return lambda x, gate, up: module.gated_linear_unit(x, (gate, up), activation=jax.nn.silu,

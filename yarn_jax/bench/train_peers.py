@@ -73,7 +73,7 @@ print(json.dumps({"step_s": statistics.median(times), "peak_gib": peak, "setting
 
 # argv: shape json, seq, remat 0/1, steps, param dtype, compute dtype, rope json (torchtitan 0.2.x's API)
 TITAN = r'''
-import json, os, statistics, sys, time, torch
+import json, os, statistics, sys, time, torch, torchtitan
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torchtitan.config.job_config import ActivationCheckpoint, Compile
@@ -119,7 +119,6 @@ for i in range(steps + 2):
     loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
     sync()
     if i >= 2: times.append(time.perf_counter() - t)
-import torchtitan
 setting = (f"torchtitan {torchtitan.__version__}, {sys.argv[5]} weights, {sys.argv[6]} compute (FSDP policy), "
            f"Llama 3.1 RoPE scaling, SDPA, per-block torch.compile" + (", selective AC" if remat else ""))
 print(json.dumps({"step_s": statistics.median(times),
