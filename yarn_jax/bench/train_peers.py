@@ -16,7 +16,7 @@ compute (torch autocast for transformers, FSDP's mixed-precision policy for torc
   0.2.x has no YaRN: the same arithmetic on another frequency table), SDPA attention, op-level selective
   activation checkpointing (`remat`) or none, each block under `torch.compile`, FSDP2 on one device for
   the mixed precision, in the order its trainer applies them (`parallelize_llama`). Checked on CPU with
-  torch 2.11 and torchtitan 0.2.2 (both settings run); not yet timed on a GPU.
+  torch 2.11 and torchtitan 0.2.2 (both settings run); timed on an H200 (`docs/performance.md`).
 - maxtext (0.2.5): its trainer on synthetic data (`hardware=gpu`, cuDNN attention through Transformer
   Engine), remat policy `full` or `minimal`; the median of its logged step times.
 
