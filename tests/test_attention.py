@@ -266,3 +266,57 @@ def test_flash_decoding_kernel_lowers_to_triton_without_a_gpu(t, n, kh, h, dtype
         q, cache, cache, jax.ShapeDtypeStruct((), jnp.int32), index)
     text = exported.mlir_module()
     assert text.count("__gpu$xla.gpu.triton") == 1 and 'name = "flash_decode"' in text
+
+
+def _qkv_unfused(x, scale, wq, wk, wv, cos, sin, k, v, layer, slot, eps):
+    """The unfused decode path's arithmetic (`Block`, `Attention`) for rows x [R, D] of one batch row."""
+    from yarn_jax import llama, rope
+
+    d, dtype = x.shape[1], x.dtype
+    normed = llama.rms_norm(x, scale, eps, dtype)[None]  # [1, R, D]
+    proj = lambda w: jnp.einsum("BTD,DF->BTF", normed, w.reshape(d, -1).astype(dtype)).reshape(  # noqa: E731
+        *normed.shape[:2], *w.shape[1:])
+    q, k_new, v_new = rope.rotate(proj(wq), cos[None], sin[None]), rope.rotate(proj(wk), cos[None], sin[None]), proj(wv)
+    return (q.reshape(x.shape[0], -1), k.at[layer, 0, slot].set(k_new[0, 0]), v.at[layer, 0, slot].set(v_new[0, 0]))
+
+
+@pytest.mark.parametrize("r,d,n,kh,h,dtype", [(2, 512, 4, 2, 16, jnp.float32), (2, 1024, 8, 2, 32, jnp.bfloat16),
+                                              (1, 512, 4, 4, 16, jnp.bfloat16)])
+def test_fused_decode_projection_equals_the_unfused_path(r, d, n, kh, h, dtype):
+    """The GPU kernel for a decode step's norm, q|k|v, RoPE and cache write (Pallas' interpreter on CPU),
+    on fresh random inputs, gives the unfused path's q and caches: every row's q, row 0's key and value at
+    (layer, slot), every other slot as it was."""
+    from yarn_jax.attention import decode_qkv
+
+    rng = np.random.default_rng(d + n + r)
+    x = jnp.asarray(rng.normal(size=(r, d)) * 3, dtype)
+    scale = jnp.asarray(1 + rng.normal(size=d) * 0.1, dtype)
+    wq, wk, wv = (jnp.asarray(rng.normal(size=(d, m, h)) / d**0.5, dtype) for m in (n, kh, kh))
+    angle = rng.uniform(0, 6.3, size=(r, h // 2))
+    cos, sin = jnp.asarray(np.cos(angle) * 1.1, jnp.float32), jnp.asarray(np.sin(angle) * 1.1, jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(3, 1, 16, kh, h)), dtype) for _ in range(2))
+    layer, slot = jnp.int32(1), jnp.int32(rng.integers(16))
+    want = jax.jit(_qkv_unfused, static_argnums=11)(x, scale, wq, wk, wv, cos, sin, k, v, layer, slot, 1e-5)
+    wt = decode_qkv.transposed_qkv(wq, wk, wv, dtype)
+    got = decode_qkv.project(x, scale, wt, cos, sin, k, v, layer, slot, heads=n, eps=1e-5, interpret=True)
+    tol = TOL[dtype]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol[0], atol=tol[1])
+
+
+@pytest.mark.parametrize("d,n,kh,h", [(2048, 32, 4, 64), (4096, 32, 8, 128)])
+def test_fused_decode_projection_lowers_to_triton_without_a_gpu(d, n, kh, h):
+    """As the flash-decoding kernel's test above: the TinyLlama and Llama-3-8B shapes lower to Triton IR."""
+    from jax import export
+
+    from yarn_jax.attention import decode_qkv
+
+    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    fn = functools.partial(decode_qkv.project, heads=n, eps=1e-5)
+    exported = export.export(jax.jit(fn), platforms=["cuda"],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+        bf16(2, d), bf16(d), bf16((n + 2 * kh) * h, d), *(jax.ShapeDtypeStruct((2, h // 2), jnp.float32),) * 2,
+        *(bf16(3, 1, 1024, kh, h),) * 2, scalar, scalar)
+    text = exported.mlir_module()
+    assert text.count("__gpu$xla.gpu.triton") == 1 and 'name = "decode_qkv"' in text
