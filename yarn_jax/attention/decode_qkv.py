@@ -66,11 +66,12 @@ def _kernel(x_ref, scale_ref, wt_ref, cos_ref, sin_ref, where_ref, k_in, v_in, q
         at = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
         normed = scale_ref[at].astype(dtype)[None, :] * (x_ref[:, at].astype(jnp.float32) * inv[:, None]).astype(dtype)
         normed = normed.astype(jnp.float32)[:, None, :]  # [R, 1, chunk]
-        parts = [(normed * wt_ref[pl.ds(lo + o, WIDTH), at].astype(jnp.float32)[None]).sum(axis=2) for o in (0, half)]
-        return acc[0] + parts[0], acc[1] + parts[1]
+        return tuple(a + normed * wt_ref[pl.ds(lo + o, WIDTH), at].astype(jnp.float32)[None]
+                     for a, o in zip(acc, (0, half), strict=True))  # summed over the chunk once, after the loop
 
-    zero = jnp.zeros((r, WIDTH), jnp.float32)
-    y1, y2 = (y.astype(dtype).astype(jnp.float32) for y in jax.lax.fori_loop(0, d // chunk, body, (zero, zero)))
+    zero = jnp.zeros((r, WIDTH, chunk), jnp.float32)
+    y1, y2 = (y.sum(axis=2).astype(dtype).astype(jnp.float32)
+              for y in jax.lax.fori_loop(0, d // chunk, body, (zero, zero)))
     cols = pl.ds(j * WIDTH, WIDTH)
     c, s = cos_ref[:, cols], sin_ref[:, cols]  # [R, W]
     turn = (head < heads + kv_heads).astype(jnp.float32)  # q and k heads rotate, v heads do not
