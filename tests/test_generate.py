@@ -108,13 +108,12 @@ def test_the_device_loop_in_chunks_equals_one_chunk(monkeypatch):
 
 
 def test_a_decode_step_on_per_layer_weights_equals_the_layer_loop():
-    """The decode loop's form, each layer's weights apart (`generate.unstack_layers`, the layers unrolled) at
-    batch 1 (one row, which `Llama.decode` runs as twin rows), gives the logits and cache of the stacked
-    layer loop that the host loop and the prefill run; so does the GPU's form, with each layer's norm,
-    q|k|v, RoPE and cache write as one kernel (`generate.fuse_qkv`; Pallas' interpreter here)."""
+    """The decode loop's form, each layer's weights apart (`llama.unstack_layers`, the layers unrolled) at
+    batch 1 (one row, which `projection.dot` pads to two), gives the logits and cache of the stacked layer
+    loop that the host loop and the prefill run."""
     import jax.numpy as jnp
 
-    from yarn_jax.generate import fuse_qkv, unstack_layers
+    from yarn_jax.llama import unstack_layers
 
     cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(rope_scaling=ROPES["yarn"], max_pos=64).to_dict(),
                                        dtype="float32")
@@ -122,18 +121,15 @@ def test_a_decode_step_on_per_layer_weights_equals_the_layer_loop():
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, 9)
     freqs = generate.row_frequencies(cfg, [9])
     outs = []
-    fused = fuse_qkv(cfg, unstack_layers(params))
-    assert all("qkv_t" in p["attn"] for p in fused["layers"])
-    for p in (params, unstack_layers(params), fused):
+    for p in (params, unstack_layers(params)):
         logits, cache = generate._prefill(cfg, params, generate.init_cache(cfg, 1, 256), [prompt], freqs, None)
         nxt = jnp.argmax(logits, axis=-1)[:, None].astype(jnp.int32)
         outs.append(generate.step(cfg, p, cache, nxt, jnp.asarray([9]), freqs, prefill=False))
-    (want, want_cache), *others = outs
+    (want, want_cache), (got, got_cache) = outs
     assert len(unstack_layers(params)["layers"]) == cfg.num_layers
-    for got, got_cache in others:
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-        for a, b in zip(got_cache, want_cache, strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_cache, want_cache, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 SEQ_MESHES = [("yarn", dict(seq=4, fsdp=2)), ("dynamic_yarn", dict(seq=4, fsdp=2)),

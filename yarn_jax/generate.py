@@ -31,9 +31,8 @@ from jax.sharding import Mesh
 from yarn_jax import attention, sharding
 from yarn_jax import rope as rope_lib
 from yarn_jax import scaling as scaling_lib
-from yarn_jax.attention import decode_qkv
 from yarn_jax.config import LlamaConfig
-from yarn_jax.llama import Cache, Llama, model, param_shardings
+from yarn_jax.llama import Cache, Llama, model, param_shardings, unstack_layers
 
 CACHE_BUCKET = 256  # cache lengths round up to a multiple: prompts of similar length share compilations
 
@@ -170,28 +169,6 @@ def complete(cfg: LlamaConfig, params: Any, prompts: list[np.ndarray], max_new: 
     return _from_host(net_cfg, params, cache, logits, prompts, max_new, freqs_at, temperature, key, eos_id, mesh)
 
 
-def unstack_layers(params: Any) -> Any:
-    """The parameter tree with its stacked layers [L, ...] as a tuple of L per-layer trees, for
-    `Llama.decode`. On GPU, XLA copies a layer's slice of a stacked weight out before a GEMM reads it (a
-    decode step would read its MLP weights three times over); separate arrays are read where they lie.
-    Costs one copy of the layers' weights, so a decode loop makes it once, outside its steps."""
-    stacked = params["layers"]
-    count = jax.tree.leaves(stacked)[0].shape[0]
-    return {**params, "layers": tuple(jax.tree.map(lambda w, i=i: w[i], stacked) for i in range(count))}
-
-
-def fuse_qkv(cfg: LlamaConfig, params: Any) -> Any:
-    """Per-layer weights (`unstack_layers`) with each layer's q, k and v matrices also side by side and
-    transposed (`attn/qkv_t`, `decode_qkv`'s layout), so that a batch-1 decode step runs its attention
-    norm, q|k|v projection, RoPE and cache write as one kernel. Unchanged for families with q/k/v biases
-    or q/k norms and for shapes the kernel does not take. Made once per decode loop, as `unstack_layers`."""
-    if cfg.qkv_bias or cfg.qk_norm or not decode_qkv.fits(cfg.hidden_size, cfg.head_dim):
-        return params
-    dtype = cfg.execution.dtype
-    with_t = lambda a: {**a, "qkv_t": decode_qkv.transposed_qkv(a["q"], a["k"], a["v"], dtype)}  # noqa: E731
-    return {**params, "layers": tuple({**p, "attn": with_t(p["attn"])} for p in params["layers"])}
-
-
 DECODE_CHUNK = 32  # new tokens per compiled decode loop: the host receives them chunk by chunk
 
 
@@ -204,8 +181,6 @@ def decode_chunk(cfg: LlamaConfig, params: Any, cache: Cache, logits: jax.Array,
     token, as the host loop does), rows `done` (past EOS) emit `eos`, then fed through the cached model.
     Returns (tokens [B, chunk], the next logits, cache, key, done)."""
     params = unstack_layers(params)  # once per chunk, outside the steps (see unstack_layers)
-    if jax.default_backend() == "gpu" and mesh is None and cache.k.shape[1] == 1:  # twin steps (`Llama.decode`)
-        params = fuse_qkv(cfg, params)
 
     def body(carry, _):
         logits, cache, pos, key, done = carry

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from yarn_jax import attention, projection, sharding
 from yarn_jax import rope as rope_lib
-from yarn_jax.attention import decode, decode_qkv, reference
+from yarn_jax.attention import decode, reference
 from yarn_jax.config import LlamaConfig
 from yarn_jax.execution import Remat
 
@@ -83,19 +83,13 @@ class Attention(nn.Module):
     twin: bool = False  # the new tokens are one token twice (`Llama.decode`): only the first is written
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, index, kv=None, cache=None, layer=None, prefill=False,
-                 norm_scale=None):
+    def __call__(self, x, cos, sin, segment_ids, index, kv=None, cache=None, layer=None, prefill=False):
         """x [B, T, D]. kv/cache (generation): `kv` = (segment_ids, token index [B, S] of all cache slots,
         slot [B]: where each row's new tokens go), `cache` = every layer's (k, v) [L, B, S, K, H], keys after
         RoPE, this one's at `layer`; the new tokens go to slots slot..slot+T of their row. prefill: they
-        are the whole sequence (from slot 0), attending to each other with `attend`. norm_scale: x is not
-        normed yet: norm, q|k|v, RoPE and cache write in one kernel (`generate.fuse_qkv`). -> (out, cache)"""
-        c, window = self.cfg, self.cfg.sliding_window
+        are the whole sequence (from slot 0), attending to each other with `attend`. Returns (out, cache)."""
+        c, dtype = self.cfg, self.cfg.execution.dtype
         d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        if norm_scale is not None:  # the kernel wrote the cache; the attention is any decode step's
-            q, cache = self._fused_qkv(x, norm_scale, cos, sin, kv[2], cache, layer)
-            return self._out(self.attend_cache(q, *cache, layer, segment_ids, kv[0], index, kv[1], window=window)), \
-                cache
         q = self._project(x, "q", (d, n, h), "heads")  # [B, T, N, H]
         k_ = self._project(x, "k", (d, k, h), "kv_heads")  # [B, S, K, H]
         v = self._project(x, "v", (d, k, h), "kv_heads")  # [B, S, K, H]
@@ -106,6 +100,7 @@ class Attention(nn.Module):
         q = sharding.constrain(checkpoint_name(q, "q"), self.mesh, ("batch", "seq", "heads", "head_dim"))
         k_ = sharding.constrain(checkpoint_name(k_, "k"), self.mesh, ("batch", "seq", "kv_heads", "head_dim"))
         v = sharding.constrain(checkpoint_name(v, "v"), self.mesh, ("batch", "seq", "kv_heads", "head_dim"))
+        window = c.sliding_window
         if cache is None:
             out = self.attend(q, k_, v, segment_ids, segment_ids, index, index, window=window)  # [B, T, N, H]
         else:
@@ -118,29 +113,13 @@ class Attention(nn.Module):
             else:  # a few new tokens against the cache, read in place
                 out = self.attend_cache(q, cache[0], cache[1], layer, segment_ids, kv_segment_ids, index, kv_index,
                                         window=window)
-        return self._out(out), cache
-
-    def _out(self, out: jax.Array) -> jax.Array:
-        """The attention's output [B, T, N, H] through the o projection -> [B, T, D]."""
-        c, dtype = self.cfg, self.cfg.execution.dtype
-        d, n, h = c.hidden_size, c.num_heads, c.head_dim
         out = checkpoint_name(out, "attn_out")
         wo = _param(self, "o", (n, h, d), ("heads", "head_dim", "embed")).astype(dtype)
         # as one [N * H, D] matrix (a free reshape), a GEMM like the others (`projection.dot`)
         out = projection.dot(out.reshape(*out.shape[:2], n * h), wo.reshape(n * h, d), c.execution.fp8)
         if c.o_bias:
             out = out + _param(self, "o_bias", (d,), ("embed",), nn.initializers.zeros).astype(dtype)
-        return out
-
-    def _fused_qkv(self, x, scale, cos, sin, slot, cache, layer):
-        """`decode_qkv.project` on this layer's `qkv_t` (`generate.fuse_qkv`): x [1, T, D] the twin rows ->
-        (q [1, T, N, H], the cache with row 0's key and value written). Pallas' interpreter off the GPU."""
-        c = self.cfg
-        _, t, d = x.shape
-        q, k, v = decode_qkv.project(x.reshape(t, d), scale, self.variables["params"]["qkv_t"], cos.reshape(t, -1),
-                                     sin.reshape(t, -1), *cache, layer, slot[0], heads=c.num_heads,
-                                     eps=c.rms_norm_eps, interpret=jax.default_backend() != "gpu")
-        return q.reshape(1, t, c.num_heads, c.head_dim), (k, v)
+        return out, cache
 
     def _project(self, x: jax.Array, name: str, shape: tuple[int, int, int], heads: str) -> jax.Array:
         """x [B, T, D] @ w [D, heads, H] (+ bias [heads, H] when the family has one) -> [B, T, heads, H]."""
@@ -203,10 +182,8 @@ class Block(nn.Module):
         x, cache = carry
         x = checkpoint_name(x, "layer_input")  # what remat 'offload' keeps, in host memory
         attn = Attention(self.cfg, self.attend, self.attend_cache, self.mesh, self.twin, name="attn")
-        fused = self.twin and "qkv_t" in self.variables.get("params", {}).get("attn", {})  # `generate.fuse_qkv`
-        scale = self.variables["params"]["attn_norm"]["scale"] if fused else None  # normed in attention's kernel
-        normed = x if fused else RMSNorm(self.cfg, name="attn_norm")(x)
-        y, cache = attn(normed, cos, sin, segment_ids, index, kv, cache, layer, prefill, scale)
+        y, cache = attn(RMSNorm(self.cfg, name="attn_norm")(x), cos, sin, segment_ids, index, kv, cache, layer,
+                        prefill)
         x = x + y
         x = x + Mlp(self.cfg, self.mesh, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
         return (sharding.constrain(x, self.mesh, ("batch", "seq", "embed")), cache), None
@@ -266,7 +243,7 @@ class Llama(nn.Module):
         prefill: the tokens are the whole sequence (start 0), attending to each other with the model's
         kernel; otherwise they attend to the cache's slots. slot_index [S]: the token index each slot holds
         (default 0..S-1; a cache split over a ring holds its slots in the ring's order). The parameters'
-        layers may be stacked (the layer loop) or per layer (`generate.unstack_layers`: the layers unrolled).
+        layers may be stacked (the layer loop) or per layer (`unstack_layers`: the layers unrolled).
 
         A single new token on per-layer weights (a decode step at batch 1) runs as two rows, the token
         twice (`twin`), one barrier after the embedding so that XLA cannot see them equal: every projection
@@ -314,6 +291,16 @@ class Llama(nn.Module):
         c = self.cfg
         w = self.embedding.T if c.tie_word_embeddings else self.lm_head  # [D, V]
         return projection.logits(x, w.astype(c.execution.dtype))
+
+
+def unstack_layers(params: Any) -> Any:
+    """The parameter tree with its stacked layers [L, ...] as a tuple of L per-layer trees, for
+    `Llama.decode`. On GPU, XLA copies a layer's slice of a stacked weight out before a GEMM reads it (a
+    decode step would read its MLP weights three times over); separate arrays are read where they lie.
+    Costs one copy of the layers' weights, so a decode loop makes it once, outside its steps."""
+    stacked = params["layers"]
+    count = jax.tree.leaves(stacked)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda w, i=i: w[i], stacked) for i in range(count))}
 
 
 def model(cfg: LlamaConfig, attend: Callable[..., jax.Array] | None = None,
