@@ -35,6 +35,27 @@ def test_fp8_dot_and_its_gradients_equal_the_rounded_float32_products():
     assert 1e-3 < rel < 0.05, rel  # rounded (not the float32 product), within e4m3's few percent
 
 
+def test_fp8_gemms_write_bf16_so_remat_dots_keeps_bf16():
+    """bf16 activations: each FP8 GEMM writes bf16 (rounded once more by the scale: two bf16 ulps of
+    the oracle) and remat `dots` keeps those bf16 outputs, not float32 ones (which ran the Llama-2-7B
+    step at 8k out of memory on one H200)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((32, 64)).astype(ml_dtypes.bfloat16)
+    w = (rng.standard_normal((64, 48)) * 0.02).astype(np.float32)
+    out = fp8_dot(jnp.asarray(x), jnp.asarray(w))
+    assert out.dtype == jnp.bfloat16
+    e4m3 = ml_dtypes.float8_e4m3fn
+    want = rounded(x.astype(np.float32), e4m3) @ rounded(w, e4m3)
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, rtol=2 ** -7, atol=1e-6 * np.abs(want).max())
+    from jax._src.ad_checkpoint import saved_residuals  # no public name in jax 0.10-0.11
+
+    two = jax.checkpoint(lambda x, w: fp8_dot(fp8_dot(x, w), w.T).sum(),
+                         policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    kept = [v for v, _ in saved_residuals(two, jnp.asarray(x), jnp.asarray(w))]
+    assert any(v.shape == (32, 48) and v.dtype == jnp.bfloat16 for v in kept), kept
+    assert not any(v.shape == (32, 48) and v.dtype == jnp.float32 for v in kept), kept
+
+
 def test_fp8_is_a_boolean_execution_setting():
     with pytest.raises(ValueError, match=r"fp8: expected true or false, got 'yes'"):
         yarn_jax.LlamaConfig.from_hf(hf_models.hf_config().to_dict(), fp8="yes")

@@ -35,12 +35,14 @@ def _quantize(x: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
 
 
 def _scaled_dot(a8: jax.Array, b8: jax.Array, scale: jax.Array, dims: tuple, dtype: Any) -> jax.Array:
-    """dot_general of two FP8 arrays (float32 accumulation), times the product of their scales, in
-    `dtype`. The operands reach XLA as FP8 arrays, so the GPU compiler emits a cuBLASLt FP8 GEMM on
-    Hopper; a quantise-dequantise pair around a bf16 dot would not do: with excess precision allowed
-    (XLA's default) the float32 -> FP8 -> bf16 conversions are folded into one and the rounding vanishes."""
-    out = jax.lax.dot_general(a8, b8, (dims, ((), ())), preferred_element_type=jnp.float32)
-    return (out * scale).astype(dtype)
+    """dot_general of two FP8 arrays (float32 accumulation inside the GEMM, the result written in
+    `dtype`), times the product of their scales. The operands reach XLA as FP8 arrays, so the GPU
+    compiler emits a cuBLASLt FP8 GEMM on Hopper; a quantise-dequantise pair around a bf16 dot would
+    not do: with excess precision allowed (XLA's default) the float32 -> FP8 -> bf16 conversions are
+    folded into one and the rounding vanishes. The GEMM writes `dtype` (bf16 for activations), not
+    float32: half the bytes to write and read back, and what remat `dots` keeps is half the size."""
+    out = jax.lax.dot_general(a8, b8, (dims, ((), ())), preferred_element_type=dtype)
+    return (out.astype(jnp.float32) * scale).astype(dtype)
 
 
 @jax.custom_vjp
