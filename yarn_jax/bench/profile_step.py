@@ -142,7 +142,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seq", type=cli.count(1), default=8192, help="tokens per step (--decode: the prompt's length)")
     p.add_argument("--decode", action="store_true", help="profile generation's decode steps, not a train step")
     p.add_argument("--batch", type=cli.count(1), default=1, help="--decode: prompts at once")
-    p.add_argument("--steps", type=cli.count(1), default=3, help="steps traced (--decode: 32-token chunks)")
+    p.add_argument("--steps", type=cli.count(1), default=3, help="steps traced (--decode: decode chunks)")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="the old spelling of --config.KEY=VALUE (kept for one release)")
