@@ -170,8 +170,8 @@ def complete(cfg: LlamaConfig, params: Any, prompts: list[np.ndarray], max_new: 
 
 
 DECODE_CHUNK = 128  # new tokens per compiled decode loop (the host receives them chunk by chunk): the per-chunk
-# copy of the layers' weights (`unstack_layers`) spread over more tokens: 1.63 -> 1.53 ms/token from 32 at a 32k
-# cache on an H100 (NOTES.md); the price: up to 127 steps past every row's EOS before the host stops the loop
+# copy of the layers' weights (`unstack_layers`) spread over more tokens: 1.45 -> 1.36 ms/token from 32 at a 32k
+# cache on an H200 (NOTES.md); the price: up to 127 steps past every row's EOS before the host stops the loop
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "chunk", "sample", "mesh"), donate_argnames=("cache",))
