@@ -3,8 +3,14 @@ partial output and log-sum-exp per part from a single pass over its keys and val
 dtype (float32 accumulation), the parts merged in float32 by `merge`, the same merge the seq-sharded
 decode (`ring.decode_attention`) applies across devices.
 
-    fn(q [B, t, N, H], k, v [L, B, S, K, H], layer [], q_segment_ids [B, t], kv_segment_ids [B, S],
-       q_index [B, t], kv_index [B, S], *, window) -> [B, t, N, H]
+    read(q [B, t, N, H], k, v [L, B, S, K, H], layer [], q_segment_ids [B, t], kv_segment_ids [B, S],
+         q_index [B, t], kv_index [B, S], *, window) -> [B, t, N, H]
+    attention(platform)(q, k_new, v_new [B, T, K, H], (k, v), layer, slot [B], <read's ids>, *, window)
+        -> ([B, t, N, H], (k, v) with row b's T new keys and values at slots slot[b]..+T of `layer`)
+
+Generation calls the second form (`attention`): on GPU the kernel writes the new rows itself, one more
+program per (batch row, kv head) attending to them from its inputs while the others read the slots before
+them; every other form writes them first (`writing`) and reads with the first form.
 
 The whole cache comes in with the layer to read (`layer`), so that no layer's slice is ever copied out of
 it. Here the cache is in token order (slot j holds token j of its row): a query at token index i sees
@@ -35,6 +41,7 @@ from yarn_jax.attention.sharded import specs
 PROGRAMS = 1024  # programs the GPU kernel aims for (batch rows x kv heads x parts): several per SM, loads overlapping
 BLOCK = 128  # keys per block of the GPU kernel (the cache length, a multiple of 256, is whole blocks)
 XLA_PART = 512  # slots per part of the XLA form
+NEW_ROWS = 16  # new keys the GPU kernel writes and attends to in one tensor-core dot (more: written first)
 
 
 def merge(outs: jax.Array, lses: jax.Array, axis: int) -> jax.Array:
@@ -87,7 +94,7 @@ def _kernel(bounds_ref, where_ref, q_ref, *refs, block: int, splits: int, new: i
     """One (batch row, kv head, part): q_ref [R, H] (the row's new tokens x its G query heads, padded);
     bounds_ref [2, R] (each query row's first and last + 1 slot); where_ref [2]: (layer, the row's first new
     slot); k_ref, v_ref [L, S, H] (this row's, this head's); o_ref [R, H], lse_ref [R] float32: the part's
-    normalised output and log-sum-exp. With `new` > 0 the first `new` rows of kn_ref, vn_ref [16, H] are the
+    normalised output and log-sum-exp. With `new` > 0 the first `new` rows of kn_ref, vn_ref [NEW_ROWS, H] are the
     row's new keys and values: the cache parts see only the slots before them, and one more part (index
     `splits`) attends to them and writes them into the cache in place (k_out, v_out: k_ref, v_ref aliased)."""
     from jax.experimental import pallas as pl
@@ -211,11 +218,11 @@ def _pallas(q, k, v, layer, q_idx, window, new=None, slot=None, interpret=False)
     by_head = lambda rows_: pl.BlockSpec((None, None, rows_, h), lambda r, j, p: (r, j, 0, 0))  # noqa: E731
     slab = pl.BlockSpec((layers, None, s, None, h), lambda r, j, p: (0, r, 0, j, 0))  # a row's, a kv head's
     args, in_specs, written = [lo_hi, where, qr], [by_row(2, rp), by_row(2), by_head(rp)], 0
-    if new is not None:  # [B, T, K, H] -> [B, K, 16, H]: the rows of one tensor-core dot
+    if new is not None:  # [B, T, K, H] -> [B, K, NEW_ROWS, H]: the rows of one tensor-core dot
         written = new[0].shape[1]
-        args += [jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, 16 - written), (0, 0))).astype(k.dtype)
+        args += [jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, NEW_ROWS - written), (0, 0))).astype(k.dtype)
                  for x in new]
-        in_specs += [by_head(16), by_head(16)]
+        in_specs += [by_head(NEW_ROWS), by_head(NEW_ROWS)]
     cache_out = [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2 if new is not None else []
     outs, lses, *cache = pl.pallas_call(
         functools.partial(_kernel, block=BLOCK, splits=parts, new=written),
@@ -293,7 +300,7 @@ def attention(platform: str):
         return xla
 
     def attend(q, k_new, v_new, cache, *args, window=None):
-        fn = attention_pallas_write if _fused(q, cache[0]) else xla
+        fn = attention_pallas_write if _fused(q, cache[0]) and k_new.shape[1] <= NEW_ROWS else xla
         return fn(q, k_new, v_new, cache, *args, window=window)
 
     return attend
