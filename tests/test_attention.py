@@ -249,20 +249,59 @@ def test_decode_merge_is_the_softmax_over_all_parts():
 
 @pytest.mark.parametrize("t,n,kh,h,dtype", [(2, 32, 4, 64, jnp.bfloat16), (1, 8, 2, 128, jnp.float16),
                                             (3, 4, 4, 32, jnp.bfloat16), (1, 64, 4, 64, jnp.bfloat16)])
-def test_flash_decoding_kernel_lowers_to_triton_without_a_gpu(t, n, kh, h, dtype):
-    """The kernel as the GPU runs it (not the interpreter): exported for CUDA on this host, Pallas lowers
-    it to Triton IR, so a construct its Triton backend does not take fails here rather than on a device.
-    (Triton's own compilation to PTX still happens only on a GPU.)"""
+@pytest.mark.parametrize("writes", [False, True])
+def test_flash_decoding_kernel_lowers_to_triton_without_a_gpu(t, n, kh, h, dtype, writes):
+    """The kernel as the GPU runs it (not the interpreter), reading the cache or also writing the new keys
+    into it (aliased in place): exported for CUDA on this host, Pallas lowers it to Triton IR, so a
+    construct its Triton backend does not take fails here rather than on a device. (Triton's own
+    compilation to PTX still happens only on a GPU.)"""
     from jax import export
 
     from yarn_jax.attention import decode
 
     q = jax.ShapeDtypeStruct((1, t, n, h), dtype)
     cache = jax.ShapeDtypeStruct((2, 1, 1024, kh, h), dtype)
+    new = jax.ShapeDtypeStruct((1, 1 if t == 2 else t, kh, h), dtype)  # t = 2: the twin rows, one token written
     index = jax.ShapeDtypeStruct((1, t), jnp.int32)
-    fn = lambda q, k, v, layer, q_idx: decode.attention_pallas(q, k, v, layer, None, None, q_idx, None)  # noqa: E731
+    layer, slot = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)
+    if writes:
+        fn = lambda q, kn, vn, k, v, layer, slot, q_idx: decode.attention_pallas_write(  # noqa: E731
+            q, kn, vn, (k, v), layer, slot, None, None, q_idx, None)
+        args = (q, new, new, cache, cache, layer, slot, index)
+    else:
+        fn = lambda q, k, v, layer, q_idx: decode.attention_pallas(q, k, v, layer, None, None, q_idx, None)  # noqa: E731
+        args = (q, cache, cache, layer, index)
     exported = export.export(jax.jit(fn), platforms=["cuda"],
-                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-        q, cache, cache, jax.ShapeDtypeStruct((), jnp.int32), index)
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
     text = exported.mlir_module()
     assert text.count("__gpu$xla.gpu.triton") == 1 and 'name = "flash_decode"' in text
+
+
+@pytest.mark.parametrize("b,t,written,n,kh,h,s,window", [
+    (1, 2, 1, 16, 2, 32, 512, None),  # the batch-1 twin rows: one token twice, written once
+    (3, 1, 1, 14, 2, 16, 256, None),  # rows at their own slots, GQA 7 padded to 16 query rows
+    (2, 3, 3, 4, 4, 32, 1024, 100),  # three new tokens at once, a sliding window
+])
+def test_flash_decoding_kernel_that_writes_the_new_keys_equals_writing_then_reading(b, t, written, n, kh, h, s,
+                                                                                    window):
+    """The GPU kernel that writes the new keys and values itself (Pallas' interpreter on CPU): the same
+    cache as `write` (other layers, rows and slots untouched) and, within bf16 rounding, the same output
+    as writing first and reading with the XLA form, at fresh random fill levels, the newest slot included."""
+    from yarn_jax.attention import decode
+
+    rng = np.random.default_rng(b * 100 + t)
+    q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.bfloat16)
+    k_new, v_new = (jnp.asarray(rng.normal(size=(b, written, kh, h)) * 2, jnp.bfloat16) for _ in range(2))
+    cache = tuple(jnp.asarray(rng.normal(size=(3, b, s, kh, h)) * 2, jnp.bfloat16) for _ in range(2))
+    slot = jnp.asarray(rng.integers(0, s - written, size=b), jnp.int32).at[0].set(0)  # row 0: an empty cache
+    q_idx = slot[:, None] + jnp.arange(t, dtype=jnp.int32)
+    if t > written:  # twins: every query at the one new token's index
+        q_idx = jnp.broadcast_to(slot[:, None], (b, t))
+    args = (q, k_new, v_new, cache, jnp.int32(1), slot, None, None, q_idx, None)
+    want, want_cache = jax.jit(lambda: decode.writing(decode.attention_xla, whole=False)(*args, window=window))()
+    fn = functools.partial(decode.attention_pallas_write, interpret=True, window=window)
+    got, got_cache = jax.jit(lambda: fn(*args))()
+    for g, w in zip(got_cache, want_cache, strict=True):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+    tol = TOL[jnp.bfloat16]
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol[0], atol=tol[1])

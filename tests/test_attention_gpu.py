@@ -157,3 +157,28 @@ def test_flash_decoding_kernel_equals_the_float32_reference(t, n, k, h, window):
     rtol, atol = TOL[jnp.bfloat16]
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=rtol, atol=atol)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(xla, np.float32), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("b,t,written", [(1, 2, 1), (3, 1, 1), (2, 3, 3)], ids=["twin", "rows", "three"])
+def test_flash_decoding_kernel_that_writes_equals_writing_then_reading(b, t, written):
+    """The compiled kernel that writes the new keys and values in place (the cache donated, as in the
+    decode loop): the cache equal to `write`'s, the output within bf16 tolerance of writing first and
+    reading with the XLA form, on an 8,448-slot cache with rows at fresh fill levels."""
+    from yarn_jax.attention import decode
+
+    s, n, k, h = 8448, 32, 4, 64
+    keys = jax.random.split(jax.random.key(b + t), 5)
+    q = jax.random.normal(keys[0], (b, t, n, h), jnp.bfloat16)
+    k_new, v_new = (jax.random.normal(key, (b, written, k, h), jnp.bfloat16) for key in keys[1:3])
+    cache = tuple(jax.random.normal(key, (3, b, s, k, h), jnp.bfloat16) for key in keys[3:])
+    slot = jnp.asarray([0, 5000, s - written][:b], jnp.int32)
+    q_idx = slot[:, None] + (jnp.zeros((1, t), jnp.int32) if t > written else jnp.arange(t, dtype=jnp.int32))
+    rest = (jnp.int32(2), slot, None, None, q_idx, None)
+    want, want_cache = jax.jit(lambda c: decode.writing(decode.attention_xla, whole=False)(
+        q, k_new, v_new, c, *rest))(cache)
+    got, got_cache = jax.jit(lambda c: decode.attention_pallas_write(q, k_new, v_new, c, *rest),
+                             donate_argnums=0)(tuple(jnp.copy(c) for c in cache))
+    for g, w in zip(got_cache, want_cache, strict=True):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+    rtol, atol = TOL[jnp.bfloat16]
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=rtol, atol=atol)

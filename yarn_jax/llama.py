@@ -26,6 +26,7 @@ from yarn_jax.config import LlamaConfig
 from yarn_jax.execution import Remat
 
 _INIT = nn.initializers.normal(0.02)  # transformers' initializer_range
+DECODE = decode.attention("cpu")  # generation's attention by default: XLA's, any platform
 
 
 def _attention_kernel_outputs(prim, *_, **__) -> bool:
@@ -72,13 +73,14 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype: Any) -> jax.Arra
 
 class Attention(nn.Module):
     """GQA self-attention; the kernels are pluggable: `attend` for whole sequences (training, prefill),
-    `attend_cache` for a few new tokens against the KV cache (`attention.decode`'s signature). The
+    `attend_cache` for a few new tokens against the KV cache, which it writes them into
+    (`attention.decode.attention`'s signature). The
     family switches: q/k/v and o biases, per-head RMSNorm of q and k before RoPE, the sliding window.
     Activations are constrained to their logical axes on `mesh` (none: no constraints)."""
 
     cfg: LlamaConfig
     attend: Callable[..., jax.Array]
-    attend_cache: Callable[..., jax.Array] = decode.attention_xla
+    attend_cache: Callable[..., Any] = DECODE
     mesh: Mesh | None = None
     twin: bool = False  # the new tokens are one token twice (`Llama.decode`): only the first is written
 
@@ -105,14 +107,13 @@ class Attention(nn.Module):
             out = self.attend(q, k_, v, segment_ids, segment_ids, index, index, window=window)  # [B, T, N, H]
         else:
             kv_segment_ids, kv_index, slot = kv
-            cache = tuple(_write(c_, (new[:, :1] if self.twin else new).astype(c_.dtype), layer,
-                                 None if prefill else slot, self.mesh is None)
-                          for c_, new in zip(cache, (k_, v), strict=True))
-            if prefill:  # the whole sequence: the model's kernel
+            if prefill:  # the whole sequence into the cache; attention with the model's kernel
+                cache = tuple(decode.write(c_, new, layer, None, True) for c_, new in zip(cache, (k_, v), strict=True))
                 out = self.attend(q, k_, v, None, None, index, index, window=window)
-            else:  # a few new tokens against the cache, read in place
-                out = self.attend_cache(q, cache[0], cache[1], layer, segment_ids, kv_segment_ids, index, kv_index,
-                                        window=window)
+            else:  # a few new tokens written into the cache and attending to it, read in place
+                k_new, v_new = (new[:, :1] if self.twin else new for new in (k_, v))
+                out, cache = self.attend_cache(q, k_new, v_new, cache, layer, slot, segment_ids, kv_segment_ids,
+                                               index, kv_index, window=window)
         out = checkpoint_name(out, "attn_out")
         wo = _param(self, "o", (n, h, d), ("heads", "head_dim", "embed")).astype(dtype)
         # as one [N * H, D] matrix (a free reshape), a GEMM like the others (`projection.dot`)
@@ -130,18 +131,6 @@ class Attention(nn.Module):
         if self.cfg.qkv_bias:
             y = y + _param(self, f"{name}_bias", shape[1:], (heads, "head_dim"), nn.initializers.zeros).astype(dtype)
         return y
-
-
-def _write(cache: jax.Array, new: jax.Array, layer: jax.Array, slot: jax.Array | None, whole: bool) -> jax.Array:
-    """cache [L, B, S, K, H] with new [B, T, K, H] written at `layer`, each row b at slots slot[b]..+T
-    (None: the whole layer, T = S), in place inside the layer loop. whole: the cache is on one device (not
-    split over a mesh, where a scatter lets each device keep its own slots)."""
-    if slot is None:
-        return jax.lax.dynamic_update_index_in_dim(cache, new, layer, axis=0)
-    b, t = new.shape[:2]
-    if b == 1 and whole:  # one slice in place; a scatter adds a bounds check (read the old row, select, write)
-        return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, slot[0], 0, 0))
-    return cache.at[layer, jnp.arange(b)[:, None], slot[:, None] + jnp.arange(t)].set(new, mode="promise_in_bounds")
 
 
 class Mlp(nn.Module):
@@ -173,7 +162,7 @@ class Block(nn.Module):
 
     cfg: LlamaConfig
     attend: Callable[..., jax.Array]
-    attend_cache: Callable[..., jax.Array] = decode.attention_xla
+    attend_cache: Callable[..., Any] = DECODE
     mesh: Mesh | None = None
     twin: bool = False  # see Attention.twin
 
@@ -203,7 +192,7 @@ class Llama(nn.Module):
 
     cfg: LlamaConfig
     attend: Callable[..., jax.Array]
-    attend_cache: Callable[..., jax.Array] = decode.attention_xla
+    attend_cache: Callable[..., Any] = DECODE
     mesh: Mesh | None = None
 
     def setup(self):
@@ -304,7 +293,7 @@ def unstack_layers(params: Any) -> Any:
 
 
 def model(cfg: LlamaConfig, attend: Callable[..., jax.Array] | None = None,
-          attend_cache: Callable[..., jax.Array] = decode.attention_xla, mesh: Mesh | None = None) -> Llama:
+          attend_cache: Callable[..., Any] = DECODE, mesh: Mesh | None = None) -> Llama:
     return Llama(cfg, attend or attention.select(cfg.execution.attention), attend_cache, mesh)
 
 

@@ -77,14 +77,15 @@ def block_kernel(impl: AttentionImpl, platform: str | None = None) -> BlockKerne
 
 
 def decode_for_mesh(mesh: Mesh | None) -> AttentionFn:
-    """Attention of a few new tokens to the whole KV cache (`decode`'s signature): flash-decoding over a
-    cache in token order (one device, or a mesh that does not split the cache), or, with the cache split
-    over the mesh's 'seq' axis in the ring's order, per shard merged by lse."""
+    """Attention of a few new tokens to the whole KV cache, their keys and values written into it
+    (`decode.attention`'s signature): flash-decoding over a cache in token order (one device, or a mesh
+    that does not split the cache), or, with the cache split over the mesh's 'seq' axis in the ring's
+    order, per shard merged by lse."""
     if ring_size(mesh) > 1:
-        return ring.decode_attention(mesh)
+        return decode.writing(ring.decode_attention(mesh), whole=False)
     if mesh is None:
         return decode.attention(jax.default_backend())
-    return decode.per_device(decode.attention(mesh.devices.flat[0].platform), mesh)
+    return decode.writing(decode.per_device(decode.reading(mesh.devices.flat[0].platform), mesh), whole=False)
 
 
 @dataclasses.dataclass(frozen=True)

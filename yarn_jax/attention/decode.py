@@ -3,8 +3,14 @@ partial output and log-sum-exp per part from a single pass over its keys and val
 dtype (float32 accumulation), the parts merged in float32 by `merge`, the same merge the seq-sharded
 decode (`ring.decode_attention`) applies across devices.
 
-    fn(q [B, t, N, H], k, v [L, B, S, K, H], layer [], q_segment_ids [B, t], kv_segment_ids [B, S],
-       q_index [B, t], kv_index [B, S], *, window) -> [B, t, N, H]
+    read(q [B, t, N, H], k, v [L, B, S, K, H], layer [], q_segment_ids [B, t], kv_segment_ids [B, S],
+         q_index [B, t], kv_index [B, S], *, window) -> [B, t, N, H]
+    attention(platform)(q, k_new, v_new [B, T, K, H], (k, v), layer, slot [B], <read's ids>, *, window)
+        -> ([B, t, N, H], (k, v) with row b's T new keys and values at slots slot[b]..+T of `layer`)
+
+Generation calls the second form (`attention`): on GPU the kernel writes the new rows itself, one more
+program per (batch row, kv head) attending to them from its inputs while the others read the slots before
+them; every other form writes them first (`writing`) and reads with the first form.
 
 The whole cache comes in with the layer to read (`layer`), so that no layer's slice is ever copied out of
 it. Here the cache is in token order (slot j holds token j of its row): a query at token index i sees
@@ -35,6 +41,7 @@ from yarn_jax.attention.sharded import specs
 PROGRAMS = 1024  # programs the GPU kernel aims for (batch rows x kv heads x parts): several per SM, loads overlapping
 BLOCK = 128  # keys per block of the GPU kernel (the cache length, a multiple of 256, is whole blocks)
 XLA_PART = 512  # slots per part of the XLA form
+NEW_ROWS = 16  # new keys the GPU kernel writes and attends to in one tensor-core dot (more: written first)
 
 
 def merge(outs: jax.Array, lses: jax.Array, axis: int) -> jax.Array:
@@ -83,40 +90,81 @@ def attention_xla(q, k, v, layer, q_seg, kv_seg, q_idx, kv_idx, *, window=None):
 # ----------------------------------------------------------------------------- the GPU kernel
 
 
-def _kernel(bounds_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block: int, splits: int):
+def _kernel(bounds_ref, where_ref, q_ref, *refs, block: int, splits: int, new: int):
     """One (batch row, kv head, part): q_ref [R, H] (the row's new tokens x its G query heads, padded);
-    bounds_ref [2, R] (each query row's first and last + 1 slot); k_ref, v_ref [L, S, H] (this row's, this
-    head's); o_ref [R, H], lse_ref [R] float32: the part's normalised output and log-sum-exp."""
+    bounds_ref [2, R] (each query row's first and last + 1 slot); where_ref [2]: (layer, the row's first new
+    slot); k_ref, v_ref [L, S, H] (this row's, this head's); o_ref [R, H], lse_ref [R] float32: the part's
+    normalised output and log-sum-exp. With `new` > 0 the first `new` rows of kn_ref, vn_ref [NEW_ROWS, H] are the
+    row's new keys and values: the cache parts see only the slots before them, and one more part (index
+    `splits`) attends to them and writes them into the cache in place (k_out, v_out: k_ref, v_ref aliased)."""
     from jax.experimental import pallas as pl
+
+    if new:
+        kn_ref, vn_ref, k_ref, v_ref, o_ref, lse_ref, k_out, v_out = refs
+    else:
+        k_ref, v_ref, o_ref, lse_ref = refs
+    part = pl.program_id(2)
+    begins, ends, layer, slot = bounds_ref[0, :], bounds_ref[1, :], where_ref[0], where_ref[1]
+    q = q_ref[...]
+    attend = functools.partial(_attend, q, begins)
+
+    def cached():
+        seen = jnp.minimum(ends, slot) if new else ends  # the new slots come from kn_ref, vn_ref
+        first = begins.min() // block
+        count = jnp.maximum(pl.cdiv(seen.max(), block) - first, 0)  # blocks holding a slot some query sees
+        per = pl.cdiv(count, splits)
+        lo = first + part * per
+        hi = jnp.minimum(lo + per, first + count)
+
+        def body(i, carry):
+            at = pl.ds(pl.multiple_of(i * block, block), block)
+            return attend(seen, i * block, k_ref[layer, at, :], v_ref[layer, at, :], carry)
+
+        _finish(o_ref, lse_ref, jax.lax.fori_loop(lo, jnp.maximum(hi, lo), body, _empty(q)))
+
+    if not new:
+        cached()
+        return
+    pl.when(part < splits)(cached)
+
+    @pl.when(part == splits)
+    def _():
+        rows = kn_ref.shape[0]
+        real = jnp.arange(rows, dtype=jnp.int32) < new  # padding rows: a slot no query sees
+        _finish(o_ref, lse_ref, attend(ends, slot, kn_ref[...], vn_ref[...], _empty(q), real))
+        for j in range(new):
+            k_out[layer, pl.ds(slot + j, 1), :] = kn_ref[pl.ds(j, 1), :]
+            v_out[layer, pl.ds(slot + j, 1), :] = vn_ref[pl.ds(j, 1), :]
+
+
+def _empty(q):
+    """The online softmax's (acc, max, sum) before any key."""
+    r, h = q.shape
+    return (jnp.zeros((r, h), jnp.float32), jnp.full((r,), reference.MASK_VALUE, jnp.float32),
+            jnp.zeros((r,), jnp.float32))
+
+
+def _attend(q, begins, ends, at, k, v, carry, real=None):
+    """The online softmax over one block of keys k, v [C, H] at slots at..at+C-1 (real [C]: keys that
+    exist), each query row seeing slots [begins, ends)."""
     from jax.experimental.pallas import triton as plgpu
 
-    part = pl.program_id(2)
-    begins, ends, layer = bounds_ref[0, :], bounds_ref[1, :], layer_ref[0]
-    first = begins.min() // block
-    count = pl.cdiv(ends.max(), block) - first  # blocks holding a slot some query sees, split over the parts
-    per = pl.cdiv(count, splits)
-    lo = first + part * per
-    hi = jnp.minimum(lo + per, first + count)
-    q = q_ref[...]
-    r, h = q.shape
+    acc, m, l_ = carry
+    h = q.shape[1]
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    s = plgpu.dot(q, k, trans_b=True, precision=precision) * h**-0.5  # [R, C]
+    slot = at + jnp.arange(k.shape[0], dtype=jnp.int32)[None, :]
+    seen = (slot >= begins[:, None]) & (slot < ends[:, None])
+    s = jnp.where(seen if real is None else seen & real[None, :], s, reference.MASK_VALUE)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    p = jnp.exp(s - m_new[:, None])
+    fade = jnp.exp(m - m_new)
+    acc = acc * fade[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
+    return acc, m_new, l_ * fade + p.sum(axis=1)
 
-    def body(i, carry):
-        acc, m, l_ = carry
-        at = pl.ds(pl.multiple_of(i * block, block), block)
-        s = plgpu.dot(q, k_ref[layer, at, :], trans_b=True, precision=precision) * h**-0.5  # [R, block]
-        slot = i * block + jnp.arange(block, dtype=jnp.int32)[None, :]
-        s = jnp.where((slot >= begins[:, None]) & (slot < ends[:, None]), s, reference.MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        p = jnp.exp(s - m_new[:, None])
-        fade = jnp.exp(m - m_new)
-        v = v_ref[layer, at, :]
-        acc = acc * fade[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
-        return acc, m_new, l_ * fade + p.sum(axis=1)
 
-    init = (jnp.zeros((r, h), jnp.float32), jnp.full((r,), reference.MASK_VALUE, jnp.float32),
-            jnp.zeros((r,), jnp.float32))
-    acc, m, l_ = jax.lax.fori_loop(lo, jnp.maximum(hi, lo), body, init)
+def _finish(o_ref, lse_ref, carry):
+    acc, m, l_ = carry
     o_ref[...] = acc / jnp.maximum(l_, 1e-30)[:, None]
     lse_ref[...] = jnp.where(l_ > 0, m + jnp.log(jnp.maximum(l_, 1e-30)), reference.MASK_VALUE)
 
@@ -133,7 +181,23 @@ def fits_kernel(h: int, s: int) -> bool:
 
 
 def attention_pallas(q, k, v, layer, q_seg, kv_seg, q_idx, kv_idx, *, window=None, interpret=False):
-    """The GPU kernel (`interpret`: Pallas' interpreter, any platform): see the module docstring."""
+    """The GPU kernel reading the cache (`interpret`: Pallas' interpreter, any platform): see the module
+    docstring."""
+    return _pallas(q, k, v, layer, q_idx, window, interpret=interpret)[0]
+
+
+def attention_pallas_write(q, k_new, v_new, cache, layer, slot, q_seg, kv_seg, q_idx, kv_idx, *, window=None,
+                           interpret=False):
+    """The GPU kernel that also writes the new keys and values k_new, v_new [B, T, K, H] into the cache
+    (k, v) [L, B, S, K, H] at `layer`, each row b at slots slot[b]..+T, in place; T <= t, the new tokens
+    being the first T of q's. Returns (out, cache)."""
+    out, k, v = _pallas(q, *cache, layer, q_idx, window, (k_new, v_new), slot, interpret)
+    return out, (k, v)
+
+
+def _pallas(q, k, v, layer, q_idx, window, new=None, slot=None, interpret=False):
+    """(out [B, t, N, H], k, v): the kernel over parts of the cache (and, with `new`, one more part over the
+    new keys, which it writes in place)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -147,24 +211,34 @@ def attention_pallas(q, k, v, layer, q_seg, kv_seg, q_idx, kv_idx, *, window=Non
     none = jnp.broadcast_to(jnp.asarray([s, 0], jnp.int32), (b, rp - rows, 2))  # padding rows: no slot seen
     lo_hi = jnp.concatenate([jnp.repeat(bounds(q_idx, window), g, axis=1), none], axis=1)  # [B, R, 2] as qr's rows
     lo_hi = lo_hi.transpose(0, 2, 1)  # [B, 2, R]
+    slot = jnp.zeros(b, jnp.int32) if slot is None else jnp.broadcast_to(slot, (b,)).astype(jnp.int32)
+    where = jnp.stack([jnp.broadcast_to(jnp.asarray(layer, jnp.int32), (b,)), slot], axis=1)  # [B, 2]
     parts = splits(b * kh, s)
-    outs, lses = pl.pallas_call(
-        functools.partial(_kernel, block=BLOCK, splits=parts),
-        grid=(b, kh, parts),
-        in_specs=[pl.BlockSpec((None, 2, rp), lambda r, j, p: (r, 0, 0)),
-                  pl.BlockSpec((1,), lambda r, j, p: (0,)),
-                  pl.BlockSpec((None, None, rp, h), lambda r, j, p: (r, j, 0, 0)),
-                  pl.BlockSpec((layers, None, s, None, h), lambda r, j, p: (0, r, 0, j, 0)),
-                  pl.BlockSpec((layers, None, s, None, h), lambda r, j, p: (0, r, 0, j, 0))],
+    by_row = lambda *shape: pl.BlockSpec((None, *shape), lambda r, j, p: (r,) + (0,) * len(shape))  # noqa: E731
+    by_head = lambda rows_: pl.BlockSpec((None, None, rows_, h), lambda r, j, p: (r, j, 0, 0))  # noqa: E731
+    slab = pl.BlockSpec((layers, None, s, None, h), lambda r, j, p: (0, r, 0, j, 0))  # a row's, a kv head's
+    args, in_specs, written = [lo_hi, where, qr], [by_row(2, rp), by_row(2), by_head(rp)], 0
+    if new is not None:  # [B, T, K, H] -> [B, K, NEW_ROWS, H]: the rows of one tensor-core dot
+        written = new[0].shape[1]
+        args += [jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, NEW_ROWS - written), (0, 0))).astype(k.dtype)
+                 for x in new]
+        in_specs += [by_head(NEW_ROWS), by_head(NEW_ROWS)]
+    cache_out = [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2 if new is not None else []
+    outs, lses, *cache = pl.pallas_call(
+        functools.partial(_kernel, block=BLOCK, splits=parts, new=written),
+        grid=(b, kh, parts + (new is not None)),
+        in_specs=in_specs + [slab, slab],
         out_specs=[pl.BlockSpec((None, None, None, rp, h), lambda r, j, p: (r, j, p, 0, 0)),
-                   pl.BlockSpec((None, None, None, rp), lambda r, j, p: (r, j, p, 0))],
-        out_shape=[jax.ShapeDtypeStruct((b, kh, parts, rp, h), jnp.float32),
-                   jax.ShapeDtypeStruct((b, kh, parts, rp), jnp.float32)],
+                   pl.BlockSpec((None, None, None, rp), lambda r, j, p: (r, j, p, 0))] + [slab] * len(cache_out),
+        out_shape=[jax.ShapeDtypeStruct((b, kh, parts + (new is not None), rp, h), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kh, parts + (new is not None), rp), jnp.float32)] + cache_out,
+        input_output_aliases={len(args): 2, len(args) + 1: 3} if new is not None else {},
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret, name="flash_decode",
-    )(lo_hi, jnp.reshape(layer, (1,)).astype(jnp.int32), qr, k, v)
+    )(*args, k, v)
     out = merge(outs[:, :, :, :rows], lses[:, :, :, :rows], axis=2)  # [B, K, t * G, H]
-    return out.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q.dtype)
+    out = out.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q.dtype)
+    return (out, *cache) if cache else (out, k, v)
 
 
 def per_device(fn, mesh: Mesh):
@@ -181,13 +255,56 @@ def per_device(fn, mesh: Mesh):
     return attend
 
 
-def attention(platform: str):
-    """The decode attention for `platform` ('gpu': the kernel where the dtype and shapes allow)."""
+def write(cache: jax.Array, new: jax.Array, layer: jax.Array, slot: jax.Array | None, whole: bool) -> jax.Array:
+    """cache [L, B, S, K, H] with new [B, T, K, H] written at `layer`, each row b at slots slot[b]..+T
+    (None: the whole layer, T = S), in place inside the layer loop. whole: the cache is on one device (not
+    split over a mesh, where a scatter lets each device keep its own slots)."""
+    new = new.astype(cache.dtype)
+    if slot is None:
+        return jax.lax.dynamic_update_index_in_dim(cache, new, layer, axis=0)
+    b, t = new.shape[:2]
+    if b == 1 and whole:  # one slice in place; a scatter adds a bounds check (read the old row, select, write)
+        return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, slot[0], 0, 0))
+    return cache.at[layer, jnp.arange(b)[:, None], slot[:, None] + jnp.arange(t)].set(new, mode="promise_in_bounds")
+
+
+def writing(read, whole: bool):
+    """A decode attention that reads the cache (`attention_xla`'s signature) as one that takes the new
+    keys and values: written first (`write`), then read with the rest."""
+
+    def attend(q, k_new, v_new, cache, layer, slot, q_seg, kv_seg, q_idx, kv_idx, *, window=None):
+        cache = tuple(write(c, x, layer, slot, whole) for c, x in zip(cache, (k_new, v_new), strict=True))
+        return read(q, *cache, layer, q_seg, kv_seg, q_idx, kv_idx, window=window), cache
+
+    return attend
+
+
+def reading(platform: str):
+    """The decode attention reading the cache for `platform` ('gpu': the kernel where the dtype and shapes
+    allow)."""
     if platform != "gpu":
         return attention_xla
 
     def attend(q, k, v, *args, window=None):
-        fused = k.dtype in (jnp.float16, jnp.bfloat16) and fits_kernel(q.shape[-1], k.shape[2])
-        return (attention_pallas if fused else attention_xla)(q, k, v, *args, window=window)
+        return (attention_pallas if _fused(q, k) else attention_xla)(q, k, v, *args, window=window)
 
     return attend
+
+
+def attention(platform: str):
+    """Generation's attention on one device: fn(q, k_new, v_new, cache (k, v), layer, slot, q_seg, kv_seg,
+    q_idx, kv_idx, *, window) -> (out, cache with the new rows written). On GPU the kernel writes them
+    itself (no kernels of their own in a decode step) where the dtype and shapes allow."""
+    xla = writing(attention_xla, whole=True)
+    if platform != "gpu":
+        return xla
+
+    def attend(q, k_new, v_new, cache, *args, window=None):
+        fn = attention_pallas_write if _fused(q, cache[0]) and k_new.shape[1] <= NEW_ROWS else xla
+        return fn(q, k_new, v_new, cache, *args, window=window)
+
+    return attend
+
+
+def _fused(q, k) -> bool:
+    return k.dtype in (jnp.float16, jnp.bfloat16) and fits_kernel(q.shape[-1], k.shape[2])
