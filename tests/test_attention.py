@@ -216,13 +216,15 @@ def test_flash_decoding_of_a_token_twice_equals_it_once(form):
 
 
 def test_flash_decoding_parts_fill_the_gpu_with_whole_blocks():
-    """~1024 programs (batch rows x kv heads x parts), each part at least two key blocks of a full cache."""
+    """Up to 1024 programs (batch rows x kv heads x parts), each part at least two key blocks of a full
+    cache, the parts with the new keys' one a power of two (the merge kernel loads them all at once)."""
     from yarn_jax.attention import decode
 
-    assert decode.splits(4, 33024) == 129  # batch 1, 4 kv heads, a 32k cache: 258 blocks
-    assert decode.splits(4, 131328) == 256  # 128k: the program count decides
+    assert decode.splits(4, 33024) == 128  # batch 1, 4 kv heads, a 32k cache: 258 blocks
+    assert decode.splits(4, 33024, extra=1) == 127  # and the part over the new keys
+    assert decode.splits(4, 131328) == 256 and decode.splits(4, 131328, extra=1) == 255  # 128k: the program count
     assert decode.splits(64, 33024) == 16  # batch 16
-    assert decode.splits(4, 256) == 1 and decode.splits(2048, 1 << 20) == 1
+    assert decode.splits(4, 256) == 1 and decode.splits(2048, 1 << 20) == 1 and decode.splits(4, 256, extra=1) == 1
 
 
 def test_decode_merge_is_the_softmax_over_all_parts():
@@ -274,7 +276,8 @@ def test_flash_decoding_kernel_lowers_to_triton_without_a_gpu(t, n, kh, h, dtype
     exported = export.export(jax.jit(fn), platforms=["cuda"],
                              disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
     text = exported.mlir_module()
-    assert text.count("__gpu$xla.gpu.triton") == 1 and 'name = "flash_decode"' in text
+    assert text.count("__gpu$xla.gpu.triton") == 2  # the kernel and its merge
+    assert 'name = "flash_decode"' in text and 'name = "flash_decode_merge"' in text
 
 
 @pytest.mark.parametrize("b,t,written,n,kh,h,s,window", [
