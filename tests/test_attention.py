@@ -249,6 +249,21 @@ def test_decode_merge_is_the_softmax_over_all_parts():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_merge_kernel_equals_merge():
+    """The GPU's merge (`merge_pallas`, Pallas' interpreter) of random partials, parts that saw nothing
+    (lse = MASK_VALUE) among them, equals `merge`, written in the model's [B, t, K, G, H] layout."""
+    from yarn_jax.attention import decode
+
+    rng = np.random.default_rng(9)
+    b, kh, p, r, t, g, h = 2, 2, 8, 16, 2, 4, 32  # 8 real rows (t x g) of 16
+    outs = jnp.asarray(rng.normal(size=(b, kh, p, r, h)), jnp.float32)
+    lses = jnp.asarray(rng.normal(size=(b, kh, p, r)) * 4, jnp.float32).at[:, :, ::3].set(reference.MASK_VALUE)
+    got = decode.merge_pallas(outs, lses, t, g, jnp.float32, interpret=True)
+    want = decode.merge(outs[:, :, :, :t * g], lses[:, :, :, :t * g], axis=2)  # [B, K, t * G, H]
+    want = want.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("t,n,kh,h,dtype", [(2, 32, 4, 64, jnp.bfloat16), (1, 8, 2, 128, jnp.float16),
                                             (3, 4, 4, 32, jnp.bfloat16), (1, 64, 4, 64, jnp.bfloat16)])
 @pytest.mark.parametrize("writes", [False, True])

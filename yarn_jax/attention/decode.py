@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -248,17 +249,27 @@ def _pallas(q, k, v, layer, q_idx, window, new=None, slot=None, interpret=False)
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret, name="flash_decode",
     )(*args, k, v)
-    p = outs.shape[2]
-    out = pl.pallas_call(  # [B, t, K, G, H]: each program's row written where the model reads it
-        _merge_kernel, grid=(b, kh, rows),
+    out = merge_pallas(outs, lses, t, g, q.dtype, interpret).reshape(b, t, n, h)
+    return (out, *cache) if cache else (out, k, v)
+
+
+def merge_pallas(outs: jax.Array, lses: jax.Array, t: int, g: int, dtype: Any, interpret: bool = False) -> jax.Array:
+    """The GPU kernel's parts, outs [B, K, P, R, H] and lses [B, K, P, R] (R >= t x G rows: each new token's
+    G query heads, then padding), merged by `_merge_kernel` -> [B, t, K, G, H] in `dtype`, each row written
+    where the model reads it ([B, t, N, H] as a reshape)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    b, kh, p, _, h = outs.shape
+    return pl.pallas_call(
+        _merge_kernel, grid=(b, kh, t * g),
         in_specs=[pl.BlockSpec((None, None, p, None, h), lambda r, j, i: (r, j, 0, i, 0)),
                   pl.BlockSpec((None, None, p, None), lambda r, j, i: (r, j, 0, i))],
         out_specs=pl.BlockSpec((None, None, None, None, h), lambda r, j, i: (r, i // g, j, i % g, 0)),
-        out_shape=jax.ShapeDtypeStruct((b, t, kh, g, h), q.dtype),
+        out_shape=jax.ShapeDtypeStruct((b, t, kh, g, h), dtype),
         compiler_params=plgpu.CompilerParams(num_warps=8 if p * h > 8192 else 4, num_stages=1),
         interpret=interpret, name="flash_decode_merge",
-    )(outs, lses).reshape(b, t, n, h)
-    return (out, *cache) if cache else (out, k, v)
+    )(outs, lses)
 
 
 def per_device(fn, mesh: Mesh):
