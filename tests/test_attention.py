@@ -216,13 +216,15 @@ def test_flash_decoding_of_a_token_twice_equals_it_once(form):
 
 
 def test_flash_decoding_parts_fill_the_gpu_with_whole_blocks():
-    """~1024 programs (batch rows x kv heads x parts), each part at least two key blocks of a full cache."""
+    """Up to 1024 programs (batch rows x kv heads x parts), each part at least two key blocks of a full
+    cache, the parts with the new keys' one a power of two (the merge kernel loads them all at once)."""
     from yarn_jax.attention import decode
 
-    assert decode.splits(4, 33024) == 129  # batch 1, 4 kv heads, a 32k cache: 258 blocks
-    assert decode.splits(4, 131328) == 256  # 128k: the program count decides
+    assert decode.splits(4, 33024) == 128  # batch 1, 4 kv heads, a 32k cache: 258 blocks
+    assert decode.splits(4, 33024, extra=1) == 127  # and the part over the new keys
+    assert decode.splits(4, 131328) == 256 and decode.splits(4, 131328, extra=1) == 255  # 128k: the program count
     assert decode.splits(64, 33024) == 16  # batch 16
-    assert decode.splits(4, 256) == 1 and decode.splits(2048, 1 << 20) == 1
+    assert decode.splits(4, 256) == 1 and decode.splits(2048, 1 << 20) == 1 and decode.splits(4, 256, extra=1) == 1
 
 
 def test_decode_merge_is_the_softmax_over_all_parts():
@@ -245,6 +247,21 @@ def test_decode_merge_is_the_softmax_over_all_parts():
         lses.append(lg.max(1) + np.log(p.sum(1)))
     got = decode.merge(jnp.asarray(np.stack(outs), jnp.float32), jnp.asarray(np.stack(lses), jnp.float32), axis=0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_kernel_equals_merge():
+    """The GPU's merge (`merge_pallas`, Pallas' interpreter) of random partials, parts that saw nothing
+    (lse = MASK_VALUE) among them, equals `merge`, written in the model's [B, t, K, G, H] layout."""
+    from yarn_jax.attention import decode
+
+    rng = np.random.default_rng(9)
+    b, kh, p, r, t, g, h = 2, 2, 8, 16, 2, 4, 32  # 8 real rows (t x g) of 16
+    outs = jnp.asarray(rng.normal(size=(b, kh, p, r, h)), jnp.float32)
+    lses = jnp.asarray(rng.normal(size=(b, kh, p, r)) * 4, jnp.float32).at[:, :, ::3].set(reference.MASK_VALUE)
+    got = decode.merge_pallas(outs, lses, t, g, jnp.float32, interpret=True)
+    want = decode.merge(outs[:, :, :, :t * g], lses[:, :, :, :t * g], axis=2)  # [B, K, t * G, H]
+    want = want.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("t,n,kh,h,dtype", [(2, 32, 4, 64, jnp.bfloat16), (1, 8, 2, 128, jnp.float16),
@@ -274,7 +291,8 @@ def test_flash_decoding_kernel_lowers_to_triton_without_a_gpu(t, n, kh, h, dtype
     exported = export.export(jax.jit(fn), platforms=["cuda"],
                              disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
     text = exported.mlir_module()
-    assert text.count("__gpu$xla.gpu.triton") == 1 and 'name = "flash_decode"' in text
+    assert text.count("__gpu$xla.gpu.triton") == 2  # the kernel and its merge
+    assert 'name = "flash_decode"' in text and 'name = "flash_decode_merge"' in text
 
 
 @pytest.mark.parametrize("b,t,written,n,kh,h,s,window", [

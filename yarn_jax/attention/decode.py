@@ -1,7 +1,8 @@
 """Attention of a few new tokens to the KV cache (flash-decoding): the filled slots in parts (`splits`), one
 partial output and log-sum-exp per part from a single pass over its keys and values in the cache's own
 dtype (float32 accumulation), the parts merged in float32 by `merge`, the same merge the seq-sharded
-decode (`ring.decode_attention`) applies across devices.
+decode (`ring.decode_attention`) applies across devices (after the GPU kernel, the same arithmetic as a
+kernel of its own, `_merge_kernel`).
 
     read(q [B, t, N, H], k, v [L, B, S, K, H], layer [], q_segment_ids [B, t], kv_segment_ids [B, S],
          q_index [B, t], kv_index [B, S], *, window) -> [B, t, N, H]
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -169,10 +171,21 @@ def _finish(o_ref, lse_ref, carry):
     lse_ref[...] = jnp.where(l_ > 0, m + jnp.log(jnp.maximum(l_, 1e-30)), reference.MASK_VALUE)
 
 
-def splits(programs: int, slots: int) -> int:
-    """Parts per (batch row, kv head) for `programs` of those over a cache of `slots`: PROGRAMS in all,
-    each part at least two key blocks of a full cache."""
-    return max(1, min(PROGRAMS // programs, slots // (2 * BLOCK)))
+def splits(programs: int, slots: int, extra: int = 0) -> int:
+    """Parts per (batch row, kv head) for `programs` of those over a cache of `slots`: up to PROGRAMS in
+    all, each part at least two key blocks of a full cache, and with the `extra` parts (the new keys') a
+    power of two, as the merge kernel loads all of a row's parts at once."""
+    most = max(1, min(PROGRAMS // programs, slots // (2 * BLOCK))) + extra
+    return (1 << (most.bit_length() - 1)) - extra
+
+
+def _merge_kernel(o_ref, lse_ref, out_ref):
+    """`merge` as one kernel, for one query row of one (batch row, kv head): o_ref [P, H] and lse_ref [P]
+    (float32, the parts' results) -> out_ref [H] in the output's dtype. XLA makes three reductions and a
+    divide of `merge`, each a kernel of its own at ~1.4 us."""
+    lse = lse_ref[...]
+    w = jnp.exp(lse - lse.max())  # [P]
+    out_ref[...] = ((w[:, None] * o_ref[...]).sum(axis=0) / w.sum()).astype(out_ref.dtype)
 
 
 def fits_kernel(h: int, s: int) -> bool:
@@ -213,7 +226,7 @@ def _pallas(q, k, v, layer, q_idx, window, new=None, slot=None, interpret=False)
     lo_hi = lo_hi.transpose(0, 2, 1)  # [B, 2, R]
     slot = jnp.zeros(b, jnp.int32) if slot is None else jnp.broadcast_to(slot, (b,)).astype(jnp.int32)
     where = jnp.stack([jnp.broadcast_to(jnp.asarray(layer, jnp.int32), (b,)), slot], axis=1)  # [B, 2]
-    parts = splits(b * kh, s)
+    parts = splits(b * kh, s, int(new is not None))
     by_row = lambda *shape: pl.BlockSpec((None, *shape), lambda r, j, p: (r,) + (0,) * len(shape))  # noqa: E731
     by_head = lambda rows_: pl.BlockSpec((None, None, rows_, h), lambda r, j, p: (r, j, 0, 0))  # noqa: E731
     slab = pl.BlockSpec((layers, None, s, None, h), lambda r, j, p: (0, r, 0, j, 0))  # a row's, a kv head's
@@ -236,9 +249,27 @@ def _pallas(q, k, v, layer, q_idx, window, new=None, slot=None, interpret=False)
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret, name="flash_decode",
     )(*args, k, v)
-    out = merge(outs[:, :, :, :rows], lses[:, :, :, :rows], axis=2)  # [B, K, t * G, H]
-    out = out.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q.dtype)
+    out = merge_pallas(outs, lses, t, g, q.dtype, interpret).reshape(b, t, n, h)
     return (out, *cache) if cache else (out, k, v)
+
+
+def merge_pallas(outs: jax.Array, lses: jax.Array, t: int, g: int, dtype: Any, interpret: bool = False) -> jax.Array:
+    """The GPU kernel's parts, outs [B, K, P, R, H] and lses [B, K, P, R] (R >= t x G rows: each new token's
+    G query heads, then padding), merged by `_merge_kernel` -> [B, t, K, G, H] in `dtype`, each row written
+    where the model reads it ([B, t, N, H] as a reshape)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    b, kh, p, _, h = outs.shape
+    return pl.pallas_call(
+        _merge_kernel, grid=(b, kh, t * g),
+        in_specs=[pl.BlockSpec((None, None, p, None, h), lambda r, j, i: (r, j, 0, i, 0)),
+                  pl.BlockSpec((None, None, p, None), lambda r, j, i: (r, j, 0, i))],
+        out_specs=pl.BlockSpec((None, None, None, None, h), lambda r, j, i: (r, i // g, j, i % g, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, t, kh, g, h), dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=8 if p * h > 8192 else 4, num_stages=1),
+        interpret=interpret, name="flash_decode_merge",
+    )(outs, lses)
 
 
 def per_device(fn, mesh: Mesh):
