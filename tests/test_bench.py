@@ -63,6 +63,15 @@ def test_profile_decode_runs_to_its_trace(capsys):
         "loop_add_fusion", "gemm_fusion_dot", "memcpy128"]
 
 
+def test_profile_sequence_gives_kernels_in_order_with_the_idle_time_before_each():
+    from yarn_jax.bench import profile_step
+
+    events = [(0, 1000, "a"), (1500, 2000, "b"), (3600, 400, "c"), (4000, 1000, "d"), (9000, 10, "e")]
+    assert profile_step.sequence(events, 2) == [{"kernel": "c", "us": 0.4, "gap_us": 0.1},
+                                                {"kernel": "d", "us": 1.0, "gap_us": 0.0}]
+    assert profile_step.sequence(events, 0) == []
+
+
 def test_mosaic_probe_records_every_kernel_it_tries(tmp_path):
     """On CPU neither cuDNN nor Mosaic GPU exists: every attempt must come back as a row with its error,
     and the file must be written (on a GPU the same rows carry times)."""

@@ -16,6 +16,7 @@ shares of the step's wall time; writes the table as JSON.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import re
 import tempfile
@@ -37,21 +38,27 @@ def kind(kernel: str) -> str:
     return next((k for k, pattern in KINDS if pattern.search(kernel)), "fusion")
 
 
-def kernel_times(xplane: str) -> tuple[dict[str, float], dict[str, int]]:
-    """Summed nanoseconds and counts per kernel name over the GPU planes' stream lines."""
+def kernel_events(xplane: str) -> list[tuple[int, int, str]]:
+    """(start ns, duration ns, name) of every kernel on the GPU planes' stream lines, in start order."""
     import jax
 
-    total, count = collections.Counter(), collections.Counter()
+    events = []
     for plane in jax.profiler.ProfileData.from_file(xplane).planes:
         if not plane.name.startswith("/device:GPU"):
             continue
         for line in plane.lines:
-            if not line.name.startswith("Stream"):
-                continue
-            for event in line.events:
-                total[event.name] += event.duration_ns
-                count[event.name] += 1
-    return dict(total), dict(count)
+            if line.name.startswith("Stream"):
+                events += [(e.start_ns, e.duration_ns, e.name) for e in line.events]
+    return sorted(events)
+
+
+def sequence(events: list[tuple[int, int, str]], n: int) -> list[dict]:
+    """`n` consecutive kernels from the middle of the trace: each one's name, microseconds, and the idle
+    microseconds before it (a decode step's kernels one after another: which ones a layer runs, in order)."""
+    mid = len(events) // 2
+    window = events[max(mid - 1, 0):mid + n]
+    return [{"kernel": name, "us": dur / 1e3, "gap_us": (start - prev[0] - prev[1]) / 1e3}
+            for prev, (start, dur, name) in itertools.pairwise(window)]
 
 
 def _train(config, seq: int):
@@ -105,8 +112,10 @@ def _decode(config, prompt: int, batch: int):
     return run, lambda: np.asarray(state["tokens"]), hlo
 
 
-def _trace(run, finish, calls: int) -> tuple[float, collections.Counter, collections.Counter, collections.Counter]:
-    """(wall seconds per call, kernel ns by kind, by name stem, launches by name stem) over `calls` traced."""
+def _trace(run, finish, calls: int) -> tuple[float, collections.Counter, collections.Counter, collections.Counter,
+                                             list]:
+    """(wall seconds per call, kernel ns by kind, by name stem, launches by name stem, `kernel_events`) over
+    `calls` traced."""
     import jax
 
     from yarn_jax import cli
@@ -120,16 +129,16 @@ def _trace(run, finish, calls: int) -> tuple[float, collections.Counter, collect
         wall = (time.perf_counter() - t) / calls
         jax.profiler.stop_trace()
         (xplane,) = Path(d).rglob("*.xplane.pb")
-        total, count = kernel_times(str(xplane))
-    if not total:
+        events = kernel_events(str(xplane))
+    if not events:
         raise cli.RunError(f"profile: the trace holds no GPU stream kernels ({jax.devices()[0].platform}: "
                            "profiles need a GPU)")
     by_kind, by_stem, launches = collections.Counter(), collections.Counter(), collections.Counter()
-    for name, ns in total.items():
+    for _, ns, name in events:
         by_kind[kind(name)] += ns
         by_stem[stem(name)] += ns
-        launches[stem(name)] += count[name]
-    return wall, by_kind, by_stem, launches
+        launches[stem(name)] += 1
+    return wall, by_kind, by_stem, launches, events
 
 
 def main(argv: list[str]) -> int:
@@ -144,6 +153,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch", type=cli.count(1), default=1, help="--decode: prompts at once")
     p.add_argument("--steps", type=cli.count(1), default=3, help="steps traced (--decode: decode chunks)")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--sequence", type=cli.count(0), default=0,
+                   help="also print and write this many consecutive kernels from the trace's middle, in order")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="the old spelling of --config.KEY=VALUE (kept for one release)")
     p.add_argument("--hlo", default=None, help="also write the compiled step's HLO text here")
@@ -160,7 +171,7 @@ def main(argv: list[str]) -> int:
         run()
     finish()
     steps = a.steps * per_call
-    wall, by_kind, total, count = _trace(run, finish, a.steps)
+    wall, by_kind, total, count, events = _trace(run, finish, a.steps)
     wall /= per_call
     ms = lambda ns: ns / steps / 1e6  # noqa: E731  per step
     what = f"decode after {a.seq} tokens, batch {a.batch}" if a.decode else f"seq {a.seq}"
@@ -174,6 +185,10 @@ def main(argv: list[str]) -> int:
     top = sorted(total, key=total.get, reverse=True)[:a.top]
     for name in top:
         print(f"| {name[:90]} | {kind(name)} | {count[name] / steps:.0f} | {ms(total[name]):.3f} |")
+    order = sequence(events, a.sequence)
+    if order:
+        print("\n| kernel, in order | us | idle before, us |\n|---|---|---|")
+        print("\n".join(f"| {r['kernel'][:90]} | {r['us']:.2f} | {r['gap_us']:.2f} |" for r in order))
     out = Path(a.out or f"bench_results/profile_{'decode_' if a.decode else ''}{a.seq}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
@@ -183,5 +198,5 @@ def main(argv: list[str]) -> int:
                                "wall_ms": wall * 1e3, "launches": sum(count.values()) / steps,
                                "kinds_ms": {k: ms(v) for k, v in by_kind.items()},
                                "top": [{"kernel": n, "kind": kind(n), "calls": count[n] / steps,
-                                        "ms": ms(total[n])} for n in top]}, indent=2))
+                                        "ms": ms(total[n])} for n in top], "sequence": order}, indent=2))
     return 0
