@@ -92,10 +92,10 @@ def attention_xla(q, k, v, layer, q_seg, kv_seg, q_idx, kv_idx, *, window=None):
 # ----------------------------------------------------------------------------- the GPU kernel
 
 
-def _kernel(bounds_ref, where_ref, q_ref, *refs, block: int, splits: int, new: int):
+def _kernel(bounds_ref, layer_ref, slot_ref, q_ref, *refs, block: int, splits: int, new: int):
     """One (batch row, kv head, part): q_ref [R, H] (the row's new tokens x its G query heads, padded);
-    bounds_ref [2, R] (each query row's first and last + 1 slot); where_ref [2]: (layer, the row's first new
-    slot); k_ref, v_ref [L, S, H] (this row's, this head's); o_ref [R, H], lse_ref [R] float32: the part's
+    bounds_ref [2, R] (each query row's first and last + 1 slot); layer_ref, slot_ref [1]: the layer, the row's
+    first new slot; k_ref, v_ref [L, S, H] (this row's, this head's); o_ref [R, H], lse_ref [R] float32: the part's
     normalised output and log-sum-exp. With `new` > 0 the first `new` rows of kn_ref, vn_ref [NEW_ROWS, H] are the
     row's new keys and values: the cache parts see only the slots before them, and one more part (index
     `splits`) attends to them and writes them into the cache in place (k_out, v_out: k_ref, v_ref aliased)."""
@@ -106,7 +106,7 @@ def _kernel(bounds_ref, where_ref, q_ref, *refs, block: int, splits: int, new: i
     else:
         k_ref, v_ref, o_ref, lse_ref = refs
     part = pl.program_id(2)
-    begins, ends, layer, slot = bounds_ref[0, :], bounds_ref[1, :], where_ref[0], where_ref[1]
+    begins, ends, layer, slot = bounds_ref[0, :], bounds_ref[1, :], layer_ref[0], slot_ref[0]
     q = q_ref[...]
     attend = functools.partial(_attend, q, begins)
 
@@ -224,13 +224,15 @@ def _pallas(q, k, v, layer, q_idx, window, new=None, slot=None, interpret=False)
     none = jnp.broadcast_to(jnp.asarray([s, 0], jnp.int32), (b, rp - rows, 2))  # padding rows: no slot seen
     lo_hi = jnp.concatenate([jnp.repeat(bounds(q_idx, window), g, axis=1), none], axis=1)  # [B, R, 2] as qr's rows
     lo_hi = lo_hi.transpose(0, 2, 1)  # [B, 2, R]
-    slot = jnp.zeros(b, jnp.int32) if slot is None else jnp.broadcast_to(slot, (b,)).astype(jnp.int32)
-    where = jnp.stack([jnp.broadcast_to(jnp.asarray(layer, jnp.int32), (b,)), slot], axis=1)  # [B, 2]
+    slot = jnp.zeros((b, 1), jnp.int32) if slot is None else jnp.broadcast_to(slot, (b,)).astype(jnp.int32)[:, None]
+    # apart from the slots (the same array for every layer): a decode step's unrolled layer loop passes a
+    # constant `layer`, which then costs no kernel (stacked with the slots it took one a layer)
+    layer = jnp.full((b, 1), layer, jnp.int32)
     parts = splits(b * kh, s, int(new is not None))
     by_row = lambda *shape: pl.BlockSpec((None, *shape), lambda r, j, p: (r,) + (0,) * len(shape))  # noqa: E731
     by_head = lambda rows_: pl.BlockSpec((None, None, rows_, h), lambda r, j, p: (r, j, 0, 0))  # noqa: E731
     slab = pl.BlockSpec((layers, None, s, None, h), lambda r, j, p: (0, r, 0, j, 0))  # a row's, a kv head's
-    args, in_specs, written = [lo_hi, where, qr], [by_row(2, rp), by_row(2), by_head(rp)], 0
+    args, in_specs, written = [lo_hi, layer, slot, qr], [by_row(2, rp), by_row(1), by_row(1), by_head(rp)], 0
     if new is not None:  # [B, T, K, H] -> [B, K, NEW_ROWS, H]: the rows of one tensor-core dot
         written = new[0].shape[1]
         args += [jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, NEW_ROWS - written), (0, 0))).astype(k.dtype)
