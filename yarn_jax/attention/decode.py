@@ -92,10 +92,10 @@ def attention_xla(q, k, v, layer, q_seg, kv_seg, q_idx, kv_idx, *, window=None):
 # ----------------------------------------------------------------------------- the GPU kernel
 
 
-def _kernel(bounds_ref, where_ref, q_ref, *refs, block: int, splits: int, new: int):
+def _kernel(bounds_ref, layer_ref, slot_ref, q_ref, *refs, block: int, splits: int, new: int):
     """One (batch row, kv head, part): q_ref [R, H] (the row's new tokens x its G query heads, padded);
-    bounds_ref [2, R] (each query row's first and last + 1 slot); where_ref [2]: (layer, the row's first new
-    slot); k_ref, v_ref [L, S, H] (this row's, this head's); o_ref [R, H], lse_ref [R] float32: the part's
+    bounds_ref [2, R] (each query row's first and last + 1 slot); layer_ref, slot_ref [1]: the layer, the row's
+    first new slot; k_ref, v_ref [L, S, H] (this row's, this head's); o_ref [R, H], lse_ref [R] float32: the part's
     normalised output and log-sum-exp. With `new` > 0 the first `new` rows of kn_ref, vn_ref [NEW_ROWS, H] are the
     row's new keys and values: the cache parts see only the slots before them, and one more part (index
     `splits`) attends to them and writes them into the cache in place (k_out, v_out: k_ref, v_ref aliased)."""
@@ -106,7 +106,7 @@ def _kernel(bounds_ref, where_ref, q_ref, *refs, block: int, splits: int, new: i
     else:
         k_ref, v_ref, o_ref, lse_ref = refs
     part = pl.program_id(2)
-    begins, ends, layer, slot = bounds_ref[0, :], bounds_ref[1, :], where_ref[0], where_ref[1]
+    begins, ends, layer, slot = bounds_ref[0, :], bounds_ref[1, :], layer_ref[0], slot_ref[0]
     q = q_ref[...]
     attend = functools.partial(_attend, q, begins)
 
@@ -180,9 +180,9 @@ def splits(programs: int, slots: int, extra: int = 0) -> int:
 
 
 def _merge_kernel(o_ref, lse_ref, out_ref):
-    """`merge` as one kernel, for one query row of one (batch row, kv head): o_ref [P, H] and lse_ref [P]
-    (float32, the parts' results) -> out_ref [H] in the output's dtype. XLA makes three reductions and a
-    divide of `merge`, each a kernel of its own at ~1.4 us."""
+    """`merge` as one kernel, for one query row of one (batch row, kv head) and a slice of its features:
+    o_ref [P, C] and lse_ref [P] (float32, the parts' results) -> out_ref [C] in the output's dtype. XLA
+    makes three reductions and a divide of `merge`, each a kernel of its own at ~1.4 us."""
     lse = lse_ref[...]
     w = jnp.exp(lse - lse.max())  # [P]
     out_ref[...] = ((w[:, None] * o_ref[...]).sum(axis=0) / w.sum()).astype(out_ref.dtype)
@@ -224,18 +224,22 @@ def _pallas(q, k, v, layer, q_idx, window, new=None, slot=None, interpret=False)
     none = jnp.broadcast_to(jnp.asarray([s, 0], jnp.int32), (b, rp - rows, 2))  # padding rows: no slot seen
     lo_hi = jnp.concatenate([jnp.repeat(bounds(q_idx, window), g, axis=1), none], axis=1)  # [B, R, 2] as qr's rows
     lo_hi = lo_hi.transpose(0, 2, 1)  # [B, 2, R]
-    slot = jnp.zeros(b, jnp.int32) if slot is None else jnp.broadcast_to(slot, (b,)).astype(jnp.int32)
-    where = jnp.stack([jnp.broadcast_to(jnp.asarray(layer, jnp.int32), (b,)), slot], axis=1)  # [B, 2]
+    slot = jnp.zeros((b, 1), jnp.int32) if slot is None else jnp.broadcast_to(slot, (b,)).astype(jnp.int32)[:, None]
+    # apart from the slots (the same array for every layer): a decode step's unrolled layer loop passes a
+    # constant `layer`, which then costs no kernel (stacked with the slots it took one a layer)
+    layer = jnp.full((b, 1), layer, jnp.int32)
     parts = splits(b * kh, s, int(new is not None))
     by_row = lambda *shape: pl.BlockSpec((None, *shape), lambda r, j, p: (r,) + (0,) * len(shape))  # noqa: E731
     by_head = lambda rows_: pl.BlockSpec((None, None, rows_, h), lambda r, j, p: (r, j, 0, 0))  # noqa: E731
     slab = pl.BlockSpec((layers, None, s, None, h), lambda r, j, p: (0, r, 0, j, 0))  # a row's, a kv head's
-    args, in_specs, written = [lo_hi, where, qr], [by_row(2, rp), by_row(2), by_head(rp)], 0
-    if new is not None:  # [B, T, K, H] -> [B, K, NEW_ROWS, H]: the rows of one tensor-core dot
+    args, in_specs, written = [lo_hi, layer, slot, qr], [by_row(2, rp), by_row(1), by_row(1), by_head(rp)], 0
+    if new is not None:  # keys and values [B, T, K, H] -> one [B, 2K, NEW_ROWS, H] (a kernel, not one each)
         written = new[0].shape[1]
-        args += [jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, NEW_ROWS - written), (0, 0))).astype(k.dtype)
-                 for x in new]
-        in_specs += [by_head(NEW_ROWS), by_head(NEW_ROWS)]
+        kv = jnp.concatenate(new, axis=2).transpose(0, 2, 1, 3).astype(k.dtype)
+        kv = jnp.pad(kv, ((0, 0), (0, 0), (0, NEW_ROWS - written), (0, 0)))  # the rows of one tensor-core dot
+        args += [kv, kv]
+        in_specs += [pl.BlockSpec((None, None, NEW_ROWS, h), lambda r, j, p, off=off: (r, j + off, 0, 0))
+                     for off in (0, kh)]
     cache_out = [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2 if new is not None else []
     outs, lses, *cache = pl.pallas_call(
         functools.partial(_kernel, block=BLOCK, splits=parts, new=written),
@@ -261,13 +265,14 @@ def merge_pallas(outs: jax.Array, lses: jax.Array, t: int, g: int, dtype: Any, i
     from jax.experimental.pallas import triton as plgpu
 
     b, kh, p, _, h = outs.shape
+    c = max(16, h // 4)  # features a program: four programs a row, each a quarter of its parts' bytes
     return pl.pallas_call(
-        _merge_kernel, grid=(b, kh, t * g),
-        in_specs=[pl.BlockSpec((None, None, p, None, h), lambda r, j, i: (r, j, 0, i, 0)),
-                  pl.BlockSpec((None, None, p, None), lambda r, j, i: (r, j, 0, i))],
-        out_specs=pl.BlockSpec((None, None, None, None, h), lambda r, j, i: (r, i // g, j, i % g, 0)),
+        _merge_kernel, grid=(b, kh, t * g, h // c),
+        in_specs=[pl.BlockSpec((None, None, p, None, c), lambda r, j, i, f: (r, j, 0, i, f)),
+                  pl.BlockSpec((None, None, p, None), lambda r, j, i, f: (r, j, 0, i))],
+        out_specs=pl.BlockSpec((None, None, None, None, c), lambda r, j, i, f: (r, i // g, j, i % g, f)),
         out_shape=jax.ShapeDtypeStruct((b, t, kh, g, h), dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=8 if p * h > 8192 else 4, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=8 if p * c > 8192 else 4, num_stages=1),
         interpret=interpret, name="flash_decode_merge",
     )(outs, lses)
 
