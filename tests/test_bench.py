@@ -56,7 +56,7 @@ def test_profile_decode_runs_to_its_trace(capsys):
     from yarn_jax import cli
     from yarn_jax.bench import profile_step
 
-    argv = ["--config", "configs/tiny.py", "--decode", "--seq", "40", "--steps", "1"]
+    argv = ["--config", "configs/tiny.py", "--decode", "--seq", "40", "--steps", "1", "--sequence", "14"]
     assert cli.run(lambda: profile_step.main(argv)) == cli.FAILED
     assert "no GPU stream kernels (cpu: profiles need a GPU)" in capsys.readouterr().err
     assert [profile_step.stem(k) for k in ("loop_add_fusion_20", "gemm_fusion_dot.287", "memcpy128")] == [

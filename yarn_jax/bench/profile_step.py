@@ -1,7 +1,7 @@
 """Where a step's time goes on the device: GPU kernel time by kind and the costliest kernels.
 
     python -m yarn_jax.bench profile --config configs/h200_1b.py --seq 8192 [--config.model.remat=attention]
-    python -m yarn_jax.bench profile --config configs/h200_1b.py --decode --seq 32768 [--batch 1]
+    python -m yarn_jax.bench profile --config configs/h200_1b.py --decode --seq 32768 [--batch 1] [--sequence 14]
 
 Traces `--steps` steps (after 2 warm-ups) with jax.profiler, reads the trace back (jax.profiler.ProfileData)
 and sums the kernels of the device's streams. A step is the train-step benchmark's step, or with
@@ -10,7 +10,8 @@ and sums the kernels of the device's streams. A step is the train-step benchmark
 Kinds: matmul (cuBLAS/cuBLASLt/CUTLASS/nvjet), attention (cuDNN, flash-decoding), memory (copies, sets),
 fusion (XLA's own kernels: elementwise, reductions, Triton). Kernels are summed by name without XLA's
 numbering (`stem`: an unrolled layer's fusions are numbered apart). Prints per-step milliseconds and
-shares of the step's wall time; writes the table as JSON.
+shares of the step's wall time; writes the table as JSON. `--sequence N` adds N kernels from the trace's
+middle in the order they ran, with the idle time before each (a decode layer's kernels, one after another).
 """
 
 from __future__ import annotations
