@@ -233,7 +233,7 @@ def _pallas(q, k, v, layer, q_idx, window, new=None, slot=None, interpret=False)
     by_head = lambda rows_: pl.BlockSpec((None, None, rows_, h), lambda r, j, p: (r, j, 0, 0))  # noqa: E731
     slab = pl.BlockSpec((layers, None, s, None, h), lambda r, j, p: (0, r, 0, j, 0))  # a row's, a kv head's
     args, in_specs, written = [lo_hi, layer, slot, qr], [by_row(2, rp), by_row(1), by_row(1), by_head(rp)], 0
-    if new is not None:  # keys and values [B, T, K, H] -> one [B, 2K, NEW_ROWS, H] (a kernel, not one each)
+    if new is not None:  # keys and values [B, T, K, H] -> one [B, 2K, NEW_ROWS, H], read at kv head j and K + j
         written = new[0].shape[1]
         kv = jnp.concatenate(new, axis=2).transpose(0, 2, 1, 3).astype(k.dtype)
         kv = jnp.pad(kv, ((0, 0), (0, 0), (0, NEW_ROWS - written), (0, 0)))  # the rows of one tensor-core dot
@@ -265,7 +265,7 @@ def merge_pallas(outs: jax.Array, lses: jax.Array, t: int, g: int, dtype: Any, i
     from jax.experimental.pallas import triton as plgpu
 
     b, kh, p, _, h = outs.shape
-    c = max(16, h // 4)  # features a program: four programs a row, each a quarter of its parts' bytes
+    c = max(16, h // 4)  # features a program: up to four programs a row (2.7 us for 3.7 with one; NOTES.md)
     return pl.pallas_call(
         _merge_kernel, grid=(b, kh, t * g, h // c),
         in_specs=[pl.BlockSpec((None, None, p, None, c), lambda r, j, i, f: (r, j, 0, i, f)),
