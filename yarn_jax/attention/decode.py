@@ -265,7 +265,7 @@ def merge_pallas(outs: jax.Array, lses: jax.Array, t: int, g: int, dtype: Any, i
     from jax.experimental.pallas import triton as plgpu
 
     b, kh, p, _, h = outs.shape
-    c = max(16, h // 4)  # features a program: up to four programs a row (2.7 us for 3.7 with one; NOTES.md)
+    c = max(16, h // 4)  # features a program: up to four programs a row, each a part of the bytes (NOTES.md)
     return pl.pallas_call(
         _merge_kernel, grid=(b, kh, t * g, h // c),
         in_specs=[pl.BlockSpec((None, None, p, None, c), lambda r, j, i, f: (r, j, 0, i, f)),
