@@ -120,3 +120,59 @@ def test_remat_offload_keeps_the_layer_inputs_in_host_memory():
     assert inputs in full and inputs not in offload
     assert sorted(s.replace("<host>", "") for s in offload) == full
     assert [s for s in offload if "<host>" in s] == [inputs.replace("[", "<host>[", 1)]
+
+
+@pytest.mark.parametrize("contract", [1, 2])
+def test_cast_dot_is_autodiffs_arithmetic_without_keeping_the_cast(contract):
+    """`projection.cast_dot` (a float32 weight cast to bf16 inside the product) gives autodiff's forward and
+    gradients bit for bit, on fresh random inputs; autodiff keeps the bf16 copy of the weight for the
+    backward, it keeps only its arguments."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from yarn_jax import projection
+
+    kx, kw, kg = jax.random.split(jax.random.key(contract), 3)
+    w = jax.random.normal(kw, (4, 6, 10) if contract == 2 else (24, 3, 5), jnp.float32)  # K = 24, F = 10 or 15
+    x = jax.random.normal(kx, (2, 8, 24), jnp.bfloat16)
+    g = jax.random.normal(kg, (2, 8, w.size // 24), jnp.bfloat16)
+
+    def autodiff(x, w):
+        return jnp.einsum("...K,KF->...F", x, w.reshape(24, -1).astype(x.dtype))
+
+    def ours(x, w):
+        return projection.cast_dot(x, w, contract)
+
+    (want, want_vjp), (got, got_vjp) = jax.vjp(autodiff, x, w), jax.vjp(ours, x, w)
+    np.testing.assert_array_equal(got, want)
+    for a, b in zip(got_vjp(g), want_vjp(g), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+    def kept(f):  # what the backward keeps that is not an argument
+        res = saved_residuals(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32)), x, w)
+        return [a.str_short() for a, why in res if "argument" not in why]
+
+    assert kept(autodiff) == [f"bfloat16[24,{w.size // 24}]"] and kept(ours) == []
+
+
+def test_without_remat_the_backward_keeps_the_float32_weights_not_bf16_copies():
+    """bf16 compute over float32 masters without remat: no layer weight is kept in bf16 for the backward
+    (2 bytes a parameter); under `dots` the projections' outputs are still kept (a plain dot it can see)."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(layers=3, rope_scaling=YARN).to_dict(),
+                                       dtype="bfloat16", param_dtype="float32")
+    params = yarn_jax.init_params(cfg, jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 32)))
+    weights = {a.shape for a in jax.tree.leaves(params["layers"]) if a.ndim > 2}  # [L, *matrix]
+
+    def kept(remat):  # (arrays the backward keeps that are not arguments, the arguments it keeps)
+        c = cfg.with_execution(remat=remat)
+        res = saved_residuals(lambda p: jnp.sum(yarn_jax.forward(c, p, tokens).astype(jnp.float32)), params)
+        return [a for a, why in res if "argument" not in why], [a for a, why in res if "argument" in why]
+
+    own, args = kept("none")
+    assert weights and not weights & {a.shape for a in own}
+    assert weights <= {a.shape for a in args if a.dtype == jnp.float32}
+    dots, _ = kept("dots")
+    assert sum(a.shape[-1] == cfg.intermediate_size for a in dots) >= 2  # gate and up outputs

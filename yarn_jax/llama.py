@@ -51,6 +51,15 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, module.cfg.execution.param_dtype)
 
 
+def _weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
+    """A projection's weight for `projection.dot`. Without remat, as stored: the backward then keeps the
+    float32 master itself where autodiff would keep a bf16 copy of every layer's weights (2 bytes a
+    parameter; `projection.cast_dot`). Under a remat policy, cast to the compute dtype: the policy then
+    sees a plain dot (`dots` keeps its output) and redoes the cast in the backward anyway."""
+    w, ex = _param(module, name, shape, axes), module.cfg.execution
+    return w if ex.remat is Remat.NONE else w.astype(ex.dtype)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * scale over the last axis (D; H for Qwen3's per-head q/k norm, `axis_name` "head_dim"),
     statistics in float32 (transformers' LlamaRMSNorm / Qwen3RMSNorm)."""
@@ -115,9 +124,9 @@ class Attention(nn.Module):
                 out, cache = self.attend_cache(q, k_new, v_new, cache, layer, slot, segment_ids, kv_segment_ids,
                                                index, kv_index, window=window)
         out = checkpoint_name(out, "attn_out")
-        wo = _param(self, "o", (n, h, d), ("heads", "head_dim", "embed")).astype(dtype)
-        # as one [N * H, D] matrix (a free reshape), a GEMM like the others (`projection.dot`)
-        out = projection.dot(out.reshape(*out.shape[:2], n * h), wo.reshape(n * h, d), c.execution.fp8)
+        wo = _weight(self, "o", (n, h, d), ("heads", "head_dim", "embed"))
+        # o as one [N * H, D] matrix, a GEMM like the others
+        out = projection.dot(out.reshape(*out.shape[:2], n * h), wo, c.execution.fp8, contract=2)
         if c.o_bias:
             out = out + _param(self, "o_bias", (d,), ("embed",), nn.initializers.zeros).astype(dtype)
         return out, cache
@@ -125,8 +134,8 @@ class Attention(nn.Module):
     def _project(self, x: jax.Array, name: str, shape: tuple[int, int, int], heads: str) -> jax.Array:
         """x [B, T, D] @ w [D, heads, H] (+ bias [heads, H] when the family has one) -> [B, T, heads, H]."""
         dtype = self.cfg.execution.dtype
-        w = _param(self, name, shape, ("embed", heads, "head_dim")).astype(dtype)
-        y = projection.dot(x, w.reshape(shape[0], -1), self.cfg.execution.fp8)  # [B, T, heads * H]: 2-D, see o
+        w = _weight(self, name, shape, ("embed", heads, "head_dim"))
+        y = projection.dot(x, w, self.cfg.execution.fp8)  # [B, T, heads * H]: a GEMM, see o
         y = y.reshape(*x.shape[:2], *shape[1:])
         if self.cfg.qkv_bias:
             y = y + _param(self, f"{name}_bias", shape[1:], (heads, "head_dim"), nn.initializers.zeros).astype(dtype)
@@ -141,17 +150,17 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x):  # x [B, T, D]
-        c, dtype = self.cfg, self.cfg.execution.dtype
-        gate = _param(self, "gate", (c.hidden_size, c.intermediate_size), ("embed", "mlp")).astype(dtype)
-        up = _param(self, "up", (c.hidden_size, c.intermediate_size), ("embed", "mlp")).astype(dtype)
-        down = _param(self, "down", (c.intermediate_size, c.hidden_size), ("mlp", "embed")).astype(dtype)
+        c = self.cfg
+        gate = _weight(self, "gate", (c.hidden_size, c.intermediate_size), ("embed", "mlp"))
+        up = _weight(self, "up", (c.hidden_size, c.intermediate_size), ("embed", "mlp"))
+        down = _weight(self, "down", (c.intermediate_size, c.hidden_size), ("mlp", "embed"))
         fp8 = c.execution.fp8
         hidden = sharding.constrain(swiglu(x, gate, up, fp8), self.mesh, ("batch", "seq", "mlp"))  # [B, T, F]
         return projection.dot(hidden, down, fp8)
 
 
 def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, fp8: bool = False) -> jax.Array:
-    """silu(x @ gate) * (x @ up): x [B, T, D], gate and up [D, F] -> [B, T, F]."""
+    """silu(x @ gate) * (x @ up): x [B, T, D], gate and up [D, F] (any dtype: `projection.dot`) -> [B, T, F]."""
     return jax.nn.silu(projection.dot(x, gate, fp8)) * projection.dot(x, up, fp8)
 
 

@@ -1,29 +1,74 @@
 """The model's matrix products: `dot` for every projection of a layer (bf16, or FP8 GEMMs with
 `fp8_dot`), `logits` for the unembedding (float32 logits, bf16 backward).
 
-    dot(x [B, T, K], w [K, F], fp8) -> [B, T, F];  logits(x [..., D], w [D, V]) -> [..., V] float32
+    dot(x [B, T, K], w [*k, *f] (prod k = K), fp8, contract=len(k)) -> [B, T, prod f]
+    logits(x [..., D], w [D, V]) -> [..., V] float32
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 
-def dot(x: jax.Array, w: jax.Array, fp8: bool = False) -> jax.Array:
-    """x [B, T, K] @ w [K, F] -> [B, T, F]: every projection of the model (`fp8`: as `fp8_dot`). A
-    single row (a decode step at batch 1) goes in padded to two: GPU XLA turns a one-row dot under 10M
-    operand elements (q/k/v/o of a 1B model) into a multiply and a reduction, ~3x slower than the GEMM
-    that two rows get; the barrier keeps the padded row from being sliced off before the dot."""
+def dot(x: jax.Array, w: jax.Array, fp8: bool = False, contract: int = 1) -> jax.Array:
+    """x [B, T, K] @ w -> [B, T, F]: every projection of the model, w's first `contract` axes flattened
+    to K, the rest to F. w in x's dtype: a plain dot. w in another (the float32 master, as stored):
+    `cast_dot`, whose backward keeps the parameter itself rather than a compute-dtype copy; a remat
+    policy cannot see into it, so a model under one casts its weights first. `fp8`: as `fp8_dot`.
+    A single row (a decode step at batch 1) goes in padded to two: GPU XLA turns a one-row dot under
+    10M operand elements (q/k/v/o of a 1B model) into a multiply and a reduction, ~3x slower than the
+    GEMM that two rows get; the barrier keeps the padded row from being sliced off before the dot."""
     b, t, k = x.shape
     if fp8:
-        return fp8_dot(x.reshape(b * t, k), w).reshape(b, t, -1)
+        return fp8_dot(x.reshape(b * t, k), _matrix(w, contract).astype(x.dtype)).reshape(b, t, -1)
+
+    def product(x):  # [M..., K] -> [M..., F]
+        return jnp.einsum("...K,KF->...F", x, _matrix(w, contract)) if w.dtype == x.dtype else cast_dot(x, w, contract)
+
     if b * t != 1:
-        return jnp.einsum("BTK,KF->BTF", x, w)
-    two = jnp.einsum("RK,KF->RF", jnp.pad(x.reshape(1, -1), ((0, 1), (0, 0))), w)  # [2, F]
-    return jax.lax.optimization_barrier(two)[:1].reshape(b, t, -1)
+        return product(x)
+    two = jnp.pad(x.reshape(1, -1), ((0, 1), (0, 0)))  # [2, K]
+    return jax.lax.optimization_barrier(product(two))[:1].reshape(b, t, -1)
+
+
+def _matrix(w: jax.Array, contract: int) -> jax.Array:
+    """w [*k, *f] -> [prod k, prod f] (a free reshape)."""
+    return w.reshape(math.prod(w.shape[:contract]), -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def cast_dot(x: jax.Array, w: jax.Array, contract: int) -> jax.Array:
+    """x [..., K] @ (w cast to x's dtype) [K, F] -> [..., F], with autodiff's arithmetic forward and backward
+    (the weight's gradient computed in x's dtype, then cast to w's). What differs is what the backward
+    keeps: autodiff keeps the cast weight (2 bytes a parameter in bf16: 2.0 GiB at 1.1B, 12.5 at 7B,
+    live from the forward to the backward), this keeps w itself (no copy: a parameter, or a layer's slice
+    of one that the layer scan forwards) and casts it again in the backward. The recast adds a zero taken
+    from g (so it waits for g and is not merged with the forward's cast): equal to autodiff's to the bit
+    for finite g (up to the sign of a zero); a non-finite g[0] makes all of dx non-finite, not one row."""
+    return jnp.einsum("...K,KF->...F", x, _matrix(w, contract).astype(x.dtype))
+
+
+def _cast_dot_fwd(x, w, contract):
+    return cast_dot(x, w, contract), (x, w)
+
+
+def _cast_dot_bwd(contract, res, g):  # g [..., F]
+    x, w = res
+    # a zero that depends on g (XLA keeps x * 0 for floats): the recast can neither be merged with the
+    # forward's cast (CSE) nor hoisted before g exists, and it fuses with the slice of a stacked weight
+    # (an optimization_barrier on (w, g) did the same but copied each slice first: 1% slower at 8k)
+    w = w + (g.reshape(-1)[0] * 0).astype(w.dtype)
+    dx = jnp.einsum("...F,KF->...K", g, _matrix(w, contract).astype(g.dtype))
+    dw = jnp.einsum("...K,...F->KF", x, g)  # in x's dtype, as autodiff's transpose of the cast has it
+    return dx, dw.astype(w.dtype).reshape(w.shape)
+
+
+cast_dot.defvjp(_cast_dot_fwd, _cast_dot_bwd)
 
 
 def _quantize(x: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
