@@ -17,8 +17,10 @@ compute (torch autocast for transformers, FSDP's mixed-precision policy for torc
   activation checkpointing (`remat`) or none, each block under `torch.compile`, FSDP2 on one device for
   the mixed precision, in the order its trainer applies them (`parallelize_llama`). Checked on CPU with
   torch 2.11 and torchtitan 0.2.2 (both settings run); timed on an H200 (`docs/performance.md`).
-- maxtext (0.2.5): its trainer on synthetic data (`hardware=gpu`, cuDNN attention through Transformer
-  Engine), remat policy `full` or `minimal`; the median of its logged step times.
+- maxtext (0.2.5): its trainer on synthetic data (`hardware=gpu`, cuDNN attention through
+  `jax.nn.dot_product_attention`, the kernel ours calls: the GPU image has no Transformer Engine), remat
+  policy `full` or `none`; the median of its logged step times. Its imports the GPU image lacks (~21
+  packages, 53 MB of wheels with MaxText's own) travel as wheels (`docs/performance.md` lists them).
 
 A peer whose package is missing or that fails (out of memory, an import the device lacks) is a row with
 the reason: never silently absent.
@@ -158,13 +160,15 @@ def _maxtext(cfg, seq: int, steps: int, remat: bool) -> dict:
     base = Path(maxtext.__file__).parent / "configs" / "base.yml"
     with tempfile.TemporaryDirectory() as tmp:
         metrics = Path(tmp) / "metrics.txt"
-        args = dict(run_name="peer", base_output_directory=tmp, hardware="gpu", dataset_type="synthetic",
-                    steps=steps + 2, enable_checkpointing="false", per_device_batch_size=1, max_target_length=seq,
+        # one process: no jax.distributed (MaxText's GPU path would otherwise want a cluster's env)
+        args = dict(run_name="peer", base_output_directory=tmp, hardware="gpu", skip_jax_distributed_system="true",
+                    dataset_type="synthetic", steps=steps + 2, enable_checkpointing="false",
+                    per_device_batch_size=1, max_target_length=seq,
                     base_emb_dim=cfg.hidden_size, base_num_query_heads=cfg.num_heads,
                     base_num_kv_heads=cfg.num_kv_heads, base_mlp_dim=cfg.intermediate_size,
                     base_num_decoder_layers=cfg.num_layers, head_dim=cfg.head_dim,
-                    vocab_size=cfg.vocab_size, dtype=compute, weight_dtype=param, attention="cudnn_flash_te",
-                    remat_policy="full" if remat else "minimal", metrics_file=str(metrics), log_period=1)
+                    vocab_size=cfg.vocab_size, dtype=compute, weight_dtype=param, attention="cudnn_flash_jax",
+                    remat_policy="full" if remat else "none", metrics_file=str(metrics), log_period=1)
         r = subprocess.run([sys.executable, "-m", "maxtext.trainers.pre_train.train", str(base),
                             *(f"{k}={v}" for k, v in args.items())], capture_output=True, text=True,
                            env={**os.environ, "DECOUPLE_GCLOUD": "TRUE"})
@@ -176,7 +180,7 @@ def _maxtext(cfg, seq: int, steps: int, remat: bool) -> dict:
     if not times:
         return {"error": "maxtext logged no step times"}
     times.sort()
-    setting = (f"{param} weights, {compute} compute, cuDNN attention (Transformer Engine), remat "
+    setting = (f"{param} weights, {compute} compute, cuDNN attention (jax.nn.dot_product_attention), remat "
                f"{args['remat_policy']}, scanned layers")
     return {"step_s": times[len(times) // 2], "peak_gib": 0.0, "setting": setting}
 

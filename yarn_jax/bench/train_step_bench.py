@@ -113,7 +113,7 @@ def setting(cfg) -> str:
 
 
 REMAT = {"hf-torch": ("none", "full"), "hf-liger": ("none", "full"), "torchtitan": ("none", "selective"),
-         "maxtext": ("minimal", "full")}  # each peer's names for its two settings: without, with checkpointing
+         "maxtext": ("none", "full")}  # each peer's names for its two settings: without, with checkpointing
 
 
 def _peer_rows(cfg, peers: list[str], seqs: list[int], modes: list[str], steps: int) -> list[dict]:
