@@ -112,8 +112,9 @@ def setting(cfg) -> str:
             + f", {cfg.execution.attention.value} attention")
 
 
+# each peer's names for its two settings: without (or with the least), with checkpointing
 REMAT = {"hf-torch": ("none", "full"), "hf-liger": ("none", "full"), "torchtitan": ("none", "selective"),
-         "maxtext": ("none", "full")}  # each peer's names for its two settings: without, with checkpointing
+         "maxtext": ("minimal_with_context", "full")}
 
 
 def _peer_rows(cfg, peers: list[str], seqs: list[int], modes: list[str], steps: int) -> list[dict]:
