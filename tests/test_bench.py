@@ -37,6 +37,20 @@ def test_train_step_bench_prints_both_sides_and_the_ratio(tmp_path, capsys):
             f"{bound / peer:.2f}x |" in printed)
 
 
+def test_train_step_bench_compile_only_reports_the_programs_memory(tmp_path, capsys):
+    """`--compile-only`: ours compiled from abstract inputs, not run: the row has the program's memory and
+    no time; with a peer it is refused in one line."""
+    out = tmp_path / "rows.json"
+    argv = ["--config", "configs/tiny.py", "--seq", "64", "--compile-only", "--set", "model.scan_unroll=2"]
+    assert train_step_bench.main([*argv, "--out", str(out)]) == 0
+    [row] = json.loads(out.read_text())
+    assert row["impl"] == "yarn_jax" and row["program_gib"] > 0 and "step_s" not in row and "peak_gib" not in row
+    assert f"| yarn_jax | 64 | none | - | - | - | {row['program_gib']:.1f} |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train_step_bench.main([*argv, "--peer", "maxtext"])
+    assert "--compile-only: compiles ours only" in capsys.readouterr().err
+
+
 def test_peers_keep_the_precision_of_the_run_config():
     """float32 master weights (the trainer's default) -> the transformers peer trains float32 weights
     under bf16 autocast, torchtitan through FSDP's bf16 policy, MaxText with weight_dtype float32;

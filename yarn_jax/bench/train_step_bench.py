@@ -17,6 +17,10 @@ the measured forward+backward of the step's attention kernel at the step's shape
 (norms, activations, RoPE, loss, optimizer) free. Up to the GEMM rate being one shape's, no step made of
 these kernels is faster, so it says how far the step is from its kernels and what ratio over the peer is
 possible at all. Runs on CPU too (tests/test_bench.py).
+
+`--compile-only`: ours compiled from abstract inputs and not run; its row is the program's memory (XLA's
+`memory_analysis` of that backend's executable), so a card too small to run a step can say whether one
+with more memory would hold it.
 """
 
 from __future__ import annotations
@@ -29,15 +33,12 @@ from pathlib import Path
 from yarn_jax.bench import fwd_bwd, kernel_time, train_peers
 
 
-def setup(config, seq: int):
-    """(cfg, compiled step, train state, batch): the trainer's step for `config` on one device, batch 1
-    of `seq` random tokens (one document per row), no accumulation."""
+def _compile(config, seq: int):
+    """(cfg, optimizer, mesh, compiled step): the trainer's step for `config` on one device, batch 1 of
+    `seq` tokens, no accumulation, compiled from abstract inputs (nothing allocated)."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
-    from yarn_jax import aot, sharding, train_step
-    from yarn_jax.llama import init_params
+    from yarn_jax import aot, sharding
 
     config.data.update(dict(seq_len=seq, batch_size=1, positions="chunk"))
     config.train.grad_accum = 1
@@ -46,7 +47,20 @@ def setup(config, seq: int):
                                               or config.model.max_position_embeddings or 0)
     mesh = sharding.make_mesh(data=1, fsdp=1, seq=1, tensor=1, devices=jax.devices()[:1])
     cfg, tx, traced = aot.trace_step(config, mesh)
-    step = traced.lower().compile()
+    return cfg, tx, mesh, traced.lower().compile()
+
+
+def setup(config, seq: int):
+    """(cfg, compiled step, train state, batch): `_compile`'s step with its state and a batch of random
+    tokens (one document per row)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from yarn_jax import sharding, train_step
+    from yarn_jax.llama import init_params
+
+    cfg, tx, mesh, step = _compile(config, seq)
     shardings = step.input_shardings[0][0]  # the train state's, as the step expects them
     params = jax.jit(lambda k: init_params(cfg, k), out_shardings=shardings.params)(jax.random.key(0))
     state = train_step.TrainState(params, jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
@@ -86,8 +100,6 @@ def ours(config, seq: int, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from yarn_jax import aot, train_step
-
     cfg, step, state, batch = setup(config, seq)
     times = []
     for i in range(steps + 2):
@@ -97,10 +109,23 @@ def ours(config, seq: int, steps: int) -> dict:
         if i >= 2:
             times.append(time.perf_counter() - t)
     stats = jax.devices()[0].memory_stats() or {}
+    return {"step_s": statistics.median(times), "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+            "loss": float(m["loss"]), **memory(cfg, seq, step)}
+
+
+def compiled_only(config, seq: int) -> dict:
+    """`ours` without running: what the compiled step needs (`--compile-only`; nothing is allocated, so a
+    card too small to run the step can still say whether a larger one would hold it)."""
+    cfg, _, _, step = _compile(config, seq)
+    return memory(cfg, seq, step)
+
+
+def memory(cfg, seq: int, step) -> dict:
+    from yarn_jax import aot, train_step
+
     need = aot.program_bytes(step)  # this program's own need (peak_bytes_in_use is the process's maximum)
     host = step.memory_analysis().host_temp_size_in_bytes  # remat 'offload': the layer inputs, off the device
-    return {"step_s": statistics.median(times), "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
-            "program_gib": need / 2**30, "host_gib": host / 2**30, "loss": float(m["loss"]),
+    return {"program_gib": need / 2**30, "host_gib": host / 2**30,
             "flops_per_token": train_step.flops_per_token(cfg, seq), "remat": cfg.execution.remat.value,
             "setting": setting(cfg)}
 
@@ -152,11 +177,12 @@ def _print_tables(rows: list[dict], seqs: list[int], peak: float | None, compari
         if "error" in r:
             print(f"| {r['impl']} | {r['seq']} | {r['remat']} | {r['error']} | | | | |")
             continue
-        tps = r["seq"] / r["step_s"]
-        mfu = f"{tps * flops.get(r['seq'], 0) / peak:.1%}" if peak and r["seq"] in flops else "-"
+        tps = r["seq"] / r["step_s"] if "step_s" in r else None  # None: compiled only
+        mfu = f"{tps * flops.get(r['seq'], 0) / peak:.1%}" if tps and peak and r["seq"] in flops else "-"
         program = f"{r['program_gib']:.1f}" if "program_gib" in r else "-"
+        peak_gib = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-"
         host = f"; {r['host_gib']:.1f} GiB in host memory" if r.get("host_gib") else ""
-        print(f"| {r['impl']} | {r['seq']} | {r['remat']} | {tps:,.0f} | {mfu} | {r['peak_gib']:.1f} | {program} | "
+        print(f"| {r['impl']} | {r['seq']} | {r['remat']} | {_tokens(tps)} | {mfu} | {peak_gib} | {program} | "
               f"{r.get('setting', '')}{host} |")
     def best(seq, kinds):  # (tokens/s, impl) of the fastest row of `kinds` at `seq`
         ok = [(seq / r["step_s"], r["impl"]) for r in rows if r["seq"] == seq and "step_s" in r
@@ -190,6 +216,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="the old spelling of --config.KEY=VALUE (kept for one release)")
     p.add_argument("--bound", action="store_true", help="also time the kernel bound of each length")
+    p.add_argument("--compile-only", action="store_true",
+                   help="ours compiled, not run: the program's memory only (no peers, no bound)")
     p.add_argument("--out", default="bench_results/train_step.json")
     overrides, rest = run_config.split_overrides(argv)
     a = p.parse_args(rest)
@@ -198,6 +226,8 @@ def main(argv: list[str]) -> int:
     peers = [x for x in a.peer.split(",") if x]
     if unknown := sorted(set(peers) - set(train_peers.PEERS)):
         p.error(f"--peer: expected a comma list of {', '.join(train_peers.PEERS)}, got {', '.join(unknown)}")
+    if a.compile_only and (peers or a.bound):
+        p.error("--compile-only: compiles ours only; drop --peer and --bound")
     modes = a.peer_modes.split(",")
     if bad := sorted(set(modes) - {"eager", "compile"}):
         p.error(f"--peer-modes: expected eager and/or compile, got {', '.join(bad)}")
@@ -213,7 +243,7 @@ def main(argv: list[str]) -> int:
         for remat in a.remat.split(",") if a.remat else [""]:
             config = run_config.load(a.config, overrides + ([f"model.remat={remat}"] if remat else []))
             try:
-                r = ours(config, seq, a.steps)
+                r = compiled_only(config, seq) if a.compile_only else ours(config, seq, a.steps)
             except ValueError:  # the user's config (a length the loss chunk does not divide, ...): one line
                 raise
             except Exception as e:  # noqa: BLE001  out of memory is a result here
