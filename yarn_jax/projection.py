@@ -61,7 +61,7 @@ def _cast_dot_bwd(contract, res, g):  # g [..., F]
     x, w = res
     # a zero that depends on g (XLA keeps x * 0 for floats): the recast can neither be merged with the
     # forward's cast (CSE) nor hoisted before g exists, and it fuses with the slice of a stacked weight
-    # (an optimization_barrier on (w, g) did the same but copied each slice first: 1% slower at 8k)
+    # (a barrier on (w, g) works too but copies each slice first: the 8k step -2.2% against -1.0%)
     w = w + (g.reshape(-1)[0] * 0).astype(w.dtype)
     dx = jnp.einsum("...F,KF->...K", g, _matrix(w, contract).astype(g.dtype))
     dw = jnp.einsum("...K,...F->KF", x, g)  # in x's dtype, as autodiff's transpose of the cast has it
