@@ -153,8 +153,19 @@ def _last_json(r: subprocess.CompletedProcess) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+# argv: MaxText's base.yml, then its key=value settings; prints the process's peak device memory last
+MAXTEXT = r'''
+import json, sys
+import jax
+from maxtext.trainers.pre_train import train
+train.main(["train", *sys.argv[1:]])
+print(json.dumps({"peak_gib": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30}))
+'''
+
+
 def _maxtext(cfg, seq: int, steps: int, remat: bool) -> dict:
-    """MaxText's own trainer for `steps` + 2 steps; the median step time it logs after the first two."""
+    """MaxText's own trainer for `steps` + 2 steps; the median step time it logs after the first two and
+    the process's peak device memory."""
     try:
         import maxtext
     except ImportError as e:
@@ -172,9 +183,8 @@ def _maxtext(cfg, seq: int, steps: int, remat: bool) -> dict:
                     base_num_decoder_layers=cfg.num_layers, head_dim=cfg.head_dim,
                     vocab_size=cfg.vocab_size, dtype=compute, weight_dtype=param, attention="cudnn_flash_jax",
                     remat_policy="full" if remat else "minimal_with_context", metrics_file=str(metrics), log_period=1)
-        r = subprocess.run([sys.executable, "-m", "maxtext.trainers.pre_train.train", str(base),
-                            *(f"{k}={v}" for k, v in args.items())], capture_output=True, text=True,
-                           env={**os.environ, "DECOUPLE_GCLOUD": "TRUE"})
+        r = subprocess.run([sys.executable, "-c", MAXTEXT, str(base), *(f"{k}={v}" for k, v in args.items())],
+                           capture_output=True, text=True, env={**os.environ, "DECOUPLE_GCLOUD": "TRUE"})
         if r.returncode or not metrics.exists():
             tail = [ln for ln in r.stderr.strip().splitlines() if ln.strip()] or ["no metrics written"]
             return {"error": tail[-1][:200]}
@@ -185,7 +195,7 @@ def _maxtext(cfg, seq: int, steps: int, remat: bool) -> dict:
     times.sort()
     setting = (f"{param} weights, {compute} compute, cuDNN attention (jax.nn.dot_product_attention), remat "
                f"{args['remat_policy']}, scanned layers")
-    return {"step_s": times[len(times) // 2], "peak_gib": 0.0, "setting": setting}
+    return {"step_s": times[len(times) // 2], **_last_json(r), "setting": setting}
 
 
 def peer(cfg, name: str, seq: int, steps: int, remat: bool, compiled: bool) -> dict:
