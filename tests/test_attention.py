@@ -282,11 +282,14 @@ def test_flash_decoding_kernel_lowers_to_triton_without_a_gpu(t, n, kh, h, dtype
     index = jax.ShapeDtypeStruct((1, t), jnp.int32)
     layer, slot = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)
     if writes:
-        fn = lambda q, kn, vn, k, v, layer, slot, q_idx: decode.attention_pallas_write(  # noqa: E731
-            q, kn, vn, (k, v), layer, slot, None, None, q_idx, None)
+        def fn(q, kn, vn, k, v, layer, slot, q_idx):
+            return decode.attention_pallas_write(q, kn, vn, (k, v), layer, slot, None, None, q_idx, None)
+
         args = (q, new, new, cache, cache, layer, slot, index)
     else:
-        fn = lambda q, k, v, layer, q_idx: decode.attention_pallas(q, k, v, layer, None, None, q_idx, None)  # noqa: E731
+        def fn(q, k, v, layer, q_idx):
+            return decode.attention_pallas(q, k, v, layer, None, None, q_idx, None)
+
         args = (q, cache, cache, layer, index)
     exported = export.export(jax.jit(fn), platforms=["cuda"],
                              disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)

@@ -109,7 +109,9 @@ def _decode(config, prompt: int, batch: int):
         state["start"] += chunk
         state["tokens"] = tokens
 
-    hlo = lambda: generate.decode_chunk.lower(*args(), chunk=chunk, sample=False, mesh=None).compile().as_text()  # noqa: E731
+    def hlo():
+        return generate.decode_chunk.lower(*args(), chunk=chunk, sample=False, mesh=None).compile().as_text()
+
     return run, lambda: np.asarray(state["tokens"]), hlo
 
 
