@@ -27,7 +27,7 @@ import numpy as np
 
 from yarn_jax import rope as rope_lib
 from yarn_jax import scaling as scaling_lib
-from yarn_jax.execution import Execution
+from yarn_jax.execution import Execution, Remat
 from yarn_jax.validate import member, number, set_field
 
 
@@ -93,6 +93,13 @@ class LlamaConfig:
         self._check_family()
         if not isinstance(self.execution, Execution):
             raise ValueError(f"execution: expected an Execution, got {type(self.execution).__name__}")
+        x = self.execution
+        if x.remat is not Remat.NONE and x.scan_unroll > 1 and x.scan_unroll >= self.num_layers:
+            # straight-line code leaves the compiler free to recompute early: measured, the compiled step
+            # kept every activation (CPU memory analysis; out of memory on the H200 at 131072 tokens)
+            raise ValueError(f"scan_unroll: {x.scan_unroll} unrolls all {self.num_layers} layers, which keeps every "
+                             f"activation whatever remat says ({x.remat.value!r}); use remat 'none' or a smaller "
+                             "scan_unroll")
         _ = self.rope  # validates head_dim parity, theta and the scaling against head_dim
 
     def _check_family(self) -> None:

@@ -63,7 +63,7 @@ class Execution:
     remat: Remat = Remat.NONE
     attention: AttentionImpl = AttentionImpl.AUTO
     ring_layout: RingLayout = RingLayout.ZIGZAG
-    scan_unroll: int = 1  # layers per iteration of the scan over layers (num_layers: no loop)
+    scan_unroll: int = 1  # layers per iteration of the scan over layers (num_layers: no loop, only with remat none)
     fp8: bool = False  # the layers' projections as FP8 GEMMs (projection.fp8_dot; for Hopper GPUs), off by default
 
     def __post_init__(self):

@@ -212,10 +212,7 @@ class Llama(nn.Module):
         self.final_norm = RMSNorm(c)
         block, remat = Block, c.execution.remat
         if remat is not Remat.NONE:
-            # every layer unrolled is straight-line code, where XLA merges the recomputation with the forward
-            # (CSE) unless its inputs sit behind a barrier; under a scan the loop keeps them apart, barrier-free
-            unrolled = 1 < c.execution.scan_unroll >= c.num_layers
-            block = nn.remat(Block, policy=_REMAT_POLICIES[remat], prevent_cse=unrolled)
+            block = nn.remat(Block, policy=_REMAT_POLICIES[remat], prevent_cse=False)
         self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                               in_axes=(nn.broadcast,) * 5 + (0, nn.broadcast), length=c.num_layers,
                               unroll=c.execution.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"},
