@@ -184,7 +184,7 @@ def _maxtext(cfg, seq: int, steps: int, remat: bool) -> dict:
                     base_num_kv_heads=cfg.num_kv_heads, base_mlp_dim=cfg.intermediate_size,
                     base_num_decoder_layers=cfg.num_layers, head_dim=cfg.head_dim,
                     vocab_size=cfg.vocab_size, dtype=compute, weight_dtype=param, attention="cudnn_flash_jax",
-                    remat_policy="full" if remat else "minimal_with_context", scan_layers=str(remat).lower(),
+                    remat_policy="full" if remat else "minimal_with_context", scan_layers="true" if remat else "false",
                     metrics_file=str(metrics), log_period=1)
         r = subprocess.run([sys.executable, "-c", MAXTEXT, str(base), *(f"{k}={v}" for k, v in args.items())],
                            capture_output=True, text=True, env={**os.environ, "DECOUPLE_GCLOUD": "TRUE"})
