@@ -47,15 +47,18 @@ SUBCOMMANDS = {"yarn_jax.convert", "yarn_jax.eval", "yarn_jax.bench", "launch/tp
 
 
 def _lines(path):
-    """Command lines of a file (backslash continuations joined): code lines, and inline `python ...` that
-    pass arguments (a bare `python -m yarn_jax.eval` in prose names a module, not a command)."""
+    """Command lines of a file (backslash continuations joined): the lines of code blocks (fenced, or
+    indented four spaces as in docstrings), and inline `python ...` that pass arguments, wrapped over
+    lines or not (a bare `python -m yarn_jax.eval` in prose names a module, not a command)."""
     text = path.read_text().replace("\\\n", " ")
-    found = []
+    prefixes = ("python -m yarn_jax", "python launch/")
+    found, fenced = [], False
     for line in text.splitlines():
-        inline = re.findall(r"`(python (?:-m yarn_jax[^\s`]*|launch/[^\s`]+) [^`]+)`", line)
-        for command in inline or [line.strip()]:
-            if command.startswith(("python -m yarn_jax", "python launch/")):
-                found.append(re.split(r"\s+#", command)[0])
+        fenced ^= line.lstrip().startswith("```")
+        if (fenced or line.startswith("    ")) and line.strip().startswith(prefixes):
+            found.append(re.split(r"\s+#", line.strip())[0])
+    paragraphs = re.sub(r"(?<!\n)\n(?!\n)", " ", text)  # one line each: an inline command may wrap
+    found += re.findall(r"`(python (?:-m yarn_jax[^\s`]*|launch/[^\s`]+) [^`]+)`", paragraphs)
     return found
 
 
