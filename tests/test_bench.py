@@ -51,6 +51,22 @@ def test_train_step_bench_compile_only_reports_the_programs_memory(tmp_path, cap
     assert "--compile-only: compiles ours only" in capsys.readouterr().err
 
 
+def test_train_step_bench_runs_only_the_peer_settings_asked_for(tmp_path, capsys):
+    """`--peer-checkpointing without` / `with`: each peer's one setting (MaxText, absent here, is a row with
+    its reason), then ours; an unknown choice is one line."""
+    out = tmp_path / "rows.json"
+    argv = ["--config", "configs/tiny.py", "--seq", "64", "--steps", "1", "--peer", "maxtext,torchtitan",
+            "--set", "model.scan_unroll=2", "--out", str(out)]
+    for choice, want in (("without", ("minimal_with_context", "none")), ("with", ("full", "selective"))):
+        assert train_step_bench.main([*argv, "--peer-checkpointing", choice]) == 0
+        rows = json.loads(out.read_text())
+        assert [(r["impl"], r["remat"]) for r in rows] == [("maxtext", want[0]), ("torchtitan", want[1]),
+                                                           ("yarn_jax", "none")]
+    with pytest.raises(SystemExit):
+        train_step_bench.main([*argv, "--peer-checkpointing", "never"])
+    assert "--peer-checkpointing: invalid choice" in capsys.readouterr().err
+
+
 def test_peers_keep_the_precision_of_the_run_config():
     """float32 master weights (the trainer's default) -> the transformers peer trains float32 weights
     under bf16 autocast, torchtitan through FSDP's bf16 policy, MaxText with weight_dtype float32;

@@ -142,14 +142,21 @@ REMAT = {"hf-torch": ("none", "full"), "hf-liger": ("none", "full"), "torchtitan
          "maxtext": ("minimal_with_context", "full")}
 
 
-def _peer_rows(cfg, peers: list[str], seqs: list[int], modes: list[str], steps: int) -> list[dict]:
-    """Every peer at every length, without and with activation checkpointing, one process each; the
-    transformers peers in each of `modes` (eager, torch.compile), the others as their trainers run."""
+# --peer-checkpointing -> which of each peer's two settings run (False: without checkpointing)
+CHECKPOINTING = {"both": (False, True), "without": (False,), "with": (True,)}
+
+
+def _peer_rows(cfg, peers: list[str], seqs: list[int], modes: list[str], steps: int,
+               checkpointing: tuple[bool, ...]) -> list[dict]:
+    """Every peer at every length, without and/or with activation checkpointing (`checkpointing`), one
+    process each; the transformers peers in each of `modes` (eager, torch.compile), the others as their
+    trainers run."""
     rows = []
     for name in peers:
         for seq in seqs:
             for mode in modes if name.startswith("hf-") else ["eager"]:
-                for remat, label in zip((False, True), REMAT[name], strict=True):
+                for remat in checkpointing:
+                    label = REMAT[name][remat]
                     r = train_peers.peer(cfg, name, seq, steps, remat, mode == "compile")
                     impl = name if mode == "eager" else f"{name} compile"
                     rows.append({"impl": impl, "seq": seq, "remat": label, **r})
@@ -212,6 +219,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--peer-modes", default="eager",
                    help="comma list of eager,compile (torch.compile; slower than eager on the H200 up to 32k and "
                         "not done compiling 64k after 7 minutes, so not run by default)")
+    p.add_argument("--peer-checkpointing", choices=sorted(CHECKPOINTING), default="both",
+                   help="each peer without activation checkpointing (its least recomputation), with it, or both")
     p.add_argument("--remat", default="", help="comma list of remat policies to time (default: the config's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="the old spelling of --config.KEY=VALUE (kept for one release)")
@@ -233,7 +242,7 @@ def main(argv: list[str]) -> int:
         p.error(f"--peer-modes: expected eager and/or compile, got {', '.join(bad)}")
     # the peers first, while this process holds no GPU memory (JAX preallocates most of it once started)
     cfg, _ = run_config.model_config(run_config.load(a.config, overrides))
-    rows = _peer_rows(cfg, peers, seqs, modes, a.steps)
+    rows = _peer_rows(cfg, peers, seqs, modes, a.steps, CHECKPOINTING[a.peer_checkpointing])
     import jax
 
     from yarn_jax import hardware
