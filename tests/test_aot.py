@@ -50,6 +50,12 @@ def test_config_that_cannot_fit_fails_with_a_clear_message(capsys):
     assert "DOES NOT FIT" in err and "activations are too big" in err and "mesh.seq" in err and "'offload'" in err
 
 
+def test_a_one_chip_slice_has_one_device():
+    # libtpu's default host is 2x2x1 chips: v6e-1 failed with "not divisible by chips_per_host_bounds"
+    for name in ("v5e-1", "v6e-1"):
+        assert len(aot.topology_devices(name)[2]) == 1
+
+
 def test_optimizer_moments_are_sharded_like_their_parameters_on_tpu():
     # the compiler's own choice for tx.init's outputs was "replicated" on TPU topologies: 12 bytes per
     # parameter on every chip instead of 12 / fsdp

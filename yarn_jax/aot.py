@@ -49,8 +49,10 @@ def topology_devices(name: str, num_slices: int = 1) -> tuple[Chip, int, list[An
                            ("TPU_WORKER_HOSTNAMES", "localhost")):
             os.environ.setdefault(key, value)
     # v4/v5p run megacore (one JAX device per chip, its two TensorCores fused), as on real slices
+    # a slice smaller than one host (v5e-1, v6e-1) must say so: libtpu's default host is 2x2x1 chips
+    host = {"chips_per_host_bounds": [1, 1, 1]} if chips == 1 else {}
     desc = topologies.get_topology_desc(topology_name=topo, platform="tpu", num_slices=num_slices,
-                                        chip_config_name="megacore" if chip.cores_in_name else "default")
+                                        chip_config_name="megacore" if chip.cores_in_name else "default", **host)
     return chip, chips * num_slices, list(desc.devices)
 
 
