@@ -96,7 +96,8 @@ class LlamaConfig:
         x = self.execution
         if x.remat is not Remat.NONE and x.scan_unroll > 1 and x.scan_unroll >= self.num_layers:
             # straight-line code leaves the compiler free to recompute early: measured, the compiled step
-            # kept every activation (CPU memory analysis; out of memory on the H200 at 131072 tokens)
+            # kept every activation (CPU memory analysis; out of memory on the H200 at 131072 tokens); with the
+            # recomputation behind a barrier a v6e compile still kept 2x scanned 'full' (NOTES.md, 2026-12-07)
             raise ValueError(f"scan_unroll: {x.scan_unroll} unrolls all {self.num_layers} layers, which keeps every "
                              f"activation whatever remat says ({x.remat.value!r}); use remat 'none' or a smaller "
                              "scan_unroll")
