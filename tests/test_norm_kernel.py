@@ -25,9 +25,11 @@ def _vjp(fn, x, scale, dy):
 
 @pytest.mark.parametrize("shape", [(2, 24, 128), (3, 5, 4, 64), (1, 8, 32)])  # rows a program: 16, 4, 8
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_kernels_equal_the_formula_forward_and_backward(shape, dtype):
+@pytest.mark.parametrize("programs", [512, 2])  # backward programs: one block of rows each; several blocks
+def test_kernels_equal_the_formula_forward_and_backward(shape, dtype, programs, monkeypatch):
     """The forward equals `llama.rms_norm` to its rounding; dx and d(scale) equal the float32 formula's
     autodiff to the dtype's rounding of the inputs (the kernel's backward runs in float32)."""
+    monkeypatch.setattr(norm_kernel, "PROGRAMS", programs)
     dtype = jnp.dtype(dtype)
     x, scale, dy = _case(shape, dtype, seed=sum(shape))
     assert norm_kernel.supported(x)

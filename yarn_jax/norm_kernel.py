@@ -13,8 +13,9 @@ dx, and d(scale) as a column reduction over all M rows), and the residual add an
 The arithmetic is `llama.rms_norm`'s: statistics in float32, the normalised row and the scale rounded to
 `dtype` and their product rounded once; the backward in float32 from the same rounded scale.
 
-Rows go `ROWS` to a program (the largest power of two up to it dividing M); D must be a power of two
-(Triton's blocks), else `supported` is false and the caller keeps XLA's form. `interpret`: Pallas'
+A forward program takes `ROWS` rows (the largest power of two up to it dividing M); a backward one takes
+blocks of `BWD_ROWS` rows in a loop, d(scale) summed in registers, so that its partials stay few. D must
+be a power of two (Triton's blocks), else `supported` is false and the caller keeps XLA's form. `interpret`: Pallas'
 interpreter (any platform; the tests run it on CPU). Supported jax: 0.10.2 (interpreter) and 0.11.2 (GPU).
 """
 
@@ -26,21 +27,31 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-ROWS = 16  # rows per program
+ROWS = 16  # rows a forward program; a backward program's rows an iteration (at most BWD_ROWS)
+BWD_ROWS = 4
+PROGRAMS = 512  # the backward gives each program several blocks of rows while at least this many remain
 WARPS = 8
 
 
 def supported(x: jax.Array) -> bool:
     d = x.shape[-1]
-    return d & (d - 1) == 0 and 32 <= d <= 16384 and _rows(x.size // d) > 0
+    return d & (d - 1) == 0 and 32 <= d <= 16384 and _rows(x.size // d, ROWS) > 1
 
 
-def _rows(m: int) -> int:
-    """The largest power of two <= ROWS dividing m (0: none above 1, too few rows a program)."""
-    r = ROWS
+def _rows(m: int, most: int) -> int:
+    """The largest power of two <= most dividing m."""
+    r = most
     while r > 1 and m % r:
         r //= 2
-    return r if r > 1 else 0
+    return r
+
+
+def _steps(m: int, rows: int) -> int:
+    """Blocks of `rows` rows a backward program: a power of two dividing m / rows, leaving >= PROGRAMS programs."""
+    steps = 1
+    while (m // rows) % (2 * steps) == 0 and m // (rows * 2 * steps) >= PROGRAMS:
+        steps *= 2
+    return steps
 
 
 def _fwd_kernel(*refs, eps: float, add: bool):
@@ -60,32 +71,42 @@ def _fwd_kernel(*refs, eps: float, add: bool):
     r_ref[...] = r
 
 
-def _bwd_kernel(*refs, dtype: Any, add: bool):
-    """(x, scale, r, dy, [ds,]) -> (dx [+ ds], partial d(scale) [1, D]): one block of rows."""
+def _bwd_kernel(*refs, dtype: Any, add: bool, rows: int, steps: int):
+    """(x, scale, r, dy, [ds,]) -> (dx [+ ds], partial d(scale) [1, D]): `steps` blocks of `rows` rows,
+    d(scale) summed over them in registers."""
+    from jax.experimental import pallas as pl
+
     x_ref, w_ref, r_ref, dy_ref, *ds_ref, dx_ref, dw_ref = refs
-    x, r = x_ref[...].astype(jnp.float32), r_ref[...]  # [R, D], [R]
-    dy = dy_ref[...].astype(jnp.float32)
-    xh = x * r[:, None]
-    g = dy * w_ref[...].astype(dtype).astype(jnp.float32)[None]  # d(x / rms)
-    c = jnp.mean(g * xh, axis=1)  # [R]
-    dx = r[:, None] * (g - xh * c[:, None])
-    if add:
-        dx = dx + ds_ref[0][...].astype(jnp.float32)
-    dx_ref[...] = dx.astype(dx_ref.dtype)
-    dw_ref[...] = jnp.sum(dy * xh.astype(dtype).astype(jnp.float32), axis=0)[None]
+    w = w_ref[...].astype(dtype).astype(jnp.float32)  # [D]
+
+    def block(j, dw):
+        at = pl.ds(j * rows, rows)
+        x, r = x_ref[at, :].astype(jnp.float32), r_ref[at]  # [R, D], [R]
+        dy = dy_ref[at, :].astype(jnp.float32)
+        xh = x * r[:, None]
+        g = dy * w[None]  # d(x / rms)
+        c = jnp.mean(g * xh, axis=1)  # [R]
+        dx = r[:, None] * (g - xh * c[:, None])
+        if add:
+            dx = dx + ds_ref[0][at, :].astype(jnp.float32)
+        dx_ref[at, :] = dx.astype(dx_ref.dtype)
+        return dw + jnp.sum(dy * xh.astype(dtype).astype(jnp.float32), axis=0)
+
+    dw_ref[...] = jax.lax.fori_loop(0, steps, block, jnp.zeros(w.shape, jnp.float32))[None]
 
 
-def _call(kernel, name: str, args, blocks, outs, m: int, interpret: bool):
-    """pallas_call over the row blocks. blocks/outs: each operand's kind: 'rows' [R, D], 'stat' [R],
-    'whole' [D], 'part' [1, D] of [M / R, D]; outs pair kinds with dtypes."""
+def _call(kernel, name: str, args, blocks, outs, block_rows: int, interpret: bool):
+    """pallas_call over blocks of `block_rows` rows. blocks/outs: each operand's kind: 'rows' [block_rows, D]
+    of [M, D], 'stat' [block_rows] of [M], 'whole' [D], 'part' [1, D] of [M / block_rows, D]; outs pair
+    kinds with dtypes."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    d, rows = args[0].shape[-1], _rows(m)
-    spec = {"rows": pl.BlockSpec((rows, d), lambda i: (i, 0)), "stat": pl.BlockSpec((rows,), lambda i: (i,)),
+    (m, d), b = args[0].shape, block_rows
+    spec = {"rows": pl.BlockSpec((b, d), lambda i: (i, 0)), "stat": pl.BlockSpec((b,), lambda i: (i,)),
             "whole": pl.BlockSpec((d,), lambda i: (0,)), "part": pl.BlockSpec((1, d), lambda i: (i, 0))}
-    shape = {"rows": (m, d), "stat": (m,), "part": (m // rows, d)}
-    return pl.pallas_call(kernel, grid=(m // rows,), in_specs=[spec[b] for b in blocks],
+    shape = {"rows": (m, d), "stat": (m,), "part": (m // b, d)}
+    return pl.pallas_call(kernel, grid=(m // b,), in_specs=[spec[k] for k in blocks],
                           out_specs=[spec[k] for k, _ in outs],
                           out_shape=[jax.ShapeDtypeStruct(shape[k], dt) for k, dt in outs],
                           compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=1),
@@ -97,16 +118,19 @@ def _forward(x, a, scale, eps, dtype, interpret):  # x, a [M, D] -> ([s,] y, r)
     kernel = functools.partial(_fwd_kernel, eps=eps, add=add)
     args, blocks = ((x, a, scale), ("rows", "rows", "whole")) if add else ((x, scale), ("rows", "whole"))
     outs = ((("rows", x.dtype),) if add else ()) + (("rows", dtype), ("stat", jnp.float32))
-    return _call(kernel, "add_rms_norm_fwd" if add else "rms_norm_fwd", args, blocks, outs, x.shape[0], interpret)
+    return _call(kernel, "add_rms_norm_fwd" if add else "rms_norm_fwd", args, blocks, outs, _rows(x.shape[0], ROWS),
+                 interpret)
 
 
 def _backward(x, scale, r, dy, ds, dtype, interpret):  # -> dx [M, D] in x's dtype, d(scale) [D] float32
     add = ds is not None
-    kernel = functools.partial(_bwd_kernel, dtype=dtype, add=add)
+    rows = _rows(x.shape[0], min(ROWS, BWD_ROWS))
+    steps = _steps(x.shape[0], rows)
+    kernel = functools.partial(_bwd_kernel, dtype=dtype, add=add, rows=rows, steps=steps)
     args = (x, scale, r, dy) + ((ds,) if add else ())
     blocks = ("rows", "whole", "stat", "rows") + (("rows",) if add else ())
     dx, parts = _call(kernel, "add_rms_norm_bwd" if add else "rms_norm_bwd", args, blocks,
-                      (("rows", x.dtype), ("part", jnp.float32)), x.shape[0], interpret)
+                      (("rows", x.dtype), ("part", jnp.float32)), rows * steps, interpret)
     return dx, parts.sum(axis=0)
 
 
