@@ -13,9 +13,10 @@ dx, and d(scale) as a column reduction over all M rows), and the residual add an
 The arithmetic is `llama.rms_norm`'s: statistics in float32, the normalised row and the scale rounded to
 `dtype` and their product rounded once; the backward in float32 from the same rounded scale.
 
-A forward program takes `ROWS` rows (the largest power of two up to it dividing M); a backward one takes
-blocks of `BWD_ROWS` rows in a loop, d(scale) summed in registers, so that its partials stay few. D must
-be a power of two (Triton's blocks), else `supported` is false and the caller keeps XLA's form. `interpret`: Pallas'
+A forward program takes `BLOCK` elements of whole rows (a power of two dividing M); a backward one takes
+blocks of `BWD_BLOCK` in a loop, d(scale) summed in registers, so that its partials stay few. D must be a
+power of two (Triton's blocks) of at most BWD_BLOCK, else `supported` is false and the caller keeps XLA's
+form. `interpret`: Pallas'
 interpreter (any platform; the tests run it on CPU). Supported jax: 0.10.2 (interpreter) and 0.11.2 (GPU).
 """
 
@@ -27,20 +28,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-ROWS = 16  # rows a forward program; a backward program's rows an iteration (at most BWD_ROWS)
-BWD_ROWS = 4
+BLOCK = 16 * 2048  # elements a forward program (rows of D)
+BWD_BLOCK = 4 * 2048  # elements a backward program's iteration
 PROGRAMS = 512  # the backward gives each program several blocks of rows while at least this many remain
 WARPS = 8
 
 
 def supported(x: jax.Array) -> bool:
     d = x.shape[-1]
-    return d & (d - 1) == 0 and 32 <= d <= 16384 and _rows(x.size // d, ROWS) > 1
+    return d & (d - 1) == 0 and 32 <= d <= BWD_BLOCK
 
 
-def _rows(m: int, most: int) -> int:
-    """The largest power of two <= most dividing m."""
-    r = most
+def _rows(m: int, d: int, elements: int) -> int:
+    """Rows a block: the largest power of two dividing m with at most `elements` elements (at least one row)."""
+    r = max(elements // d, 1)
     while r > 1 and m % r:
         r //= 2
     return r
@@ -118,13 +119,13 @@ def _forward(x, a, scale, eps, dtype, interpret):  # x, a [M, D] -> ([s,] y, r)
     kernel = functools.partial(_fwd_kernel, eps=eps, add=add)
     args, blocks = ((x, a, scale), ("rows", "rows", "whole")) if add else ((x, scale), ("rows", "whole"))
     outs = ((("rows", x.dtype),) if add else ()) + (("rows", dtype), ("stat", jnp.float32))
-    return _call(kernel, "add_rms_norm_fwd" if add else "rms_norm_fwd", args, blocks, outs, _rows(x.shape[0], ROWS),
-                 interpret)
+    return _call(kernel, "add_rms_norm_fwd" if add else "rms_norm_fwd", args, blocks, outs,
+                 _rows(*x.shape, BLOCK), interpret)
 
 
 def _backward(x, scale, r, dy, ds, dtype, interpret):  # -> dx [M, D] in x's dtype, d(scale) [D] float32
     add = ds is not None
-    rows = _rows(x.shape[0], min(ROWS, BWD_ROWS))
+    rows = _rows(*x.shape, BWD_BLOCK)
     steps = _steps(x.shape[0], rows)
     kernel = functools.partial(_bwd_kernel, dtype=dtype, add=add, rows=rows, steps=steps)
     args = (x, scale, r, dy) + ((ds,) if add else ())
