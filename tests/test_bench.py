@@ -235,3 +235,19 @@ def test_bench_command_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
         "error: train.loss_chunk: expected a divisor of seq_len (100000), got 256"], run.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_profile_names_each_fusion_by_the_model_operation_it_comes_from():
+    """A kernel named as its fusion (`.N` as `_N`) maps to the op_name of its HLO instruction, the outer
+    jit and the layer numbers dropped; library kernels map to nothing."""
+    from yarn_jax.bench import profile_step
+
+    hlo = ('  %input_add_reduce_fusion.85 = (f32[8192]{0}) fusion(%p.1), kind=kInput, calls=%fused_add_reduce.85, '
+           'metadata={op_name="jit(step)/jvp(Llama)/eval_jaxpr/layers_3/attn_norm/reduce_sum" stack_frame_id=1}\n'
+           '  ROOT %loop_add_fusion = f32[2048]{0} fusion(%a, %b), kind=kLoop, calls=%fused_add, '
+           'metadata={op_name="jit(step)/add"}\n')
+    names = profile_step.op_names(hlo)
+    norm = "jvp(Llama)/eval_jaxpr/layers/attn_norm/reduce_sum"
+    assert profile_step.op_of("input_add_reduce_fusion_85", names) == norm
+    assert profile_step.op_of("loop_add_fusion", names) == "add"
+    assert profile_step.op_of("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NTT", names) is None

@@ -38,14 +38,6 @@ class AttentionImpl(enum.Enum):
     SPLASH = "splash"
 
 
-class NormImpl(enum.Enum):
-    """RMSNorm's kernels: XLA's fusions, or `norm_kernel`'s Pallas Triton pair (NVIDIA GPUs; a width that is
-    not a power of two, or another platform, keeps XLA's)."""
-
-    XLA = "xla"
-    PALLAS = "pallas"
-
-
 class RingLayout(enum.Enum):
     """How ring attention balances causal work over the 'seq' axis (see attention/ring.py)."""
 
@@ -70,7 +62,6 @@ class Execution:
     param_dtype: Any = jnp.float32
     remat: Remat = Remat.NONE
     attention: AttentionImpl = AttentionImpl.AUTO
-    norm: NormImpl = NormImpl.XLA
     ring_layout: RingLayout = RingLayout.ZIGZAG
     scan_unroll: int = 1  # layers per iteration of the scan over layers (num_layers: no loop, only with remat none)
     fp8: bool = False  # the layers' projections as FP8 GEMMs (projection.fp8_dot; for Hopper GPUs), off by default
@@ -81,7 +72,6 @@ class Execution:
         set_("param_dtype", dtype("param_dtype", self.param_dtype))
         set_("remat", member("remat", Remat, self.remat))
         set_("attention", member("attention", AttentionImpl, self.attention))
-        set_("norm", member("norm", NormImpl, self.norm))
         set_("ring_layout", member("ring_layout", RingLayout, self.ring_layout))
         set_("scan_unroll", number("scan_unroll", self.scan_unroll, integer=True, gt=0))
         if not isinstance(self.fp8, bool | np.bool_):

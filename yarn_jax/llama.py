@@ -19,11 +19,11 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from yarn_jax import attention, norm_kernel, projection, sharding
+from yarn_jax import attention, projection, sharding
 from yarn_jax import rope as rope_lib
 from yarn_jax.attention import decode, reference
 from yarn_jax.config import LlamaConfig
-from yarn_jax.execution import NormImpl, Remat
+from yarn_jax.execution import Remat
 
 _INIT = nn.initializers.normal(0.02)  # transformers' initializer_range
 DECODE = decode.attention("cpu")  # generation's attention by default: XLA's, any platform
@@ -62,28 +62,15 @@ def _weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[st
 
 class RMSNorm(nn.Module):
     """x / rms(x) * scale over the last axis (D; H for Qwen3's per-head q/k norm, `axis_name` "head_dim"),
-    statistics in float32 (transformers' LlamaRMSNorm / Qwen3RMSNorm). With `add`: the residual add before
-    it too, (s = x + add, norm(s)). `model.norm` "pallas" on a GPU: `norm_kernel`'s kernels where the
-    width allows and one device holds whole rows; XLA's fusions otherwise."""
+    statistics in float32 (transformers' LlamaRMSNorm / Qwen3RMSNorm)."""
 
     cfg: LlamaConfig
     axis_name: str = "embed"
-    mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, add: jax.Array | None = None) -> Any:
+    def __call__(self, x: jax.Array) -> jax.Array:
         scale = _param(self, "scale", (x.shape[-1],), (self.axis_name,), nn.initializers.ones)
-        c = self.cfg
-        eps, dtype = c.rms_norm_eps, c.execution.dtype
-        if (c.execution.norm is NormImpl.PALLAS and jax.default_backend() == "gpu" and norm_kernel.supported(x)
-                and (self.mesh is None or self.mesh.size == 1)):
-            if add is None:
-                return norm_kernel.rms_norm(x, scale, eps, dtype)
-            return norm_kernel.add_rms_norm(x, add.astype(x.dtype), scale, eps, dtype)
-        if add is None:
-            return rms_norm(x, scale, eps, dtype)
-        x = x + add
-        return x, rms_norm(x, scale, eps, dtype)
+        return rms_norm(x, scale, self.cfg.rms_norm_eps, self.cfg.execution.dtype)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype: Any) -> jax.Array:
@@ -118,8 +105,8 @@ class Attention(nn.Module):
         k_ = self._project(x, "k", (d, k, h), "kv_heads")  # [B, S, K, H]
         v = self._project(x, "v", (d, k, h), "kv_heads")  # [B, S, K, H]
         if c.qk_norm:  # Qwen3: over H of each head, before RoPE
-            q = RMSNorm(c, "head_dim", self.mesh, name="q_norm")(q)
-            k_ = RMSNorm(c, "head_dim", self.mesh, name="k_norm")(k_)
+            q = RMSNorm(c, "head_dim", name="q_norm")(q)
+            k_ = RMSNorm(c, "head_dim", name="k_norm")(k_)
         q, k_ = rope_lib.rotate(q, cos, sin), rope_lib.rotate(k_, cos, sin)
         q = sharding.constrain(checkpoint_name(q, "q"), self.mesh, ("batch", "seq", "heads", "head_dim"))
         k_ = sharding.constrain(checkpoint_name(k_, "k"), self.mesh, ("batch", "seq", "kv_heads", "head_dim"))
@@ -193,10 +180,10 @@ class Block(nn.Module):
         x, cache = carry
         x = checkpoint_name(x, "layer_input")  # what remat 'offload' keeps, in host memory
         attn = Attention(self.cfg, self.attend, self.attend_cache, self.mesh, self.twin, name="attn")
-        y, cache = attn(RMSNorm(self.cfg, mesh=self.mesh, name="attn_norm")(x), cos, sin, segment_ids, index, kv,
-                        cache, layer, prefill)
-        x, h = RMSNorm(self.cfg, mesh=self.mesh, name="mlp_norm")(x, add=y)  # x + y and its norm
-        x = x + Mlp(self.cfg, self.mesh, name="mlp")(h)
+        y, cache = attn(RMSNorm(self.cfg, name="attn_norm")(x), cos, sin, segment_ids, index, kv, cache, layer,
+                        prefill)
+        x = x + y
+        x = x + Mlp(self.cfg, self.mesh, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
         return (sharding.constrain(x, self.mesh, ("batch", "seq", "embed")), cache), None
 
 
@@ -222,7 +209,7 @@ class Llama(nn.Module):
         self.embedding = _param(self, "embedding", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
         if not c.tie_word_embeddings:
             self.lm_head = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
-        self.final_norm = RMSNorm(c, mesh=self.mesh)
+        self.final_norm = RMSNorm(c)
         block, remat = Block, c.execution.remat
         if remat is not Remat.NONE:
             block = nn.remat(Block, policy=_REMAT_POLICIES[remat], prevent_cse=False)

@@ -25,8 +25,8 @@ def base() -> ml_collections.ConfigDict:
     c.init_from = ""  # a `convert from-hf` checkpoint (or a trainer's); empty: random init from `model`
     c.model = ml_collections.ConfigDict(dict(
         preset="llama2_7b",  # shape when not initialising from a checkpoint; the shape keys below override it
-        dtype="bfloat16", param_dtype="float32", remat="full", attention="auto", norm="xla",
-        ring_layout="zigzag", scan_unroll=1, fp8=False,
+        dtype="bfloat16", param_dtype="float32", remat="full", attention="auto", ring_layout="zigzag", scan_unroll=1,
+        fp8=False,
         **{key: placeholder(kind) for key, kind in SHAPE_KEYS.items()}))  # unset: the preset's value
     # the extension: the scaling (rope_type, factor, original_max_position_embeddings, ...: see
     # config.with_rope) and the extended max_position_embeddings, the one home of the extended length;

@@ -12,6 +12,8 @@ fusion (XLA's own kernels: elementwise, reductions, Triton). Kernels are summed 
 numbering (`stem`: an unrolled layer's fusions are numbered apart). Prints per-step milliseconds and
 shares of the step's wall time; writes the table as JSON. `--sequence N` adds N kernels from the trace's
 middle in the order they ran, with the idle time before each (a decode layer's kernels, one after another).
+XLA's fusions are also summed by the model operation each comes from (the compiled HLO's op_name metadata,
+layer numbers dropped): which norm, activation or cast, forward or backward (`transpose(jvp(...))`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,22 @@ def stem(kernel: str) -> str:
     """The kernel's name without XLA's numbering (`loop_add_fusion_20` -> `loop_add_fusion`): with the
     layers unrolled each layer's copy of a fusion has its own number."""
     return re.sub(r"([._]\d+)+$", "", kernel)
+
+
+def op_names(hlo: str) -> dict[str, str]:
+    """Each instruction of compiled HLO text -> the model operation it came from (its metadata's op_name,
+    without the outer `jit(...)/` and with layer numbers dropped): where an XLA fusion's time belongs in
+    the model, e.g. `transpose(jvp(Llama))/eval_jaxpr/layers/attn_norm/reduce_sum` (a norm's backward)."""
+    names = {}
+    for m in re.finditer(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]*)"', hlo, re.M):
+        names[m.group(1)] = re.sub(r"layers_\d+", "layers", re.sub(r"^jit\([^)]*\)/", "", m.group(2)))
+    return names
+
+
+def op_of(kernel: str, names: dict[str, str]) -> str | None:
+    """The op_name of the fusion a kernel runs (the kernel is named as its instruction, `.N` as `_N`);
+    None for library kernels (cuBLAS, cuDNN) and anything else not in the HLO."""
+    return names.get(kernel) or names.get(re.sub(r"_(\d+)$", r".\1", kernel))
 
 
 def kind(kernel: str) -> str:
@@ -168,8 +186,9 @@ def main(argv: list[str]) -> int:
     config = run_config.load(a.config, a.set)
     run, finish, hlo = _decode(config, a.seq, a.batch) if a.decode else _train(config, a.seq)
     per_call = generate.DECODE_CHUNK if a.decode else 1  # steps per traced call
+    hlo_text = hlo()
     if a.hlo:
-        Path(a.hlo).write_text(hlo())
+        Path(a.hlo).write_text(hlo_text)
     for _ in range(2):
         run()
     finish()
@@ -192,6 +211,13 @@ def main(argv: list[str]) -> int:
     if order:
         print("\n| kernel, in order | us | idle before, us |\n|---|---|---|")
         print("\n".join(f"| {r['kernel'][:90]} | {r['us']:.2f} | {r['gap_us']:.2f} |" for r in order))
+    names = op_names(hlo_text)
+    by_op = collections.Counter()
+    for _, ns, name in events:
+        if kind(name) == "fusion":
+            by_op[op_of(name, names) or f"({stem(name)})"] += ns
+    print("\n| XLA's fusions by the model operation they come from (op_name) | ms/step |\n|---|---|")
+    print("\n".join(f"| {op} | {ms(ns):.3f} |" for op, ns in by_op.most_common(a.top)))
     out = Path(a.out or f"bench_results/profile_{'decode_' if a.decode else ''}{a.seq}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
@@ -201,5 +227,7 @@ def main(argv: list[str]) -> int:
                                "wall_ms": wall * 1e3, "launches": sum(count.values()) / steps,
                                "kinds_ms": {k: ms(v) for k, v in by_kind.items()},
                                "top": [{"kernel": n, "kind": kind(n), "calls": count[n] / steps,
-                                        "ms": ms(total[n])} for n in top], "sequence": order}, indent=2))
+                                        "ms": ms(total[n])} for n in top],
+                               "fusions_by_op": [{"op": op, "ms": ms(ns)} for op, ns in by_op.most_common(a.top)],
+                               "sequence": order}, indent=2))
     return 0
