@@ -65,9 +65,6 @@ def _cast_dot_bwd(contract, res, g):  # g [..., F]
     w = w + (g.reshape(-1)[0] * 0).astype(w.dtype)
     dx = jnp.einsum("...F,KF->...K", g, _matrix(w, contract).astype(g.dtype))
     dw = jnp.einsum("...K,...F->KF", x, g)  # in x's dtype, as autodiff's transpose of the cast has it
-    # stored in that dtype, widened where it is read (the gradients' norm, the optimizer's update): without
-    # the barrier XLA, free to keep excess precision, writes the float32 product from the GEMM instead
-    dw = jax.lax.optimization_barrier(dw)
     return dx, dw.astype(w.dtype).reshape(w.shape)
 
 
