@@ -251,3 +251,6 @@ def test_profile_names_each_fusion_by_the_model_operation_it_comes_from():
     assert profile_step.op_of("input_add_reduce_fusion_85", names) == norm
     assert profile_step.op_of("loop_add_fusion", names) == "add"
     assert profile_step.op_of("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NTT", names) is None
+    events = [(0, 5, "input_add_reduce_fusion_85"), (9, 7, "loop_add_fusion"), (20, 3, "input_add_reduce_fusion_85"),
+              (30, 100, "nvjet_sm90_tst_256x128"), (40, 2, "loop_convert_fusion_9")]
+    assert profile_step.fusions_by_op(events, hlo) == {norm: 8, "add": 7, "(loop_convert_fusion)": 2}

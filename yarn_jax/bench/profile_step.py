@@ -53,6 +53,16 @@ def op_of(kernel: str, names: dict[str, str]) -> str | None:
     return names.get(kernel) or names.get(re.sub(r"_(\d+)$", r".\1", kernel))
 
 
+def fusions_by_op(events: list[tuple[int, int, str]], hlo: str) -> collections.Counter:
+    """Nanoseconds of XLA's fusion kernels summed by `op_of` (a kernel the HLO does not name: its stem, in
+    parentheses)."""
+    names, by_op = op_names(hlo), collections.Counter()
+    for _, ns, name in events:
+        if kind(name) == "fusion":
+            by_op[op_of(name, names) or f"({stem(name)})"] += ns
+    return by_op
+
+
 def kind(kernel: str) -> str:
     return next((k for k, pattern in KINDS if pattern.search(kernel)), "fusion")
 
@@ -211,11 +221,7 @@ def main(argv: list[str]) -> int:
     if order:
         print("\n| kernel, in order | us | idle before, us |\n|---|---|---|")
         print("\n".join(f"| {r['kernel'][:90]} | {r['us']:.2f} | {r['gap_us']:.2f} |" for r in order))
-    names = op_names(hlo_text)
-    by_op = collections.Counter()
-    for _, ns, name in events:
-        if kind(name) == "fusion":
-            by_op[op_of(name, names) or f"({stem(name)})"] += ns
+    by_op = fusions_by_op(events, hlo_text)
     print("\n| XLA's fusions by the model operation they come from (op_name) | ms/step |\n|---|---|")
     print("\n".join(f"| {op} | {ms(ns):.3f} |" for op, ns in by_op.most_common(a.top)))
     out = Path(a.out or f"bench_results/profile_{'decode_' if a.decode else ''}{a.seq}.json")
