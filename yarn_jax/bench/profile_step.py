@@ -172,10 +172,8 @@ def _trace(run, finish, calls: int) -> tuple[float, collections.Counter, collect
     return wall, by_kind, by_stem, launches, events
 
 
-def main(argv: list[str]) -> int:
-    import jax
-
-    from yarn_jax import cli, generate, run_config
+def _parser():
+    from yarn_jax import cli
 
     p = cli.ArgumentParser(prog="python -m yarn_jax.bench profile")
     p.add_argument("--config", default="configs/h200_1b.py")
@@ -190,6 +188,15 @@ def main(argv: list[str]) -> int:
                    help="the old spelling of --config.KEY=VALUE (kept for one release)")
     p.add_argument("--hlo", default=None, help="also write the compiled step's HLO text here")
     p.add_argument("--out", default=None, help="JSON results (default bench_results/profile_<seq>.json)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    import jax
+
+    from yarn_jax import generate, run_config
+
+    p = _parser()
     overrides, rest = run_config.split_overrides(argv)
     a = p.parse_args(rest)
     a.set += overrides
