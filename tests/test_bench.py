@@ -24,8 +24,9 @@ def test_train_step_bench_prints_both_sides_and_the_ratio(tmp_path, capsys):
         ("yarn_jax", "none"), ("kernel bound", "-")]
     assert all(r["step_s"] > 0 for r in rows[:2] + rows[8:]), rows
     assert all(r.get("step_s", 0) > 0 or r["error"] for r in rows[2:8]), rows  # timed, or the reason it was not
-    # configs/tiny.py computes in float32: the peer too, without autocast
-    assert rows[0]["setting"] == "float32 weights, SDPA, eager" and rows[1]["setting"].endswith("checkpointing")
+    # configs/tiny.py computes in float32: the peer too, without autocast; it clips as ours (optim.clip)
+    assert rows[0]["setting"] == "float32 weights, SDPA, eager, clip 1"
+    assert rows[1]["setting"] == "float32 weights, SDPA, eager, checkpointing, clip 1"
     assert rows[8]["setting"] == "float32 weights, float32 compute, auto attention"
     assert rows[8]["program_gib"] > 0 and rows[8]["host_gib"] == 0  # host memory: remat offload only
     assert rows[9]["matmul_tflops"] > 0 and rows[9]["attention_layer_s"] > 0

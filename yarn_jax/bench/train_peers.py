@@ -1,12 +1,15 @@
 """The peers of the train-step benchmark, each timed in its own process on the same device.
 
-    peer(cfg, "hf-liger", seq=8192, steps=5, remat=False, compiled=False) -> {"step_s", "peak_gib", "setting"}
-                                                                              or {"error": one line}
+    peer(cfg, "hf-liger", seq=8192, steps=5, remat=False, compiled=False, clip=1.0)
+        -> {"step_s", "peak_gib", "setting"} or {"error": one line}
 
-Every peer trains the run config's model shape on `seq` random tokens (batch 1) with AdamW and the
-config's precision where it allows: `model.param_dtype` float32 -> float32 master weights and bf16
-compute (torch autocast for transformers, FSDP's mixed-precision policy for torchtitan, MaxText's
-`weight_dtype`); bfloat16 -> bf16 weights throughout. The exact setting is the row's `setting`.
+Every peer trains the run config's model shape on `seq` random tokens (batch 1) with AdamW, the gradients
+clipped to the run config's global norm (`optim.clip`, as ours; each peer's trainer clips at 1.0 by
+default: transformers' `max_grad_norm`, torchtitan's `training.max_norm`, MaxText's
+`gradient_clipping_threshold`), and the config's precision where it allows: `model.param_dtype` float32
+-> float32 master weights and bf16 compute (torch autocast for transformers, FSDP's mixed-precision
+policy for torchtitan, MaxText's `weight_dtype`); bfloat16 -> bf16 weights throughout. The exact setting
+is the row's `setting`.
 
 - hf-torch: `transformers.LlamaForCausalLM`, SDPA attention, fused AdamW, eager or `torch.compile`.
 - hf-liger: the same after `liger_kernel.transformers.apply_liger_kernel_to_llama()` (fused RMSNorm,
@@ -42,12 +45,12 @@ from pathlib import Path
 
 PEERS = ("hf-torch", "hf-liger", "torchtitan", "maxtext")
 
-# argv: shape json, seq, remat 0/1, compiled 0/1, steps, name, param dtype, compute dtype
+# argv: shape json, seq, remat 0/1, compiled 0/1, steps, name, param dtype, compute dtype, clip (0: none)
 HF = r'''
 import contextlib, json, statistics, sys, time, torch, transformers
 shape, seq, steps = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[5])
 remat, compiled, liger = sys.argv[3] == "1", sys.argv[4] == "1", sys.argv[6] == "hf-liger"
-param, compute = getattr(torch, sys.argv[7]), getattr(torch, sys.argv[8])
+param, compute, clip = getattr(torch, sys.argv[7]), getattr(torch, sys.argv[8]), float(sys.argv[9])
 if liger:  # patches transformers' Llama classes: before the model is built
     from liger_kernel.transformers import apply_liger_kernel_to_llama
     apply_liger_kernel_to_llama()
@@ -69,27 +72,33 @@ for i in range(steps + 2):
     sync(); t = time.perf_counter()
     with autocast():
         loss = forward(input_ids=x, labels=x).loss
-    loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip > 0:  # as transformers' Trainer does (max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step(); opt.zero_grad(set_to_none=True)
     sync()
     if i >= 2: times.append(time.perf_counter() - t)
 peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
 setting = (f"{sys.argv[7]} weights" + (f", {sys.argv[8]} autocast" if compute != param else "") + ", SDPA"
-           + (", torch.compile" if compiled else ", eager") + (", checkpointing" if remat else ""))
+           + (", torch.compile" if compiled else ", eager") + (", checkpointing" if remat else "")
+           + (f", clip {clip:g}" if clip > 0 else ""))
 print(json.dumps({"step_s": statistics.median(times), "peak_gib": peak, "setting": setting}))
 '''
 
-# argv: shape json, seq, remat 0/1, steps, param dtype, compute dtype, rope json (torchtitan 0.2.x's API)
+# argv: shape json, seq, remat 0/1, steps, param dtype, compute dtype, rope json, clip (0: none) (torchtitan 0.2.x)
 TITAN = r'''
 import json, os, statistics, sys, time, torch, torchtitan
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torchtitan.config.job_config import ActivationCheckpoint, Compile
+from torchtitan.distributed.utils import clip_grad_norm_
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list, apply_compile, apply_fsdp
 from torchtitan.models.llama3.model.args import RoPEScalingArgs, TransformerModelArgs
 from torchtitan.models.llama3.model.model import Transformer
 shape, seq, remat, steps = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
 param, compute, rope = getattr(torch, sys.argv[5]), getattr(torch, sys.argv[6]), json.loads(sys.argv[7])
+clip = float(sys.argv[8])
 d, f, heads = shape["hidden_size"], shape["intermediate_size"], shape["num_attention_heads"]
 if int(8 * d / 3) > f or d // heads != shape["head_dim"]:  # its FFN width: 8d/3 rounded up to multiple_of
     print(json.dumps({"error": f"torchtitan's Llama 3 cannot take this shape (d {d}, FFN {f}, head dim "
@@ -123,11 +132,15 @@ if dev == "cuda":
 for i in range(steps + 2):
     sync(); t = time.perf_counter()
     loss = loss_fn(model(x[:, :-1]), x[:, 1:])
-    loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip > 0:  # as its trainer does (training.max_norm)
+        clip_grad_norm_(list(model.parameters()), clip, foreach=True)
+    opt.step(); opt.zero_grad(set_to_none=True)
     sync()
     if i >= 2: times.append(time.perf_counter() - t)
 setting = (f"torchtitan {torchtitan.__version__}, {sys.argv[5]} weights, {sys.argv[6]} compute (FSDP policy), "
-           f"Llama 3.1 RoPE scaling, SDPA, per-block torch.compile" + (", selective AC" if remat else ""))
+           f"Llama 3.1 RoPE scaling, SDPA, per-block torch.compile" + (", selective AC" if remat else "")
+           + (f", clip {clip:g}" if clip > 0 else ""))
 print(json.dumps({"step_s": statistics.median(times),
                   "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0,
                   "setting": setting}))
@@ -165,7 +178,7 @@ print(json.dumps({"peak_gib": (jax.devices()[0].memory_stats() or {}).get("peak_
 '''
 
 
-def _maxtext(cfg, seq: int, steps: int, remat: bool) -> dict:
+def _maxtext(cfg, seq: int, steps: int, remat: bool, clip: float) -> dict:
     """MaxText's own trainer for `steps` + 2 steps; the median step time it logs after the first two and
     the process's peak device memory."""
     try:
@@ -185,7 +198,7 @@ def _maxtext(cfg, seq: int, steps: int, remat: bool) -> dict:
                     base_num_decoder_layers=cfg.num_layers, head_dim=cfg.head_dim,
                     vocab_size=cfg.vocab_size, dtype=compute, weight_dtype=param, attention="cudnn_flash_jax",
                     remat_policy="full" if remat else "minimal_with_context", scan_layers="true" if remat else "false",
-                    metrics_file=str(metrics), log_period=1)
+                    gradient_clipping_threshold=clip, metrics_file=str(metrics), log_period=1)
         r = subprocess.run([sys.executable, "-c", MAXTEXT, str(base), *(f"{k}={v}" for k, v in args.items())],
                            capture_output=True, text=True, env={**os.environ, "DECOUPLE_GCLOUD": "TRUE"})
         if r.returncode or not metrics.exists():
@@ -197,15 +210,16 @@ def _maxtext(cfg, seq: int, steps: int, remat: bool) -> dict:
         return {"error": "maxtext logged no step times"}
     times.sort()
     setting = (f"{param} weights, {compute} compute, cuDNN attention (cudnn_flash_jax), remat {args['remat_policy']}, "
-               f"{'scanned' if remat else 'unrolled'} layers")
+               f"{'scanned' if remat else 'unrolled'} layers" + (f", clip {clip:g}" if clip > 0 else ""))
     return {"step_s": times[len(times) // 2], **_last_json(r), "setting": setting}
 
 
-def peer(cfg, name: str, seq: int, steps: int, remat: bool, compiled: bool) -> dict:
+def peer(cfg, name: str, seq: int, steps: int, remat: bool, compiled: bool, clip: float) -> dict:
     """One peer's timing of model `cfg` (a LlamaConfig) at `seq` tokens in its own process, or {"error":
-    the reason it did not run}. `compiled` (torch.compile) is for the transformers peers only."""
+    the reason it did not run}. `compiled` (torch.compile) is for the transformers peers only; `clip`: the
+    gradients' global-norm bound (0: none)."""
     if name == "maxtext":
-        return _maxtext(cfg, seq, steps, remat)
+        return _maxtext(cfg, seq, steps, remat, clip)
     param, compute = dtypes(cfg)
     shape = _shape(cfg, seq)
     if name == "torchtitan":
@@ -216,8 +230,9 @@ def peer(cfg, name: str, seq: int, steps: int, remat: bool, compiled: bool) -> d
         scaling = cfg.rope_scaling  # YaRN's factor and trained length, for torchtitan's Llama 3.1 scaling
         rope = {"theta": cfg.rope_theta, "factor": getattr(scaling, "factor", 1.0),
                 "original": getattr(scaling, "original_max_position_embeddings", cfg.max_position_embeddings)}
-        argv = [json.dumps(shape), str(seq), "1" if remat else "0", str(steps), param, compute, json.dumps(rope)]
+        argv = [json.dumps(shape), str(seq), "1" if remat else "0", str(steps), param, compute, json.dumps(rope),
+                str(clip)]
         return _last_json(subprocess.run([sys.executable, "-c", TITAN, *argv], capture_output=True, text=True))
     argv = [json.dumps(shape), str(seq), "1" if remat else "0", "1" if compiled else "0", str(steps), name,
-            param, compute]
+            param, compute, str(clip)]
     return _last_json(subprocess.run([sys.executable, "-c", HF, *argv], capture_output=True, text=True))

@@ -147,17 +147,17 @@ CHECKPOINTING = {"both": (False, True), "without": (False,), "with": (True,)}
 
 
 def _peer_rows(cfg, peers: list[str], seqs: list[int], modes: list[str], steps: int,
-               checkpointing: tuple[bool, ...]) -> list[dict]:
+               checkpointing: tuple[bool, ...], clip: float) -> list[dict]:
     """Every peer at every length, without and/or with activation checkpointing (`checkpointing`), one
     process each; the transformers peers in each of `modes` (eager, torch.compile), the others as their
-    trainers run."""
+    trainers run; each clipping its gradients' global norm to `clip` (0: not at all), as ours does."""
     rows = []
     for name in peers:
         for seq in seqs:
             for mode in modes if name.startswith("hf-") else ["eager"]:
                 for remat in checkpointing:
                     label = REMAT[name][remat]
-                    r = train_peers.peer(cfg, name, seq, steps, remat, mode == "compile")
+                    r = train_peers.peer(cfg, name, seq, steps, remat, mode == "compile", clip)
                     impl = name if mode == "eager" else f"{name} compile"
                     rows.append({"impl": impl, "seq": seq, "remat": label, **r})
                     print(json.dumps(rows[-1]), flush=True)
@@ -241,8 +241,9 @@ def main(argv: list[str]) -> int:
     if bad := sorted(set(modes) - {"eager", "compile"}):
         p.error(f"--peer-modes: expected eager and/or compile, got {', '.join(bad)}")
     # the peers first, while this process holds no GPU memory (JAX preallocates most of it once started)
-    cfg, _ = run_config.model_config(run_config.load(a.config, overrides))
-    rows = _peer_rows(cfg, peers, seqs, modes, a.steps, CHECKPOINTING[a.peer_checkpointing])
+    config = run_config.load(a.config, overrides)
+    cfg, _ = run_config.model_config(config)
+    rows = _peer_rows(cfg, peers, seqs, modes, a.steps, CHECKPOINTING[a.peer_checkpointing], config.optim.clip)
     import jax
 
     from yarn_jax import hardware
