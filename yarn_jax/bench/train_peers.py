@@ -91,7 +91,6 @@ import json, os, statistics, sys, time, torch, torchtitan
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torchtitan.config.job_config import ActivationCheckpoint, Compile
-from torchtitan.distributed.utils import clip_grad_norm_
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list, apply_compile, apply_fsdp
 from torchtitan.models.llama3.model.args import RoPEScalingArgs, TransformerModelArgs
@@ -133,8 +132,8 @@ for i in range(steps + 2):
     sync(); t = time.perf_counter()
     loss = loss_fn(model(x[:, :-1]), x[:, 1:])
     loss.backward()
-    if clip > 0:  # as its trainer does (training.max_norm)
-        clip_grad_norm_(list(model.parameters()), clip, foreach=True)
+    if clip > 0:  # as its trainer does (training.max_norm; its clip_grad_norm_ is torch's without pipeline stages)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
     opt.step(); opt.zero_grad(set_to_none=True)
     sync()
     if i >= 2: times.append(time.perf_counter() - t)
