@@ -88,12 +88,16 @@ print(json.dumps({"step_s": statistics.median(times), "peak_gib": peak, "setting
 # argv: shape json, seq, remat 0/1, steps, param dtype, compute dtype, rope json, clip (0: none) (torchtitan 0.2.x)
 TITAN = r'''
 import importlib.util, json, os, statistics, sys, time, types, torch
+def stand_in(attr):  # any public name of a module the image lacks: an empty class
+    if attr.startswith("__"):
+        raise AttributeError(attr)
+    return type(attr, (), {})
 for top, sub in (("datasets", "distributed"), ("torchdata", "stateful_dataloader")):
     # its llama3 package imports its data loaders, which the peer never builds: a stand-in where one is missing
     if importlib.util.find_spec(top) is None:
         for name in (top, f"{top}.{sub}"):
             sys.modules[name] = stub = types.ModuleType(name)
-            stub.__getattr__ = lambda attr: type(attr, (), {})
+            stub.__getattr__ = stand_in
 import torchtitan
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
