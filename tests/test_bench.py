@@ -81,6 +81,30 @@ def test_peers_keep_the_precision_of_the_run_config():
     assert train_peers._shape(cfg, 131072)["max_position_embeddings"] == 131072
 
 
+def test_torchtitan_peer_stands_in_for_missing_data_loader_packages():
+    """torchtitan's llama3 package imports its data loaders (datasets, torchdata), which the peer never
+    builds and a GPU image may lack: its script's prelude puts stand-ins there, whose names import, can be
+    subclassed beside an ABC, and have no dunder attributes (tools that walk sys.modules read __file__)."""
+    import subprocess
+    import sys
+
+    from yarn_jax.bench import train_peers
+
+    prelude = train_peers.TITAN.split("import torchtitan")[0]
+    probe = prelude.replace("importlib.util.find_spec(top) is None", "True") + """
+from abc import ABC
+from datasets import Dataset, load_dataset
+from datasets.distributed import split_dataset_by_node
+from torchdata.stateful_dataloader import StatefulDataLoader
+class Loader(StatefulDataLoader, ABC): pass
+assert all(getattr(sys.modules[m], "__file__", None) is None for m in ("datasets", "torchdata.stateful_dataloader"))
+print(Loader.__mro__[1].__name__, load_dataset.__name__, split_dataset_by_node.__name__)
+"""
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["StatefulDataLoader", "load_dataset", "split_dataset_by_node"]
+
+
 def test_profile_decode_runs_to_its_trace(capsys):
     """`bench profile --decode` prefills and runs the device loop under the profiler; on CPU the trace
     holds no GPU kernels, which it says in one line. Kernel names are summed without XLA's numbering."""
