@@ -27,7 +27,7 @@ def test_train_step_bench_prints_both_sides_and_the_ratio(tmp_path, capsys):
     # configs/tiny.py computes in float32: the peer too, without autocast; it clips as ours (optim.clip)
     assert rows[0]["setting"] == "float32 weights, SDPA, eager, clip 1"
     assert rows[1]["setting"] == "float32 weights, SDPA, eager, checkpointing, clip 1"
-    assert rows[8]["setting"] == "float32 weights, float32 compute, auto attention"
+    assert rows[8]["setting"] == "float32 weights, float32 compute, auto attention, clip 1"
     assert rows[8]["program_gib"] > 0 and rows[8]["host_gib"] == 0  # host memory: remat offload only
     assert rows[9]["matmul_tflops"] > 0 and rows[9]["attention_layer_s"] > 0
     printed = capsys.readouterr().out
@@ -54,15 +54,18 @@ def test_train_step_bench_compile_only_reports_the_programs_memory(tmp_path, cap
 
 def test_train_step_bench_runs_only_the_peer_settings_asked_for(tmp_path, capsys):
     """`--peer-checkpointing without` / `with`: each peer's one setting (MaxText, absent here, is a row with
-    its reason), then ours; an unknown choice is one line."""
+    its reason), then ours, whose setting names its clipping (none with optim.clip=0); an unknown choice is
+    one line."""
     out = tmp_path / "rows.json"
     argv = ["--config", "configs/tiny.py", "--seq", "64", "--steps", "1", "--peer", "maxtext,torchtitan",
             "--set", "model.scan_unroll=2", "--out", str(out)]
-    for choice, want in (("without", ("minimal_with_context", "none")), ("with", ("full", "selective"))):
-        assert train_step_bench.main([*argv, "--peer-checkpointing", choice]) == 0
+    for choice, want, clip in (("without", ("minimal_with_context", "none"), "1"),
+                               ("with", ("full", "selective"), "0")):
+        assert train_step_bench.main([*argv, "--peer-checkpointing", choice, f"--config.optim.clip={clip}"]) == 0
         rows = json.loads(out.read_text())
         assert [(r["impl"], r["remat"]) for r in rows] == [("maxtext", want[0]), ("torchtitan", want[1]),
                                                            ("yarn_jax", "none")]
+        assert rows[2]["setting"].endswith("auto attention, clip 1" if clip == "1" else "auto attention")
     with pytest.raises(SystemExit):
         train_step_bench.main([*argv, "--peer-checkpointing", "never"])
     assert "--peer-checkpointing: invalid choice" in capsys.readouterr().err

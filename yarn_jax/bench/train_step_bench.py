@@ -110,31 +110,31 @@ def ours(config, seq: int, steps: int) -> dict:
             times.append(time.perf_counter() - t)
     stats = jax.devices()[0].memory_stats() or {}
     return {"step_s": statistics.median(times), "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
-            "loss": float(m["loss"]), **memory(cfg, seq, step)}
+            "loss": float(m["loss"]), **memory(cfg, seq, step, config.optim.clip)}
 
 
 def compiled_only(config, seq: int) -> dict:
     """`ours` without running: what the compiled step needs (`--compile-only`; nothing is allocated, so a
     card too small to run the step can still say whether a larger one would hold it)."""
     cfg, _, _, step = _compile(config, seq)
-    return memory(cfg, seq, step)
+    return memory(cfg, seq, step, config.optim.clip)
 
 
-def memory(cfg, seq: int, step) -> dict:
+def memory(cfg, seq: int, step, clip: float) -> dict:
     from yarn_jax import aot, train_step
 
     need = aot.program_bytes(step)  # this program's own need (peak_bytes_in_use is the process's maximum)
     host = step.memory_analysis().host_temp_size_in_bytes  # remat 'offload': the layer inputs, off the device
     return {"program_gib": need / 2**30, "host_gib": host / 2**30,
             "flops_per_token": train_step.flops_per_token(cfg, seq), "remat": cfg.execution.remat.value,
-            "setting": setting(cfg)}
+            "setting": setting(cfg, clip)}
 
 
-def setting(cfg) -> str:
-    """Our row's precision and kernels, in the peers' terms."""
+def setting(cfg, clip: float) -> str:
+    """Our row's precision, kernels and gradient clipping (`optim.clip`), in the peers' terms."""
     param, compute = train_peers.dtypes(cfg)
     return (f"{param} weights, {compute} compute" + (", FP8 projections" if cfg.execution.fp8 else "")
-            + f", {cfg.execution.attention.value} attention")
+            + f", {cfg.execution.attention.value} attention" + (f", clip {clip:g}" if clip > 0 else ""))
 
 
 # each peer's names for its two settings: without (or with the least), with checkpointing
