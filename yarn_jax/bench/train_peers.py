@@ -80,8 +80,7 @@ for i in range(steps + 2):
     if i >= 2: times.append(time.perf_counter() - t)
 peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
 setting = (f"{sys.argv[7]} weights" + (f", {sys.argv[8]} autocast" if compute != param else "") + ", SDPA"
-           + (", torch.compile" if compiled else ", eager") + (", checkpointing" if remat else "")
-           + (f", clip {clip:g}" if clip > 0 else ""))
+           + (", torch.compile" if compiled else ", eager") + (", checkpointing" if remat else ""))
 print(json.dumps({"step_s": statistics.median(times), "peak_gib": peak, "setting": setting}))
 '''
 
@@ -149,8 +148,7 @@ for i in range(steps + 2):
     sync()
     if i >= 2: times.append(time.perf_counter() - t)
 setting = (f"torchtitan {torchtitan.__version__}, {sys.argv[5]} weights, {sys.argv[6]} compute (FSDP policy), "
-           f"Llama 3.1 RoPE scaling, SDPA, per-block torch.compile" + (", selective AC" if remat else "")
-           + (f", clip {clip:g}" if clip > 0 else ""))
+           f"Llama 3.1 RoPE scaling, SDPA, per-block torch.compile" + (", selective AC" if remat else ""))
 print(json.dumps({"step_s": statistics.median(times),
                   "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0,
                   "setting": setting}))
@@ -220,16 +218,28 @@ def _maxtext(cfg, seq: int, steps: int, remat: bool, clip: float) -> dict:
         return {"error": "maxtext logged no step times"}
     times.sort()
     setting = (f"{param} weights, {compute} compute, cuDNN attention (cudnn_flash_jax), remat {args['remat_policy']}, "
-               f"{'scanned' if remat else 'unrolled'} layers" + (f", clip {clip:g}" if clip > 0 else ""))
+               f"{'scanned' if remat else 'unrolled'} layers")
     return {"step_s": times[len(times) // 2], **_last_json(r), "setting": setting}
+
+
+def clipping(clip: float) -> str:
+    """What a row's `setting` says of the gradients' global-norm bound `clip` (0: none)."""
+    return f", clip {clip:g}" if clip > 0 else ""
 
 
 def peer(cfg, name: str, seq: int, steps: int, remat: bool, compiled: bool, clip: float) -> dict:
     """One peer's timing of model `cfg` (a LlamaConfig) at `seq` tokens in its own process, or {"error":
     the reason it did not run}. `compiled` (torch.compile) is for the transformers peers only; `clip`: the
     gradients' global-norm bound (0: none)."""
-    if name == "maxtext":
-        return _maxtext(cfg, seq, steps, remat, clip)
+    r = (_maxtext(cfg, seq, steps, remat, clip) if name == "maxtext"
+         else _torch(cfg, name, seq, steps, remat, compiled, clip))
+    if "setting" in r:
+        r["setting"] += clipping(clip)
+    return r
+
+
+def _torch(cfg, name: str, seq: int, steps: int, remat: bool, compiled: bool, clip: float) -> dict:
+    """`peer` for the PyTorch peers (transformers, Liger, torchtitan): their scripts in a subprocess."""
     param, compute = dtypes(cfg)
     shape = _shape(cfg, seq)
     if name == "torchtitan":

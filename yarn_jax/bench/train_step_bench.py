@@ -134,7 +134,7 @@ def setting(cfg, clip: float) -> str:
     """Our row's precision, kernels and gradient clipping (`optim.clip`), in the peers' terms."""
     param, compute = train_peers.dtypes(cfg)
     return (f"{param} weights, {compute} compute" + (", FP8 projections" if cfg.execution.fp8 else "")
-            + f", {cfg.execution.attention.value} attention" + (f", clip {clip:g}" if clip > 0 else ""))
+            + f", {cfg.execution.attention.value} attention" + train_peers.clipping(clip))
 
 
 # each peer's names for its two settings: without (or with the least), with checkpointing
