@@ -84,6 +84,40 @@ def test_peers_keep_the_precision_of_the_run_config():
     assert train_peers._shape(cfg, 131072)["max_position_embeddings"] == 131072
 
 
+def test_torchtitan_peer_falls_back_to_full_ac_when_selective_runs_out_of_memory(monkeypatch):
+    """With checkpointing, torchtitan runs its trainer's default (op-level selective AC); out of memory,
+    its full AC, the row saying so; any other failure, or none, is the row as it came."""
+    import subprocess
+    import sys
+    import types
+
+    from yarn_jax import run_config
+    from yarn_jax.bench import train_peers
+
+    cfg, _ = run_config.model_config(run_config.load(str(ROOT / "configs/tiny.py"), []))
+    monkeypatch.setitem(sys.modules, "torchtitan", types.ModuleType("torchtitan"))
+    for selective, want_modes, want in (
+            ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 7.81 GiB", ["selective", "full"],
+             {"remat": "full", "setting": "titan, full AC (selective AC out of memory), clip 1"}),
+            ("ImportError: no module", ["selective"], {"error": "[rank0]: ImportError: no module"}),
+            (None, ["selective"], {"setting": "titan, selective AC, clip 1"})):
+        modes = []
+
+        def fake(argv, selective=selective, modes=modes, **_):
+            ac = argv[5]  # python -c TITAN shape seq AC ...
+            modes.append(ac)
+            if ac == "selective" and selective:
+                return subprocess.CompletedProcess(argv, 1, "", f"[rank0]: {selective}\n")
+            return subprocess.CompletedProcess(argv, 0, json.dumps({"step_s": 1.0, "peak_gib": 1.0,
+                                                                    "setting": f"titan, {ac} AC"}), "")
+        monkeypatch.setattr(train_peers.subprocess, "run", fake)
+        r = train_peers.peer(cfg, "torchtitan", 64, 1, remat=True, compiled=False, clip=1.0)
+        assert modes == want_modes
+        assert {k: r[k] for k in want} == want, r
+    r = train_peers.peer(cfg, "torchtitan", 64, 1, remat=False, compiled=False, clip=0.0)  # without: no fallback
+    assert modes[-1] == "none" and r["setting"] == "titan, none AC" and "remat" not in r
+
+
 def test_torchtitan_peer_stands_in_for_missing_data_loader_packages():
     """torchtitan's llama3 package imports its data loaders (datasets, torchdata), which the peer never
     builds and a GPU image may lack: its script's prelude puts stand-ins there, whose names import, can be

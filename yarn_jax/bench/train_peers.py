@@ -17,7 +17,8 @@ is the row's `setting`.
 - torchtitan (0.2.x: 0.3.0 needs torch >= 2.12, newer than the GPU image's 2.11): its Llama 3 model
   (the same parameter count as ours at the TinyLlama and Llama-2-7B shapes; Llama 3.1 RoPE scaling, as
   0.2.x has no YaRN: the same arithmetic on another frequency table), SDPA attention, op-level selective
-  activation checkpointing (`remat`) or none, each block under `torch.compile`, FSDP2 on one device for
+  activation checkpointing (`remat`; its full AC where selective runs out of memory: its best setting that
+  fits) or none, each block under `torch.compile`, FSDP2 on one device for
   the mixed precision, in the order its trainer applies them (`parallelize_llama`). Checked on CPU with
   torch 2.11 and torchtitan 0.2.2 (both settings run); timed on an H200 (`docs/performance.md`).
 - maxtext (0.2.5): its trainer on synthetic data (`hardware=gpu`, `attention=cudnn_flash_jax`: jax's
@@ -84,7 +85,8 @@ setting = (f"{sys.argv[7]} weights" + (f", {sys.argv[8]} autocast" if compute !=
 print(json.dumps({"step_s": statistics.median(times), "peak_gib": peak, "setting": setting}))
 '''
 
-# argv: shape json, seq, remat 0/1, steps, param dtype, compute dtype, rope json, clip (0: none) (torchtitan 0.2.x)
+# argv: shape json, seq, AC mode (none, selective, full), steps, param dtype, compute dtype, rope json,
+# clip (0: none) (torchtitan 0.2.x)
 TITAN = r'''
 import importlib.util, json, os, statistics, sys, time, types, torch
 def stand_in(attr):  # any public name of a module the image lacks: an empty class
@@ -105,7 +107,7 @@ from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list, apply_compile, apply_fsdp
 from torchtitan.models.llama3.model.args import RoPEScalingArgs, TransformerModelArgs
 from torchtitan.models.llama3.model.model import Transformer
-shape, seq, remat, steps = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
+shape, seq, ac, steps = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 param, compute, rope = getattr(torch, sys.argv[5]), getattr(torch, sys.argv[6]), json.loads(sys.argv[7])
 clip = float(sys.argv[8])
 d, f, heads = shape["hidden_size"], shape["intermediate_size"], shape["num_attention_heads"]
@@ -126,8 +128,8 @@ model.to_empty(device=dev)
 with torch.no_grad():
     model.init_weights(buffer_device=torch.device(dev))
 model = model.to(param)
-if remat:  # as its trainer's default: op-level selective AC, then per-block compile, then FSDP
-    apply_ac(model, ActivationCheckpoint(mode="selective", selective_ac_option="op"), model_compile_enabled=True,
+if ac != "none":  # as its trainer applies them: activation checkpointing, then per-block compile, then FSDP
+    apply_ac(model, ActivationCheckpoint(mode=ac, selective_ac_option="op"), model_compile_enabled=True,
              op_sac_save_list=_op_sac_save_list, base_folder="/tmp")
 apply_compile(model, Compile(enable=True))
 apply_fsdp(model, init_device_mesh(dev, (1,)), param_dtype=compute, reduce_dtype=torch.float32, pp_enabled=False)
@@ -148,7 +150,7 @@ for i in range(steps + 2):
     sync()
     if i >= 2: times.append(time.perf_counter() - t)
 setting = (f"torchtitan {torchtitan.__version__}, {sys.argv[5]} weights, {sys.argv[6]} compute (FSDP policy), "
-           f"Llama 3.1 RoPE scaling, SDPA, per-block torch.compile" + (", selective AC" if remat else ""))
+           f"Llama 3.1 RoPE scaling, SDPA, per-block torch.compile" + (f", {ac} AC" if ac != "none" else ""))
 print(json.dumps({"step_s": statistics.median(times),
                   "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0,
                   "setting": setting}))
@@ -250,9 +252,15 @@ def _torch(cfg, name: str, seq: int, steps: int, remat: bool, compiled: bool, cl
         scaling = cfg.rope_scaling  # YaRN's factor and trained length, for torchtitan's Llama 3.1 scaling
         rope = {"theta": cfg.rope_theta, "factor": getattr(scaling, "factor", 1.0),
                 "original": getattr(scaling, "original_max_position_embeddings", cfg.max_position_embeddings)}
-        argv = [json.dumps(shape), str(seq), "1" if remat else "0", str(steps), param, compute, json.dumps(rope),
-                str(clip)]
-        return _last_json(subprocess.run([sys.executable, "-c", TITAN, *argv], capture_output=True, text=True))
+        def run(ac: str) -> dict:
+            argv = [json.dumps(shape), str(seq), ac, str(steps), param, compute, json.dumps(rope), str(clip)]
+            return _last_json(subprocess.run([sys.executable, "-c", TITAN, *argv], capture_output=True, text=True))
+        r = run("selective" if remat else "none")
+        if not remat or "out of memory" not in r.get("error", "").lower():
+            return r
+        r = run("full")  # its trainer's other mode, when the default does not fit: the best setting that fits
+        return {**r, "remat": "full", **({"setting": r["setting"] + " (selective AC out of memory)"}
+                                          if "setting" in r else {})}
     argv = [json.dumps(shape), str(seq), "1" if remat else "0", "1" if compiled else "0", str(steps), name,
             param, compute, str(clip)]
     return _last_json(subprocess.run([sys.executable, "-c", HF, *argv], capture_output=True, text=True))
