@@ -20,7 +20,8 @@ is the row's `setting`.
   activation checkpointing (`remat`; its full AC where selective runs out of memory: its best setting that
   fits) or none, each block under `torch.compile`, FSDP2 on one device for
   the mixed precision, in the order its trainer applies them (`parallelize_llama`). Checked on CPU with
-  torch 2.11 and torchtitan 0.2.2 (both settings run); timed on an H200 (`docs/performance.md`).
+  torchtitan 0.2.2 on torch 2.11 and 2.13 (no AC, selective and full AC run; it imports triton and
+  tensorboard); timed on an H200 and an H100 (`docs/performance.md`).
 - maxtext (0.2.5): its trainer on synthetic data (`hardware=gpu`, `attention=cudnn_flash_jax`: jax's
   cuDNN flash attention, the kernel ours calls; the GPU image has no Transformer Engine), remat policy
   `full` with its layers scanned (its default) or, for the row without checkpointing,
