@@ -259,9 +259,10 @@ def _torch(cfg, name: str, seq: int, steps: int, remat: bool, compiled: bool, cl
         r = run("selective" if remat else "none")
         if not remat or "out of memory" not in r.get("error", "").lower():
             return r
-        r = run("full")  # its trainer's other mode, when the default does not fit: the best setting that fits
-        return {**r, "remat": "full", **({"setting": r["setting"] + " (selective AC out of memory)"}
-                                          if "setting" in r else {})}
+        r = {**run("full"), "remat": "full"}  # its trainer's other mode: the best setting that fits
+        if "setting" in r:
+            r["setting"] += " (selective AC out of memory)"
+        return r
     argv = [json.dumps(shape), str(seq), "1" if remat else "0", "1" if compiled else "0", str(steps), name,
             param, compute, str(clip)]
     return _last_json(subprocess.run([sys.executable, "-c", HF, *argv], capture_output=True, text=True))
