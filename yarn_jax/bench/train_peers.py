@@ -255,7 +255,7 @@ def _torch(cfg, name: str, seq: int, steps: int, remat: bool, compiled: bool, cl
                 "original": getattr(scaling, "original_max_position_embeddings", cfg.max_position_embeddings)}
         def run(ac: str) -> dict:
             argv = [json.dumps(shape), str(seq), ac, str(steps), param, compute, json.dumps(rope), str(clip)]
-            return _last_json(subprocess.run([sys.executable, "-c", TITAN, *argv], capture_output=True, text=True))
+            return _script(TITAN, argv)
         r = run("selective" if remat else "none")
         if not remat or "out of memory" not in r.get("error", "").lower():
             return r
@@ -265,4 +265,9 @@ def _torch(cfg, name: str, seq: int, steps: int, remat: bool, compiled: bool, cl
         return r
     argv = [json.dumps(shape), str(seq), "1" if remat else "0", "1" if compiled else "0", str(steps), name,
             param, compute, str(clip)]
-    return _last_json(subprocess.run([sys.executable, "-c", HF, *argv], capture_output=True, text=True))
+    return _script(HF, argv)
+
+
+def _script(script: str, argv: list[str]) -> dict:
+    """A peer script run in its own Python process: its last JSON line, or {"error": its last stderr line}."""
+    return _last_json(subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True))
