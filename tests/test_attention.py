@@ -99,18 +99,23 @@ def test_ring_in_bfloat16_keeps_the_reference_within_bfloat16_error():
         assert err <= 2e-2 * np.abs(w).max(), (name, err, np.abs(w).max())
 
 
-def test_fused_blocks_that_cannot_take_the_mask_fall_back_to_the_xla_loop_with_one_warning(caplog):
+def test_fused_blocks_that_cannot_take_the_mask_or_dtype_fall_back_to_the_xla_loop_with_one_warning(caplog):
     cudnn, splash = block_cudnn.Kernel(), block_splash.Kernel()  # their `supports` need no GPU or TPU
-    assert ring._kernel_for(cudnn, RingLayout.ZIGZAG, False, 256) is cudnn
-    assert ring._kernel_for(splash, RingLayout.ZIGZAG, False, 256) is splash
+    bf16 = jnp.bfloat16
+    assert ring._kernel_for(cudnn, RingLayout.ZIGZAG, False, 256, bf16) is cudnn
+    assert ring._kernel_for(splash, RingLayout.ZIGZAG, False, 256, bf16) is splash
+    assert ring._kernel_for(splash, RingLayout.ZIGZAG, False, 256, jnp.float32) is splash
     with caplog.at_level("WARNING"):
         for _ in range(3):
-            assert isinstance(ring._kernel_for(cudnn, RingLayout.ZIGZAG, True, 256), block_xla.Kernel)
-        assert isinstance(ring._kernel_for(splash, RingLayout.STRIPED, False, 256), block_xla.Kernel)
+            assert isinstance(ring._kernel_for(cudnn, RingLayout.ZIGZAG, True, 256, bf16), block_xla.Kernel)
+        assert isinstance(ring._kernel_for(splash, RingLayout.STRIPED, False, 256, bf16), block_xla.Kernel)
         # zigzag halves of 128 tokens: 64-token blocks, which splash's tiles cannot take
-        assert isinstance(ring._kernel_for(splash, RingLayout.ZIGZAG, False, 128), block_xla.Kernel)
+        assert isinstance(ring._kernel_for(splash, RingLayout.ZIGZAG, False, 128, bf16), block_xla.Kernel)
+        # an evaluation in full precision: cuDNN's fused kernel takes float16/bfloat16 only
+        assert isinstance(ring._kernel_for(cudnn, RingLayout.ZIGZAG, False, 256, jnp.float32), block_xla.Kernel)
     lines = [r.getMessage() for r in caplog.records]
     assert sum("segment ids" in x for x in lines) <= 1 and sum("striped" in x for x in lines) <= 1, lines
+    assert any("float16 or bfloat16 only (this is float32)" in x for x in lines), lines
     assert any("multiples of 128 tokens (this ring's blocks have 64)" in x for x in lines), lines
 
 

@@ -20,6 +20,7 @@ import dataclasses
 from typing import Protocol
 
 import jax
+from jax.typing import DTypeLike
 
 
 @jax.tree_util.register_dataclass
@@ -44,9 +45,9 @@ class UnsupportedJaxError(NotImplementedError, ValueError):
 class BlockKernel(Protocol):
     name: str
 
-    def supports(self, mask: Mask, block: int) -> str | None:
+    def supports(self, mask: Mask, block: int, dtype: DTypeLike) -> str | None:
         """None when the kernel computes `mask` over blocks of `block` tokens (the shortest query or key
-        block the ring hands it), else why not (one short phrase)."""
+        block the ring hands it) with q, k, v in `dtype`, else why not (one short phrase)."""
 
     def forward(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> tuple[jax.Array, jax.Array]: ...
 

@@ -13,6 +13,7 @@ only (all pairs, or causal on a square block); packed documents (segment ids) an
 from __future__ import annotations
 
 import jax
+from jax.typing import DTypeLike
 
 from yarn_jax.attention.block import Mask, UnsupportedJaxError
 
@@ -58,7 +59,9 @@ class Kernel:
 
     name = "cudnn"
 
-    def supports(self, mask: Mask, block: int) -> str | None:
+    def supports(self, mask: Mask, block: int, dtype: DTypeLike) -> str | None:
+        if jax.numpy.dtype(dtype) not in (jax.numpy.float16, jax.numpy.bfloat16):  # an evaluation in full precision
+            return f"cuDNN blocks take float16 or bfloat16 only (this is {jax.numpy.dtype(dtype).name})"
         if mask.q_segment_ids is not None:
             return "cuDNN blocks take no segment ids (packed documents)"
         if mask.q_index is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from yarn_jax.attention.block import Mask, UnsupportedJaxError
 
@@ -44,7 +45,7 @@ class Kernel:
     def __init__(self, interpret: bool = False):
         self.interpret = interpret
 
-    def supports(self, mask: Mask, block: int) -> str | None:
+    def supports(self, mask: Mask, block: int, dtype: DTypeLike) -> str | None:
         if mask.q_index is not None:
             return "splash blocks take positional masks only (not the striped layout)"
         if block % 128:  # the kernel's key tiles are whole multiples of 128 tokens

@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from yarn_jax.attention import reference
 from yarn_jax.attention.block import Mask
@@ -159,7 +160,7 @@ class Kernel:
 
     name = "xla"
 
-    def supports(self, mask: Mask, block: int) -> str | None:
+    def supports(self, mask: Mask, block: int, dtype: DTypeLike) -> str | None:
         return None
 
     forward = staticmethod(forward)

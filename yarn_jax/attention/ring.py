@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
+from jax.typing import DTypeLike
 
 from yarn_jax.attention import block_xla, decode
 from yarn_jax.attention.block import BlockKernel, Mask
@@ -213,14 +214,14 @@ _ring.defvjp(_ring_fwd, _backward)
 _warned: set[str] = set()
 
 
-def _kernel_for(kernel: BlockKernel, layout: RingLayout, segments: bool, local: int) -> BlockKernel:
-    """`kernel`, or the XLA block kernel (with one warning line per reason) where it cannot take the masks
-    or the blocks (`local` tokens per device; zigzag hands the kernel halves of them)."""
+def _kernel_for(kernel: BlockKernel, layout: RingLayout, segments: bool, local: int, dtype: DTypeLike) -> BlockKernel:
+    """`kernel`, or the XLA block kernel (with one warning line per reason) where it cannot take the masks,
+    the blocks (`local` tokens per device; zigzag hands the kernel halves of them) or q, k, v's `dtype`."""
     ids = np.zeros((1, 1), np.int32)  # stands for arrays the masks will carry; `supports` reads only which
     explicit = ids if layout is RingLayout.STRIPED else None
     block = local // 2 if layout is RingLayout.ZIGZAG else local
     why = kernel.supports(Mask(True, ids if segments else None, ids if segments else None, explicit, explicit),
-                          block)
+                          block, dtype)
     if why is None:
         return kernel
     if why not in _warned:
@@ -239,7 +240,7 @@ def ring_attention(mesh: Mesh, kernel: BlockKernel, layout: RingLayout):
     def attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx, *, window=None):
         refuse(window, k.shape[1], "a sequence split over the mesh's seq axis spans: ring attention has no "
                "sliding window; use mesh.seq=1 (or sequences no longer than the window)")
-        body = functools.partial(_ring, _kernel_for(kernel, layout, q_seg is not None, q.shape[1] // ring),
+        body = functools.partial(_ring, _kernel_for(kernel, layout, q_seg is not None, q.shape[1] // ring, q.dtype),
                                  functools.partial(_shift, axis, ring), ring, layout)
         devices = jnp.arange(ring, dtype=jnp.int32)  # [R] over the ring: each device gets its own position
         return jax.shard_map(lambda d, *xs: body(d[0], *xs), mesh=mesh,
