@@ -174,6 +174,17 @@ def test_auto_on_gpu_takes_cudnn_for_half_precision_and_the_reference_for_float3
     assert took == [jnp.bfloat16]
 
 
+def test_cudnn_chosen_explicitly_refuses_float32_in_one_line():
+    """cudnn named in the config with a float32 model: a ValueError naming the kernel and the dtype (the
+    command lines print it as one line), raised before any cuDNN call, so it is checked on CPU."""
+    from yarn_jax.attention import cudnn
+
+    q = jnp.zeros((1, 8, 2, 16), jnp.float32)
+    index = jnp.arange(8)[None]
+    with pytest.raises(ValueError, match="'cudnn' takes float16 or bfloat16, not float32"):
+        cudnn.attention(q, q, q, None, None, index, index)
+
+
 DECODE_GRID = [  # (batch, queries, heads, kv heads, head dim, cache slots, window, dtype)
     (2, 1, 8, 2, 32, 512, None, jnp.float32),  # GQA 4, one block of the XLA form per 512 slots
     (3, 1, 14, 2, 16, 256, None, jnp.bfloat16),  # GQA 7 (Qwen2-0.5B's): padded to 16 query rows in the kernel

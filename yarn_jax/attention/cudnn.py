@@ -18,6 +18,9 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, *, wind
     if q_segment_ids is not None or kv_segment_ids is not None:
         raise ValueError("attention: 'cudnn' does not support packed segment ids; use attention='reference' or "
                          "data without segment masking")
+    if implementation == "cudnn" and q.dtype not in (jax.numpy.float16, jax.numpy.bfloat16):
+        raise ValueError(f"attention: 'cudnn' takes float16 or bfloat16, not {q.dtype.name} (the model's dtype); "
+                         "use attention='auto' (the reference kernel for float32) or 'reference'")
     window = effective(window, k.shape[1])
     local = None if window is None else (window - 1, 0)
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
