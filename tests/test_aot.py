@@ -188,3 +188,22 @@ def test_train_gradient_compiles_for_tpu_v4(mesh_shape, attention):
         assert "collective-permute" in text
         loops = hlo.ring_loop_kernels(text)  # a ring of 2 has one step after its first: no loop is left
         assert (loops or mesh_shape[2] == 2) and all(kernels["tpu_custom_call"] > 0 for kernels in loops), loops
+
+
+def test_splash_with_a_window_and_a_length_no_tile_divides_compiles_for_tpu_v4():
+    """TPU's single-device kernel where its interpret-mode tests cannot reach: the local-window mask and a
+    1,000-token row (padded to 1,024 and cut to 128-token tiles), forward and gradient, bf16, GQA, compiled
+    by libtpu into Mosaic custom calls."""
+    from yarn_jax.attention import splash
+
+    device = aot.topology_devices("v4-8")[2][0]
+    spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(  # noqa: E731
+        shape, dtype, sharding=jax.sharding.SingleDeviceSharding(device))
+    idx = jnp.arange(1000)[None]
+
+    def loss(q, k, v, seg):
+        return splash.attention(q, k, v, seg, seg, idx, idx, window=300).astype(jnp.float32).sum()
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
+        spec(1, 1000, 8, 128), spec(1, 1000, 2, 128), spec(1, 1000, 2, 128), spec(1, 1000, dtype=jnp.int32)).compile()
+    assert compiled.as_text().count("tpu_custom_call") >= 2  # the forward and the backward kernels

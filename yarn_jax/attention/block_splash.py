@@ -20,12 +20,6 @@ from yarn_jax.attention.block import Mask, UnsupportedJaxError
 SUPPORTED_JAX = ("0.10.",)
 
 
-def _block(n: int) -> int:
-    """The largest of splash's usual tiles (512, 256, 128 tokens) that divides a block of `n` tokens; a
-    length that none divides is one tile (splash refuses it if its layout cannot take it)."""
-    return next((b for b in (512, 256, 128) if n % b == 0), n)
-
-
 def _lib():
     if not jax.__version__.startswith(SUPPORTED_JAX):
         raise UnsupportedJaxError(f"attention: the splash ring blocks are written for jax {' / '.join(SUPPORTED_JAX)}x "
@@ -54,7 +48,9 @@ class Kernel:
 
     def _kernel(self, t: int, s: int, g: int, causal: bool):
         kernel_lib, mask_lib = _lib()
-        bq, bkv = _block(t), _block(s)
+        from yarn_jax.attention.splash import tile
+
+        bq, bkv = tile(t), tile(s)
         # the fused backward: dq, dk, dv from one pass over the blocks (5 matmuls per block pair; the separate
         # dq and dkv kernels recompute the scores and dP twice: 8)
         sizes = kernel_lib.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
