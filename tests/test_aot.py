@@ -143,6 +143,15 @@ def test_generation_steps_compile_with_the_cache_split_over_seq(capsys):
     assert "prefill program" in out and "decode step program" in out and "fits with" in out
 
 
+def test_generation_steps_compile_on_one_chip_with_a_cache_512_does_not_divide(capsys):
+    """Without a ring the prefill runs splash over the whole cache: a 512-token prompt and 64 new tokens
+    make 768 slots, which splash's 512-token tiles refused before it took 256-token ones."""
+    rc = aot.main(["--config", str(ROOT / "configs/tiny.py"), "--topology", "v5e-1", "--generate"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "cache of 768 slots" in out and "fits with" in out
+
+
 def test_offload_moves_the_layer_inputs_to_host_memory():
     """Remat 'offload' on a TPU topology: the compiled step holds the layers' saved inputs in host memory
     ([L, B, T, D] on each chip: 4 layers x 2 rows x 4096 x 128 float32 = 16 MiB on a v4-8 with fsdp 4),
