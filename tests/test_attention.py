@@ -79,21 +79,21 @@ def test_ring_with_splash_blocks_in_interpret_mode_equals_reference(ring_size, s
     _check_vjp(ring_out, ref_out, q, k, v, 1e-5)
 
 
-SPLASH_GRID = [(512, False, None), (512, True, None), (512, False, 100), (512, True, 40),  # one 512 tile
-               (768, False, None),  # three 256 tiles (512 does not divide it)
-               (200, True, 40)]  # padded to 256 tokens, with segments and a window
+SPLASH_GRID = [(512, False, None, 128), (512, True, None, 128), (512, False, 100, 128), (512, True, 40, 128),
+               (768, False, None, 128),  # three 256 tiles (512 does not divide it)
+               (200, True, 40, 64)]  # padded to 256 tokens, with segments and a window; head dim 64 (1B models)
 
 
-@pytest.mark.parametrize("t,segments,window", SPLASH_GRID,
-                         ids=[f"{t}-{'segments' if s else 'one-doc'}-window{w}" for t, s, w in SPLASH_GRID])
-def test_splash_single_device_in_interpret_mode_equals_reference(t, segments, window):
+@pytest.mark.parametrize("t,segments,window,h", SPLASH_GRID,
+                         ids=[f"{t}-{'segments' if s else 'one-doc'}-window{w}-h{h}" for t, s, w, h in SPLASH_GRID])
+def test_splash_single_device_in_interpret_mode_equals_reference(t, segments, window, h):
     """TPU's kernel without a ring (`attention.splash`, Pallas interpret mode): forward and gradients of
     q, k, v against the reference, float32, GQA (4 query heads on 2 kv heads), two rows, packed segments
     and a sliding window shorter than the row (and than the documents); lengths that 512 does not divide
     and one that no tile divides."""
     from yarn_jax.attention import splash
 
-    q, k, v, seg = _inputs(7, b=2, t=t, n=4, k=2, h=128, segments=segments)
+    q, k, v, seg = _inputs(7, b=2, t=t, n=4, k=2, h=h, segments=segments)
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (2, t))
     fused = functools.partial(splash.attention, window=window, interpret=True)
     _check_vjp(lambda q, k, v: fused(q, k, v, seg, seg, idx, idx),
