@@ -36,8 +36,8 @@ def _kernel(t: int, s: int, heads: int, window: int | None, interpret: bool):
 
 
 def attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, *, window=None, interpret=False):
-    """q [B, T, N, H], k/v [B, S, K, H] -> [B, T, N, H]. q_index/kv_index must be 0..T-1 (no ring
-    permutation: the kernel's causal mask is positional). A sliding window shorter than the keys is the
+    """Self-attention: q [B, T, N, H], k/v [B, T, K, H] -> [B, T, N, H]. q_index/kv_index must be 0..T-1 (no
+    ring permutation: the kernel's causal mask is positional). A sliding window shorter than the keys is the
     kernel's local mask (block-sparse: blocks wholly outside the window are skipped). `interpret`: Pallas'
     interpreter (the CPU tests).
 
