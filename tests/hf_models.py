@@ -7,8 +7,8 @@ import numpy as np
 import torch
 import transformers
 
-from yarn_jax.config import LlamaConfig
-from yarn_jax.hf_layout import params_from_hf
+from yarn_jax.io.hf_layout import params_from_hf
+from yarn_jax.model.config import LlamaConfig
 
 FAMILIES = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
             "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),

@@ -15,7 +15,7 @@ import yarn_jax
 from tests.train_helpers import ROOT
 from yarn_jax import aot, attention, hlo, run_config, sharding
 from yarn_jax.attention import block_xla, ring
-from yarn_jax.execution import AttentionImpl, RingLayout
+from yarn_jax.model.execution import AttentionImpl, RingLayout
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 
@@ -175,11 +175,11 @@ def test_offload_moves_the_layer_inputs_to_host_memory():
 @pytest.mark.parametrize("mesh_shape,attention", [((1, 4, 1, 1), "splash"), ((1, 1, 4, 1), "auto")])
 def test_train_gradient_compiles_for_tpu_v4(mesh_shape, attention):
     cfg = yarn_jax.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
-                               num_kv_heads=2, head_dim=64, rope_scaling=yarn_jax.scaling.Yarn(4.0, 256),
+                               num_kv_heads=2, head_dim=64, rope_scaling=yarn_jax.model.scaling.Yarn(4.0, 256),
                                execution=yarn_jax.Execution(attention=attention, remat="full"))
     mesh = Mesh(np.asarray(aot.topology_devices("v4-8")[2][: int(np.prod(mesh_shape))]).reshape(mesh_shape),
                 sharding.AXES)
-    p_shard = yarn_jax.llama.param_shardings(cfg, mesh)
+    p_shard = yarn_jax.model.llama.param_shardings(cfg, mesh)
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           jax.eval_shape(lambda: yarn_jax.init_params(cfg, jax.random.key(0))), p_shard)
     tokens = jax.ShapeDtypeStruct((4, 2048), jnp.int32, sharding=sharding.batch_sharding(mesh))

@@ -11,7 +11,7 @@ import pytest
 from tests.tolerances import TOL
 from yarn_jax import sharding
 from yarn_jax.attention import block_cudnn, block_splash, block_xla, reference, ring
-from yarn_jax.execution import RingLayout
+from yarn_jax.model.execution import RingLayout
 
 
 def _inputs(seed, b=2, t=64, n=4, k=2, h=8, segments=True):
@@ -169,7 +169,7 @@ def test_ring_errors():
 
 def test_kernel_platform_mismatch_is_an_error():
     from yarn_jax import attention
-    from yarn_jax.execution import AttentionImpl
+    from yarn_jax.model.execution import AttentionImpl
 
     with pytest.raises(ValueError, match="'cudnn' needs platform 'gpu', but this is 'cpu'"):
         attention.select(AttentionImpl.CUDNN, "cpu")
@@ -182,7 +182,7 @@ def test_auto_on_gpu_takes_cudnn_for_half_precision_and_the_reference_for_float3
     """cuDNN's fused kernel takes float16/bfloat16 only: a float32 evaluation on a GPU (the parity checks)
     runs the reference attention; bfloat16 goes to cuDNN (replaced here by a recorder)."""
     from yarn_jax import attention
-    from yarn_jax.execution import AttentionImpl
+    from yarn_jax.model.execution import AttentionImpl
 
     took = []
     monkeypatch.setattr(attention.cudnn, "attention", lambda q, *a, **k: took.append(q.dtype) or q)

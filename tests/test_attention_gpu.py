@@ -16,7 +16,7 @@ from tests.tolerances import LSE_BF16_ATOL, TOL
 from yarn_jax import sharding
 from yarn_jax.attention import block_cudnn, block_xla, cudnn, reference, ring
 from yarn_jax.attention.block import Mask
-from yarn_jax.execution import RingLayout
+from yarn_jax.model.execution import RingLayout
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU with cuDNN")
 
@@ -93,7 +93,8 @@ def test_generation_with_cudnn_prefill_equals_the_reference_kernel():
     8 decode steps against the cache, teacher-forced, give the logits of the same bf16 model with the
     reference attention within bf16 tolerance (relative to the largest logit)."""
     import yarn_jax
-    from yarn_jax import generate, scaling
+    from yarn_jax import generate
+    from yarn_jax.model import scaling
 
     cfg = yarn_jax.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
                                num_kv_heads=2, head_dim=64, max_position_embeddings=1024,

@@ -5,7 +5,8 @@ import jax
 import numpy as np
 
 from tests import hf_models
-from yarn_jax import checkpoint, convert, sharding
+from yarn_jax import convert, sharding
+from yarn_jax.io import checkpoint
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
 

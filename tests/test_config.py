@@ -4,8 +4,8 @@ import jax
 import pytest
 
 import yarn_jax
-from yarn_jax import config as C
-from yarn_jax import scaling as S
+from yarn_jax.model import config as C
+from yarn_jax.model import scaling as S
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0)

@@ -3,8 +3,8 @@
 import pytest
 
 from tests.train_helpers import ROOT, load_config
-from yarn_jax import config as config_lib
-from yarn_jax import scaling
+from yarn_jax.model import config as config_lib
+from yarn_jax.model import scaling
 from yarn_jax.run_config import model_config
 
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py"))

@@ -13,7 +13,8 @@ import transformers
 import yarn_jax
 from tests import hf_models
 from tests.tolerances import EXPORTED_LOGITS_ATOL, HF_LOGITS_ATOL
-from yarn_jax import checkpoint, convert
+from yarn_jax import convert
+from yarn_jax.io import checkpoint
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
 VARIANTS = {
@@ -77,7 +78,7 @@ def test_rope_override_extends_a_model(tmp_path):
     cfg = convert.from_hf(src, tmp_path / "ckpt", dtype="bfloat16",
                           rope={"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 32,
                                 "max_position_embeddings": 512})
-    assert cfg.rope_scaling == yarn_jax.scaling.Yarn(16.0, 32) and cfg.max_position_embeddings == 512
+    assert cfg.rope_scaling == yarn_jax.model.scaling.Yarn(16.0, 32) and cfg.max_position_embeddings == 512
     cfg2, params = checkpoint.load_checkpoint(tmp_path / "ckpt")
     assert cfg2.rope_scaling == cfg.rope_scaling
     assert params["embedding"].dtype == jax.numpy.bfloat16
@@ -89,13 +90,14 @@ def test_rope_override_extends_a_model(tmp_path):
 def test_scalings_transformers_lacks_are_refused_on_export():
     """PI with a temperature (the ablation's) and dynamic YaRN have no transformers form: exporting one
     would give a model that loads and computes something else."""
-    base = yarn_jax.config.tiny(max_position_embeddings=32).to_hf()
+    base = yarn_jax.model.config.tiny(max_position_embeddings=32).to_hf()
     for scaling, field in (({"rope_type": "linear", "factor": 4.0, "attention_factor": 1.2}, "attention_factor"),
                            ({"rope_type": "dynamic_yarn", "original_max_position_embeddings": 32}, "dynamic_yarn")):
-        cfg = yarn_jax.config.LlamaConfig.from_hf({**base, "rope_scaling": scaling})
+        cfg = yarn_jax.model.config.LlamaConfig.from_hf({**base, "rope_scaling": scaling})
         with pytest.raises(ValueError, match=field):
             convert.transformers_config(cfg)
-    plain_pi = yarn_jax.config.LlamaConfig.from_hf({**base, "rope_scaling": {"rope_type": "linear", "factor": 4.0}})
+    plain_pi = yarn_jax.model.config.LlamaConfig.from_hf({**base,
+                                                         "rope_scaling": {"rope_type": "linear", "factor": 4.0}})
     assert convert.transformers_config(plain_pi)["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
 
 
@@ -155,7 +157,7 @@ def test_sigterm_during_a_conversion_leaves_nothing_behind(tmp_path):
     import time
 
     src = _save(hf_models.hf_model(hf_models.hf_config(layers=2)), tmp_path / "hf")
-    code = ("import os, signal, sys; from yarn_jax import convert, checkpoint\n"
+    code = ("import os, signal, sys; from yarn_jax import convert; from yarn_jax.io import checkpoint\n"
             "real = checkpoint.save_params_streamed\n"
             "def slow(*a, **k):\n"
             "    real(*a, **k); print('written', flush=True); signal.pause()\n"

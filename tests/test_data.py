@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from tests.train_helpers import corpus
-from yarn_jax import data
-from yarn_jax import tokenizer as tokenizer_lib
+from yarn_jax.io import data
+from yarn_jax.io import tokenizer as tokenizer_lib
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_tokenizer_is_the_same_in_every_process(tmp_path):
     import subprocess
     import sys
 
-    script = ("import sys; from tests.train_helpers import corpus; from yarn_jax import tokenizer; "
+    script = ("import sys; from tests.train_helpers import corpus; from yarn_jax.io import tokenizer; "
               "tokenizer.TRAIN_LINES = 1500; "
               "from sentencepiece import sentencepiece_model_pb2 as pb; m = pb.ModelProto(); "
               "m.ParseFromString(open(tokenizer.train_sentencepiece(corpus(), 400, sys.argv[1]), 'rb').read()); "

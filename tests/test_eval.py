@@ -11,9 +11,9 @@ import torch
 from tests import hf_models
 from tests.train_helpers import corpus
 from yarn_jax import convert
-from yarn_jax import tokenizer as tokenizer_lib
 from yarn_jax.eval import __main__ as cli
 from yarn_jax.eval import passkey, perplexity
+from yarn_jax.io import tokenizer as tokenizer_lib
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from yarn_jax import config
-from yarn_jax.execution import AttentionImpl, Execution, Remat
+from yarn_jax.model import config
+from yarn_jax.model.execution import AttentionImpl, Execution, Remat
 
 
 def test_invalid_execution_policy_names_the_field():

@@ -21,8 +21,9 @@ from tests.tolerances import (
     REORDER_ATOL,
     REORDER_RTOL,
 )
-from yarn_jax import checkpoint, convert, sharding
+from yarn_jax import convert, sharding
 from yarn_jax.attention import cudnn, reference
+from yarn_jax.io import checkpoint
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
 T = 40  # tokens: past original_max_position_embeddings (16) and past the windows (8)
@@ -146,7 +147,7 @@ BAD = [
 
 @pytest.mark.parametrize("change,message", BAD, ids=[m.split(":")[0] + str(i) for i, (_, m) in enumerate(BAD)])
 def test_bad_family_keys_name_the_key(change, message):
-    hf = {**yarn_jax.config.tiny().to_hf(), **change}
+    hf = {**yarn_jax.model.config.tiny().to_hf(), **change}
     with pytest.raises(ValueError, match=message):
         yarn_jax.LlamaConfig.from_hf(hf)
 

@@ -11,7 +11,7 @@ import pytest
 import yarn_jax
 from tests import hf_models
 from yarn_jax import train_step
-from yarn_jax.projection import fp8_dot
+from yarn_jax.model.projection import fp8_dot
 
 
 def rounded(x: np.ndarray, dtype) -> np.ndarray:

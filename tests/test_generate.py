@@ -113,7 +113,7 @@ def test_a_decode_step_on_per_layer_weights_equals_the_layer_loop():
     loop that the host loop and the prefill run."""
     import jax.numpy as jnp
 
-    from yarn_jax.llama import unstack_layers
+    from yarn_jax.model.llama import unstack_layers
 
     cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(rope_scaling=ROPES["yarn"], max_pos=64).to_dict(),
                                        dtype="float32")

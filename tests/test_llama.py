@@ -129,7 +129,7 @@ def test_cast_dot_is_autodiffs_arithmetic_without_keeping_the_cast(contract):
     backward, it keeps only its arguments."""
     from jax._src.ad_checkpoint import saved_residuals
 
-    from yarn_jax import projection
+    from yarn_jax.model import projection
 
     kx, kw, kg = jax.random.split(jax.random.key(contract), 3)
     w = jax.random.normal(kw, (4, 6, 10) if contract == 2 else (24, 3, 5), jnp.float32)  # K = 24, F = 10 or 15

@@ -12,9 +12,9 @@ import torch
 
 from tests.hf_models import hf_config, hf_model
 from tests.test_tokenizer import TEXT, make_bpe
-from yarn_jax import rope as rope_lib
-from yarn_jax import tokenizer as tokenizer_lib
 from yarn_jax.bench import real_model, real_model_report, smollm2
+from yarn_jax.io import tokenizer as tokenizer_lib
+from yarn_jax.model import rope as rope_lib
 
 gguf = pytest.importorskip("gguf")
 
@@ -163,8 +163,8 @@ def test_plan_lengths_and_scalings():
     assert plan.base_passkey == [4096, 8192, 16384, 32768] and plan.tuned_lengths == [8192, 16384, 32768, 65536]
     specs = plan.no_finetune()
     assert specs["YaRN s=4"] == "yarn:factor=4,original_max_position_embeddings=8192,max_position_embeddings=32768"
-    from yarn_jax.config import LlamaConfig, with_rope
     from yarn_jax.eval.__main__ import _rope
+    from yarn_jax.model.config import LlamaConfig, with_rope
 
     smol = LlamaConfig.from_hf(hf_config(max_pos=8192).to_dict())
     for spec in specs.values():  # each is a valid override of the model's own config

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 
 from tests.train_helpers import corpus as small_corpus
-from yarn_jax import config as config_lib
-from yarn_jax import data, repro, scaling
-from yarn_jax import rope as rope_lib
-from yarn_jax import tokenizer as tokenizer_lib
+from yarn_jax import repro
 from yarn_jax.bench import repro_report, reproduce
 from yarn_jax.eval import passkey
+from yarn_jax.io import data
+from yarn_jax.io import tokenizer as tokenizer_lib
+from yarn_jax.model import config as config_lib
+from yarn_jax.model import rope as rope_lib
+from yarn_jax.model import scaling
 
 
 def test_corpus_split_is_disjoint_and_held_out_documents_are_long():

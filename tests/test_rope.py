@@ -15,8 +15,8 @@ from transformers.models.llama import modeling_llama
 
 from tests.reference import original_yarn as ref
 from tests.tolerances import ANGLE_ATOL, FLOAT64_ATOL, ROPE_RTOL
-from yarn_jax import rope as R
-from yarn_jax import scaling as S
+from yarn_jax.model import rope as R
+from yarn_jax.model import scaling as S
 
 
 def _hf(head_dim, theta, max_pos, scaling):

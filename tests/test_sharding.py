@@ -41,7 +41,7 @@ def test_offloaded_layer_inputs_on_a_mesh_equal_single_device():
 def assert_sharded_equals_one_device(cfg, params, mesh, tokens, positions=None, segment_ids=None):
     """Logits and parameter gradients of a loss over them on `mesh` (parameters placed by the rules) equal
     one device's; shared by the model families' tests."""
-    placed = jax.device_put(params, yarn_jax.llama.param_shardings(cfg, mesh))
+    placed = jax.device_put(params, yarn_jax.model.llama.param_shardings(cfg, mesh))
 
     def loss(p, m):
         logits = yarn_jax.forward(cfg, p, tokens, positions, segment_ids, mesh=m)

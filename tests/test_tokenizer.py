@@ -12,9 +12,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from tests import hf_models
 from tests.train_helpers import corpus, tiny_run_config
-from yarn_jax import checkpoint, cli, convert, generate, train
-from yarn_jax import tokenizer as tokenizer_lib
+from yarn_jax import cli, convert, generate, train
 from yarn_jax.eval import __main__ as eval_main
+from yarn_jax.io import checkpoint
+from yarn_jax.io import tokenizer as tokenizer_lib
 
 TEXT = "def f(x):\n    return x * 12345  # café"
 
@@ -110,7 +111,7 @@ def test_a_run_keeps_its_tokenizer_and_every_command_uses_it(trained, tmp_path, 
     tok = tokenizer_lib.load(path)
     assert auto(TEXT).input_ids == tok.with_bos(tok.encode(TEXT))
     # what the trainer fed: the first document of its stream, bookended
-    from yarn_jax import data
+    from yarn_jax.io import data
 
     first = data._Tokenize(data.DataConfig(sources=(str(doc),), tokenizer=str(path), seq_len=64,
                                            batch_size=1))(str(doc))["tokens"]

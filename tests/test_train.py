@@ -197,7 +197,8 @@ def test_trainer_checkpoint_exports_to_hugging_face(cache, tmp_path):
     """to-hf reads the trainer's checkpoints (parameters taken out of the train state, sharded on a mesh)."""
     import numpy as np
 
-    from yarn_jax import checkpoint, convert, hf_files, hf_layout
+    from yarn_jax import convert
+    from yarn_jax.io import checkpoint, hf_files, hf_layout
 
     train.Run(tiny_run_config(cache, steps=2, save_every=2), str(tmp_path / "run")).train()
     cfg, params = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoints")

@@ -86,7 +86,7 @@ def test_loss_gradient_taken_in_its_forward_pass_equals_autodiff(param_dtype):
     """`loss._nll` (each chunk's gradient computed in the forward pass) against autodiff of the same NLL
     from full float32 logits: value, both gradients, the unembedding's gradient in its own dtype, and the
     undifferentiated value equal to the differentiated one."""
-    from yarn_jax import loss
+    from yarn_jax.model import loss
 
     rng = np.random.default_rng(7)
     b, t, d, v, chunk = 2, 16, 8, 50, 4

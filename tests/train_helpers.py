@@ -3,7 +3,8 @@
 import json
 from pathlib import Path
 
-from yarn_jax import data, run_config
+from yarn_jax import run_config
+from yarn_jax.io import data
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,12 +5,12 @@ Dimension alphabet, used in einsums, shape comments and docstrings throughout:
     G = N / K query heads per kv head, H head dim, F MLP hidden, V vocab, L layers.
 """
 
-from yarn_jax.checkpoint import load_checkpoint
-from yarn_jax.config import LlamaConfig
-from yarn_jax.execution import AttentionImpl, Execution, Remat, RingLayout
-from yarn_jax.llama import forward, hidden_states, init_params, logical_axes, unembed
-from yarn_jax.rope import apply_rope, cos_sin
-from yarn_jax.rope import frequencies as rope_frequencies
+from yarn_jax.io.checkpoint import load_checkpoint
+from yarn_jax.model.config import LlamaConfig
+from yarn_jax.model.execution import AttentionImpl, Execution, Remat, RingLayout
+from yarn_jax.model.llama import forward, hidden_states, init_params, logical_axes, unembed
+from yarn_jax.model.rope import apply_rope, cos_sin
+from yarn_jax.model.rope import frequencies as rope_frequencies
 from yarn_jax.sharding import make_mesh
 
 

@@ -33,9 +33,9 @@ from jax.sharding import Mesh
 
 from yarn_jax import cli, hlo, run_config, sharding, train_step
 from yarn_jax.attention import ring
-from yarn_jax.config import LlamaConfig
-from yarn_jax.execution import Remat
 from yarn_jax.hardware import Chip, parse_topology
+from yarn_jax.model.config import LlamaConfig
+from yarn_jax.model.execution import Remat
 
 
 def topology_devices(name: str, num_slices: int = 1) -> tuple[Chip, int, list[Any]]:
@@ -186,7 +186,7 @@ def generation_report(config: Any, topology: str, new_tokens: int = 64) -> tuple
     seq axis, then one decode step (`generate.step`, as `generate` runs them), parameters in bf16.
     (figures, lines): per-chip memory of each program and the fit verdict."""
     from yarn_jax import generate
-    from yarn_jax.llama import Cache, init_params, param_shardings
+    from yarn_jax.model.llama import Cache, init_params, param_shardings
     from yarn_jax.run_config import model_config
 
     chip, chips, devices = topology_devices(topology)

@@ -29,11 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from yarn_jax import checkpoint, cli, hf_files, hf_layout
-from yarn_jax import scaling as scaling_lib
-from yarn_jax import tokenizer as tokenizer_lib
-from yarn_jax.config import LlamaConfig, with_rope
-from yarn_jax.execution import DTYPES
+from yarn_jax import cli
+from yarn_jax.io import checkpoint, hf_files, hf_layout
+from yarn_jax.io import tokenizer as tokenizer_lib
+from yarn_jax.model import scaling as scaling_lib
+from yarn_jax.model.config import LlamaConfig, with_rope
+from yarn_jax.model.execution import DTYPES
 
 
 def _alive(pid: int) -> bool:

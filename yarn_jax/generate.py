@@ -29,10 +29,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from yarn_jax import attention, sharding
-from yarn_jax import rope as rope_lib
-from yarn_jax import scaling as scaling_lib
-from yarn_jax.config import LlamaConfig
-from yarn_jax.llama import Cache, Llama, model, param_shardings, unstack_layers
+from yarn_jax.model import rope as rope_lib
+from yarn_jax.model import scaling as scaling_lib
+from yarn_jax.model.config import LlamaConfig
+from yarn_jax.model.llama import Cache, Llama, model, param_shardings, unstack_layers
 
 CACHE_BUCKET = 256  # cache lengths round up to a multiple: prompts of similar length share compilations
 
@@ -251,8 +251,9 @@ def _same(a: tuple, b: tuple) -> bool:
 def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
-    from yarn_jax import checkpoint, cli, convert
-    from yarn_jax import tokenizer as tokenizer_lib
+    from yarn_jax import cli, convert
+    from yarn_jax.io import checkpoint
+    from yarn_jax.io import tokenizer as tokenizer_lib
 
     p = cli.ArgumentParser(prog="python -m yarn_jax.generate", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)

@@ -54,8 +54,8 @@ def passkey_documents(directory: Path, tokenizer: str, max_tokens: int, n: int =
     returns their paths."""
     import numpy as np
 
-    from yarn_jax import tokenizer as tokenizer_lib
     from yarn_jax.eval import passkey
+    from yarn_jax.io import tokenizer as tokenizer_lib
 
     sp = tokenizer_lib.load(tokenizer, "data.tokenizer")
     fixed = len(sp.encode(" ".join([passkey.TASK, passkey.key_line(99999), passkey.QUESTION, "99999."]))) + 2

@@ -9,9 +9,10 @@ from pathlib import Path
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from yarn_jax import checkpoint, sharding
-from yarn_jax import config as config_lib
-from yarn_jax.execution import Execution
+from yarn_jax import sharding
+from yarn_jax.io import checkpoint
+from yarn_jax.model import config as config_lib
+from yarn_jax.model.execution import Execution
 
 SHAPE_KEYS = {"vocab_size": int, "hidden_size": int, "intermediate_size": int, "num_layers": int, "num_heads": int,
               "num_kv_heads": int, "head_dim": int, "max_position_embeddings": int, "rope_theta": float,

@@ -38,10 +38,11 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from yarn_jax import checkpoint, cli, data, hardware, sharding, workdir
-from yarn_jax import config as config_lib
-from yarn_jax import tokenizer as tokenizer_lib
+from yarn_jax import cli, hardware, sharding, workdir
 from yarn_jax import train_step as ts
+from yarn_jax.io import checkpoint, data
+from yarn_jax.io import tokenizer as tokenizer_lib
+from yarn_jax.model import config as config_lib
 from yarn_jax.run_config import model_config, validate
 
 
@@ -119,7 +120,7 @@ class Run:
             _, params = checkpoint.load_checkpoint(init_from, self.mesh,
                                                   param_dtype=self.cfg.execution.param_dtype)
         else:
-            from yarn_jax.llama import init_params
+            from yarn_jax.model.llama import init_params
 
             init = jax.jit(lambda k: init_params(self.cfg, k), out_shardings=self.shardings.params)
             params = init(jax.random.key(self.config.seed))

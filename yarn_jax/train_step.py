@@ -1,4 +1,4 @@
-"""The jitted train step: the next-token loss (`loss.py`), gradient accumulation, AdamW with clipping.
+"""The jitted train step: the next-token loss (`model/loss.py`), gradient accumulation, AdamW with clipping.
 
     step = build(run_config, cfg, mesh)                       # the one builder: train, aot and bench
     state, metrics = step.fn(state, batch, loss_scale)
@@ -18,11 +18,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from yarn_jax import attention, data, sharding
-from yarn_jax.config import LlamaConfig
-from yarn_jax.llama import param_shardings
-from yarn_jax.loss import loss_fn
-from yarn_jax.validate import member, set_field
+from yarn_jax import attention, sharding
+from yarn_jax.io import data
+from yarn_jax.model.config import LlamaConfig
+from yarn_jax.model.llama import param_shardings
+from yarn_jax.model.loss import loss_fn
+from yarn_jax.model.validate import member, set_field
 
 
 class Schedule(enum.Enum):  # the learning rate after warm-up
@@ -136,7 +137,7 @@ def build(config: Any, cfg: LlamaConfig, mesh: Mesh) -> Step:
 
 def state_shardings(cfg: LlamaConfig, mesh: Mesh, tx: optax.GradientTransformation) -> tuple[Any, Any]:
     """(abstract TrainState with shardings, the shardings tree) for jit and for Orbax restores."""
-    from yarn_jax.llama import init_params
+    from yarn_jax.model.llama import init_params
 
     p_shard = param_shardings(cfg, mesh)
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),

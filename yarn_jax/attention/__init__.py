@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from yarn_jax.attention import block_xla, cudnn, decode, reference, ring
 from yarn_jax.attention.block import BlockKernel
 from yarn_jax.attention.sharded import per_device
-from yarn_jax.execution import AttentionImpl, Execution
+from yarn_jax.model.execution import AttentionImpl, Execution
 from yarn_jax.sharding import ring_size
 
 AttentionFn = Callable[..., jax.Array]

@@ -36,7 +36,7 @@ from yarn_jax.attention import block_xla, decode
 from yarn_jax.attention.block import BlockKernel, Mask
 from yarn_jax.attention.sharded import specs
 from yarn_jax.attention.window import refuse
-from yarn_jax.execution import RingLayout
+from yarn_jax.model.execution import RingLayout
 from yarn_jax.sharding import SEQ_AXIS, ring_size
 
 _log = logging.getLogger(__name__)

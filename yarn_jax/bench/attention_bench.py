@@ -42,7 +42,7 @@ def model_check(impl: str, t: int = 2048) -> float:
     import yarn_jax
 
     cfg = yarn_jax.LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_layers=2, num_heads=8,
-                               num_kv_heads=2, head_dim=64, rope_scaling=yarn_jax.scaling.Yarn(4.0, 512)
+                               num_kv_heads=2, head_dim=64, rope_scaling=yarn_jax.model.scaling.Yarn(4.0, 512)
                                ).with_execution(dtype="bfloat16")
     params = yarn_jax.init_params(cfg, jax.random.key(0))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, t))
@@ -124,7 +124,7 @@ def _time(attend, q, k, v, flops: float) -> dict[str, float]:
 
 def kernel_rows(impl: str, seqs: list[int], n: int, kv_list: list[int], h: int) -> list[dict]:
     from yarn_jax import attention
-    from yarn_jax.execution import AttentionImpl
+    from yarn_jax.model.execution import AttentionImpl
 
     fn = None if impl.startswith(CANDIDATE_PREFIXES) else attention.select(AttentionImpl(impl))
     rows = []
@@ -147,7 +147,7 @@ def ring_rows(block: str, seqs: list[int], rings: list[int], n: int, kv_list: li
     """Per ring size: the single-device kernel at T / R tokens, then the first and last ring device."""
     from yarn_jax import attention
     from yarn_jax.attention import ring
-    from yarn_jax.execution import AttentionImpl
+    from yarn_jax.model.execution import AttentionImpl
 
     kernel = attention.block_kernel(AttentionImpl(block))
     single = attention.select(AttentionImpl(block))
@@ -174,7 +174,7 @@ def ring_check() -> float:
 
     from yarn_jax import attention, sharding
     from yarn_jax.attention import reference, ring
-    from yarn_jax.execution import AttentionImpl, RingLayout
+    from yarn_jax.model.execution import AttentionImpl, RingLayout
 
     t, devices = 2048, jax.device_count()
     perm = ring.permutation(t, devices, RingLayout.ZIGZAG)

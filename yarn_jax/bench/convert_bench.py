@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from yarn_jax import config as config_lib
-from yarn_jax import convert, hf_files, hf_layout
-from yarn_jax.execution import DTYPES
+from yarn_jax import convert
+from yarn_jax.io import hf_files, hf_layout
+from yarn_jax.model import config as config_lib
+from yarn_jax.model.execution import DTYPES
 
 
 def write_random_hf(cfg: config_lib.LlamaConfig, out: Path, dtype: np.dtype, seed: int = 0) -> None:

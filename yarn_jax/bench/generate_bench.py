@@ -76,8 +76,9 @@ def ours(config, prompt: int, batch: int, new: int) -> dict:
     import jax
     import numpy as np
 
-    from yarn_jax import generate, hardware, scaling
-    from yarn_jax.llama import init_params
+    from yarn_jax import generate, hardware
+    from yarn_jax.model import scaling
+    from yarn_jax.model.llama import init_params
 
     cfg = _model(config, prompt, new)
     params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(0))

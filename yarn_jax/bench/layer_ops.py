@@ -29,7 +29,7 @@ def op(name: str, impl: str, eps: float):
     """fn(x, w...) for op `name` ('swiglu': x, gate, up; 'rmsnorm': x, scale) by `impl`."""
     import jax
 
-    from yarn_jax import llama
+    from yarn_jax.model import llama
 
     if impl == "xla":
         if name == "swiglu":

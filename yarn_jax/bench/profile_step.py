@@ -112,9 +112,10 @@ def _decode(config, prompt: int, batch: int):
     import jax.numpy as jnp
     import numpy as np
 
-    from yarn_jax import generate, scaling
+    from yarn_jax import generate
     from yarn_jax.bench.generate_bench import _model
-    from yarn_jax.llama import init_params
+    from yarn_jax.model import scaling
+    from yarn_jax.model.llama import init_params
 
     chunk = generate.DECODE_CHUNK
     cfg = _model(config, prompt, 8 * chunk)  # room for the warm-ups and the traced steps

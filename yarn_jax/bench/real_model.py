@@ -141,10 +141,10 @@ def parity(out: Path, hf: Path, novels: Path, plan: Plan, separate_process: bool
     import numpy as np
 
     from yarn_jax import convert
-    from yarn_jax import tokenizer as tokenizer_lib
-    from yarn_jax.config import LlamaConfig, with_rope
     from yarn_jax.eval import perplexity
     from yarn_jax.eval.__main__ import _rope
+    from yarn_jax.io import tokenizer as tokenizer_lib
+    from yarn_jax.model.config import LlamaConfig, with_rope
 
     cfg0, params = convert.load_hf(hf, dtype="float32")
     tok = tokenizer_lib.load(hf)
@@ -249,7 +249,7 @@ def main(argv: list[str]) -> int:
     res = {**previous, "original": plan.original, "extended": plan.extended, "base_lengths": plan.base_lengths,
            "tuned_lengths": plan.tuned_lengths, "trials": plan.trials, "machine": _machine(),
            "timings": json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}}
-    from yarn_jax import tokenizer as tokenizer_lib
+    from yarn_jax.io import tokenizer as tokenizer_lib
 
     tok = tokenizer_lib.load(hf)
     texts = [json.loads(line)["text"] for line in open(novels)]

@@ -275,7 +275,7 @@ def main(argv: list[str]) -> int:
     except ValueError:
         print(f"error: --seeds: expected comma-separated integers, got {a.seeds!r}", file=sys.stderr)
         return 2
-    from yarn_jax import tokenizer as tokenizer_lib
+    from yarn_jax.io import tokenizer as tokenizer_lib
 
     train_files, heldout = corpus()
     if not heldout:

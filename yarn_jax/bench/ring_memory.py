@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
     rows = []
     for r in (int(x) for x in a.rings.split(",")):
         mesh = sharding.make_mesh(seq=r, devices=jax.devices()[:r])
-        p_shard = yarn_jax.llama.param_shardings(cfg, mesh)
+        p_shard = yarn_jax.model.llama.param_shardings(cfg, mesh)
         params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                               jax.eval_shape(lambda: yarn_jax.init_params(cfg, jax.random.key(0))), p_shard)
         tokens = jax.ShapeDtypeStruct((1, a.seq_len), jnp.int32, sharding=sharding.batch_sharding(mesh))

@@ -272,8 +272,8 @@ def hf_tokenizer(reader: Any) -> tuple[Any, dict[str, Any]]:
 def _write_hf(gguf_path: Path, out: Path) -> None:
     import gguf
 
-    from yarn_jax import hf_files
     from yarn_jax.convert import atomic_dir
+    from yarn_jax.io import hf_files
 
     reader = gguf.GGUFReader(str(gguf_path))
     cfg = hf_config(reader)

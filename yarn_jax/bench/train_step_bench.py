@@ -58,7 +58,7 @@ def setup(config, seq: int):
     import numpy as np
 
     from yarn_jax import sharding, train_step
-    from yarn_jax.llama import init_params
+    from yarn_jax.model.llama import init_params
 
     cfg, tx, mesh, step = _compile(config, seq)
     shardings = step.input_shardings[0][0]  # the train state's, as the step expects them

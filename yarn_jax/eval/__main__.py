@@ -80,8 +80,9 @@ def _mesh(spec: str) -> dict[str, int]:
 
 def models(args) -> tuple[list[tuple[str, Any, Any]], Any]:
     """([(label, cfg, params) for every source x rope variant], mesh or None)."""
-    from yarn_jax import checkpoint, convert, sharding
-    from yarn_jax.config import LlamaConfig, with_rope
+    from yarn_jax import convert, sharding
+    from yarn_jax.io import checkpoint
+    from yarn_jax.model.config import LlamaConfig, with_rope
 
     ropes = [(spec, _rope(spec)) for spec in args.rope or ["none"]]  # bad specs fail before any loading
     mesh = sharding.make_mesh(**_mesh(args.mesh)) if args.mesh else None
@@ -125,8 +126,8 @@ def _source(spec: str) -> tuple[str, str]:
 
 
 def _tokenizer(args, cfgs):
-    from yarn_jax import checkpoint
-    from yarn_jax import tokenizer as tokenizer_lib
+    from yarn_jax.io import checkpoint
+    from yarn_jax.io import tokenizer as tokenizer_lib
 
     sources = [(f"--checkpoint {spec}", checkpoint.tokenizer_of(_checkpoint_path(spec)[0]))
                for spec in args.checkpoint] + [(f"--hf {spec}", Path(_source(spec)[1])) for spec in args.hf]
@@ -148,8 +149,8 @@ def _write(out: Path, name: str, rows: list[dict]) -> None:
 def run_perplexity(args) -> list[dict]:
     from tqdm import tqdm
 
-    from yarn_jax import data
     from yarn_jax.eval import perplexity, plots
+    from yarn_jax.io import data
 
     lengths = args.lengths
     out = cli.check_writable(args.out, "--out")  # before the evaluation whose results it holds

@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from yarn_jax import loss, sharding
-from yarn_jax.config import LlamaConfig
+from yarn_jax import sharding
+from yarn_jax.model import loss
+from yarn_jax.model.config import LlamaConfig
 
 
 class Protocol(enum.Enum):

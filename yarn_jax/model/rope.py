@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from yarn_jax import scaling as scaling_lib
-from yarn_jax.validate import number, set_field
+from yarn_jax.model import scaling as scaling_lib
+from yarn_jax.model.validate import number, set_field
 
 
 @dataclasses.dataclass(frozen=True)

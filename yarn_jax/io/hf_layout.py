@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from yarn_jax.config import LlamaConfig
+from yarn_jax.model.config import LlamaConfig
 
 
 @dataclasses.dataclass(frozen=True)

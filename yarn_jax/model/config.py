@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from yarn_jax import rope as rope_lib
-from yarn_jax import scaling as scaling_lib
-from yarn_jax.execution import Execution, Remat
-from yarn_jax.validate import member, number, set_field
+from yarn_jax.model import rope as rope_lib
+from yarn_jax.model import scaling as scaling_lib
+from yarn_jax.model.execution import Execution, Remat
+from yarn_jax.model.validate import member, number, set_field
 
 
 class Family(enum.Enum):

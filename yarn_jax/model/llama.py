@@ -19,11 +19,12 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from yarn_jax import attention, projection, sharding
-from yarn_jax import rope as rope_lib
+from yarn_jax import attention, sharding
 from yarn_jax.attention import decode, reference
-from yarn_jax.config import LlamaConfig
-from yarn_jax.execution import Remat
+from yarn_jax.model import projection
+from yarn_jax.model import rope as rope_lib
+from yarn_jax.model.config import LlamaConfig
+from yarn_jax.model.execution import Remat
 
 _INIT = nn.initializers.normal(0.02)  # transformers' initializer_range
 DECODE = decode.attention("cpu")  # generation's attention by default: XLA's, any platform

@@ -15,7 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from yarn_jax.validate import member, number, set_field
+from yarn_jax.model.validate import member, number, set_field
 
 
 class Remat(enum.Enum):

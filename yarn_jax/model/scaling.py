@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from yarn_jax.validate import number, set_field
+from yarn_jax.model.validate import number, set_field
 
 # ----------------------------------------------------------------------------- shared arithmetic
 

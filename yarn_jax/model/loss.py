@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from yarn_jax import attention
-from yarn_jax.config import LlamaConfig
-from yarn_jax.llama import hidden_states, unembedding
+from yarn_jax.model.config import LlamaConfig
+from yarn_jax.model.llama import hidden_states, unembedding
 
 
 def targets(tokens: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:

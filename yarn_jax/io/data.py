@@ -30,8 +30,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from yarn_jax import tokenizer as tokenizer_lib
-from yarn_jax.validate import member, set_field
+from yarn_jax.io import tokenizer as tokenizer_lib
+from yarn_jax.model.validate import member, set_field
 
 
 class Format(enum.Enum):
@@ -54,7 +54,7 @@ class Positions(enum.Enum):  # see the module docstring
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     sources: tuple[str, ...]  # files or globs
-    tokenizer: str  # SentencePiece .model, tokenizer.json, or a directory holding one (yarn_jax.tokenizer)
+    tokenizer: str  # SentencePiece .model, tokenizer.json, or a directory holding one (yarn_jax.io.tokenizer)
     seq_len: int
     batch_size: int  # global
     format: Format = Format.TEXT

@@ -28,9 +28,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from yarn_jax import hf_layout
-from yarn_jax import tokenizer as tokenizer_lib
-from yarn_jax.config import LlamaConfig
+from yarn_jax.io import hf_layout
+from yarn_jax.io import tokenizer as tokenizer_lib
+from yarn_jax.model.config import LlamaConfig
 
 PARAMS, CONFIG, TOKENIZER = "params", "config", "tokenizer"
 
@@ -221,7 +221,7 @@ def load_checkpoint(path: str | Path, mesh: Mesh | None = None, *, step: int | N
     param_dtype; without, as numpy in the stored dtype. `execution`: fields of the `Execution` the returned
     config runs with (dtype, param_dtype, remat, ...; the rest default).
     """
-    from yarn_jax.llama import init_params, param_shardings
+    from yarn_jax.model.llama import init_params, param_shardings
 
     reader = Reader(path, step)
     cfg = reader.cfg.with_execution(**execution)
