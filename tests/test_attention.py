@@ -69,6 +69,18 @@ def test_ring_forward_and_grad_equal_reference(ring_size, layout, chunks, segmen
                TOL[jnp.float32][0])
 
 
+def test_xla_blocks_take_as_few_whole_chunks_as_the_bound_allows(monkeypatch):
+    """A block length that 1,024 does not divide still gets chunks near the bound (not gcd-sized ones), and
+    the ring over such lengths (zigzag halves of 25 tokens, bounds 8 and 16: chunks of 5 x 5, where gcd gave
+    1 x 1) equals the reference, forward and gradients."""
+    assert [block_xla._chunk(n, 1024) for n in (4096, 1000, 3000, 25)] == [1024, 1000, 1000, 25]
+    assert block_xla._chunk(96, 64) == 48 and block_xla._chunk(97, 64) == 1
+    monkeypatch.setattr(block_xla, "Q_CHUNK", 8)
+    monkeypatch.setattr(block_xla, "KV_CHUNK", 16)
+    q, k, v, seg = _inputs(5, t=100)
+    _check_vjp(*_ring_and_reference(seg, seg.shape, 2, RingLayout.ZIGZAG), q, k, v, TOL[jnp.float32][0])
+
+
 @pytest.mark.parametrize("segments", [False, True], ids=["one-doc", "segments"])
 @pytest.mark.parametrize("ring_size", [1, 2, 4])
 def test_ring_with_splash_blocks_in_interpret_mode_equals_reference(ring_size, segments):
