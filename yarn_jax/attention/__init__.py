@@ -58,8 +58,7 @@ def select(impl: AttentionImpl, platform: str | None = None) -> AttentionFn:
 def _cudnn_or_reference(q: jax.Array, *args, **kwargs) -> jax.Array:
     """AUTO on GPU: cuDNN for the dtypes its fused kernel takes (float16, bfloat16), the reference for
     float32 (an evaluation in full precision)."""
-    fused = q.dtype in (jax.numpy.float16, jax.numpy.bfloat16)
-    return (cudnn.attention if fused else reference.attention)(q, *args, **kwargs)
+    return (cudnn.attention if cudnn.takes(q.dtype) else reference.attention)(q, *args, **kwargs)
 
 
 def block_kernel(impl: AttentionImpl, platform: str | None = None) -> BlockKernel:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 from jax.typing import DTypeLike
 
+from yarn_jax.attention import cudnn
 from yarn_jax.attention.block import Mask, UnsupportedJaxError
 
 SUPPORTED_JAX = ("0.10.", "0.11.")
@@ -60,7 +61,7 @@ class Kernel:
     name = "cudnn"
 
     def supports(self, mask: Mask, block: int, dtype: DTypeLike) -> str | None:
-        if jax.numpy.dtype(dtype) not in (jax.numpy.float16, jax.numpy.bfloat16):  # an evaluation in full precision
+        if not cudnn.takes(dtype):  # an evaluation in full precision
             return f"cuDNN blocks take float16 or bfloat16 only (this is {jax.numpy.dtype(dtype).name})"
         if mask.q_segment_ids is not None:
             return "cuDNN blocks take no segment ids (packed documents)"

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import jax
+from jax.typing import DTypeLike
 
 from yarn_jax.attention.window import effective
+
+
+def takes(dtype: DTypeLike) -> bool:
+    """Whether cuDNN's fused attention takes q, k, v in `dtype`: float16 and bfloat16 only (a float32
+    evaluation needs another kernel)."""
+    return jax.numpy.dtype(dtype) in (jax.numpy.float16, jax.numpy.bfloat16)
 
 
 def attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, *, window=None, implementation="cudnn"):
@@ -18,7 +25,7 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, *, wind
     if q_segment_ids is not None or kv_segment_ids is not None:
         raise ValueError("attention: 'cudnn' does not support packed segment ids; use attention='reference' or "
                          "data without segment masking")
-    if implementation == "cudnn" and q.dtype not in (jax.numpy.float16, jax.numpy.bfloat16):
+    if implementation == "cudnn" and not takes(q.dtype):
         raise ValueError(f"attention: 'cudnn' takes float16 or bfloat16, not {q.dtype.name} (the model's dtype); "
                          "use attention='auto' (the reference kernel for float32) or 'reference'")
     window = effective(window, k.shape[1])
