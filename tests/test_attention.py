@@ -11,7 +11,7 @@ import pytest
 from tests.tolerances import TOL
 from yarn_jax import sharding
 from yarn_jax.attention import block_cudnn, block_splash, block_xla, reference, ring
-from yarn_jax.model.execution import RingLayout
+from yarn_jax.model.execution import RingLayout, divisor_at_most
 
 
 def _inputs(seed, b=2, t=64, n=4, k=2, h=8, segments=True):
@@ -73,8 +73,8 @@ def test_xla_blocks_take_as_few_whole_chunks_as_the_bound_allows(monkeypatch):
     """A block length that 1,024 does not divide still gets chunks near the bound (not gcd-sized ones), and
     the ring over such lengths (zigzag halves of 25 tokens, bounds 8 and 16: chunks of 5 x 5, where gcd gave
     1 x 1) equals the reference, forward and gradients."""
-    assert [block_xla._chunk(n, 1024) for n in (4096, 1000, 3000, 25)] == [1024, 1000, 1000, 25]
-    assert block_xla._chunk(96, 64) == 48 and block_xla._chunk(97, 64) == 1
+    assert [divisor_at_most(n, 1024) for n in (4096, 1000, 3000, 25)] == [1024, 1000, 1000, 25]
+    assert divisor_at_most(96, 64) == 48 and divisor_at_most(97, 64) == 1
     monkeypatch.setattr(block_xla, "Q_CHUNK", 8)
     monkeypatch.setattr(block_xla, "KV_CHUNK", 16)
     q, k, v, seg = _inputs(5, t=100)

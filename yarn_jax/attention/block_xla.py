@@ -16,14 +16,9 @@ from jax.typing import DTypeLike
 
 from yarn_jax.attention import reference
 from yarn_jax.attention.block import Mask
+from yarn_jax.model.execution import divisor_at_most
 
 Q_CHUNK, KV_CHUNK = 1024, 512
-
-
-def _chunk(n: int, size: int) -> int:
-    """The largest divisor of `n` tokens that is at most `size`: whole chunks, as few as fit the bound (a
-    block of 1,000 is one chunk of 1,000, not 125 of gcd(1000, 1024) = 8)."""
-    return max(d for d in range(1, min(n, size) + 1) if n % d == 0)
 
 
 def _split(x: jax.Array, c: int, axis: int = 1) -> jax.Array:
@@ -53,7 +48,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> tuple[jax.A
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
     q_seg, kv_seg, q_idx, kv_idx = _ids(mask, b, t, s)
-    cq, ck = _chunk(t, Q_CHUNK), _chunk(s, KV_CHUNK)
+    cq, ck = divisor_at_most(t, Q_CHUNK), divisor_at_most(s, KV_CHUNK)
     kv = tuple(_split(x, ck) for x in (k, v, kv_seg, kv_idx))
 
     def q_chunk(_, xs):
@@ -86,7 +81,7 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
     q_seg, kv_seg, q_idx, kv_idx = _ids(mask, b, t, s)
-    cq, ck = _chunk(t, Q_CHUNK), _chunk(s, KV_CHUNK)
+    cq, ck = divisor_at_most(t, Q_CHUNK), divisor_at_most(s, KV_CHUNK)
     grouped = lambda x: x.reshape(b, x.shape[1], kh, g, h)  # noqa: E731  [B, T, K, G, H]
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731  float32 gradient accumulators
     qg, do = grouped(q), grouped(d_out.astype(q.dtype))

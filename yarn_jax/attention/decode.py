@@ -30,7 +30,6 @@ interpreter, and lowered to Triton IR for CUDA on a CPU host) and 0.11.2 (compil
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
@@ -39,6 +38,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from yarn_jax.attention import reference
 from yarn_jax.attention.sharded import specs
+from yarn_jax.model.execution import divisor_at_most
 
 PROGRAMS = 1024  # programs the GPU kernel aims for (batch rows x kv heads x parts): several per SM, loads overlapping
 BLOCK = 128  # keys per block of the GPU kernel (the cache length, a multiple of 256, is whole blocks)
@@ -65,7 +65,7 @@ def _partials_xla(q, k, v, seen):
     """q [B, t, K, G, H]; k, v [B, S, K, H]; seen [B, t, S] bool -> (outs [B, t, K, G, P, H], lses
     [B, t, K, G, P]) float32 over parts of XLA_PART slots."""
     b, s, kh, h = k.shape
-    c = math.gcd(s, XLA_PART)
+    c = divisor_at_most(s, XLA_PART)
     ks, vs = (x.reshape(b, s // c, c, kh, h) for x in (k, v))  # [B, P, C, K, H]
     logits = reference.dot("BTKGH,BPCKH->BTKGPC", q, ks) * h**-0.5
     seen = seen.reshape(*seen.shape[:2], 1, 1, s // c, c)

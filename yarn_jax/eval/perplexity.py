@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 from yarn_jax import sharding
 from yarn_jax.model import loss
 from yarn_jax.model.config import LlamaConfig
+from yarn_jax.model.execution import divisor_at_most
 
 
 class Protocol(enum.Enum):
@@ -115,7 +116,7 @@ def evaluate(cfg: LlamaConfig, params: Any, docs: list[np.ndarray], length: int,
     for the protocols."""
     ws = plan(docs, length, stride, min_doc_tokens, protocol, bos)
     total, count, scored = 0.0, 0.0, 0
-    chunk = math.gcd(chunk, length)
+    chunk = divisor_at_most(length, chunk)
     by_window = protocol is Protocol.YARN
     for i in range(0, len(ws), batch_size):
         group = ws[i:i + batch_size]

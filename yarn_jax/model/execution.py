@@ -18,6 +18,12 @@ import numpy as np
 from yarn_jax.model.validate import member, number, set_field
 
 
+def divisor_at_most(n: int, bound: int) -> int:
+    """The largest divisor of `n` that is at most `bound`: `n` cut into as few whole chunks as the bound
+    allows (1,000 tokens under a bound of 1,024 are one chunk of 1,000, not 125 of gcd(1000, 1024) = 8)."""
+    return max(d for d in range(1, min(n, bound) + 1) if n % d == 0)
+
+
 class Remat(enum.Enum):
     """What each scanned layer keeps for the backward pass (the rest is recomputed)."""
 
