@@ -1,4 +1,5 @@
-"""cuDNN as the ring's block kernel and the flash-decoding kernel, on a GPU (skipped elsewhere).
+"""cuDNN as the ring's block kernel, with packed documents, and the flash-decoding kernel, on a GPU (skipped
+elsewhere).
 
     JAX_PLATFORMS=cuda python -m pytest tests/test_attention_gpu.py
 
@@ -132,6 +133,27 @@ def test_cudnn_sliding_window_forward_and_backward_equal_the_reference(window):
     errors = _errors(lambda q, k, v: cudnn.attention(q, k, v, None, None, _idx(t), _idx(t), window=window),
                      lambda q, k, v: reference.attention(q, k, v, None, None, _idx(t), _idx(t), window=window),
                      q, k, v, do)
+    assert all(e <= b for e, b in zip(errors, bound, strict=True)), (errors, bound)
+
+
+def _documents(t: int, lengths: list[int]) -> jax.Array:
+    """[1, T] ids 1, 2, ... in runs of `lengths` (the rest of the row padding, id 0)."""
+    ids = np.concatenate([np.full(n, i + 1, np.int32) for i, n in enumerate(lengths)])
+    return jnp.asarray(np.pad(ids, (0, t - ids.size)))[None]
+
+
+@pytest.mark.parametrize("lengths", [[1024], [300, 200, 400], [100] * 9 + [23], [64] * cudnn.PACKED_DOCUMENTS,
+                                     [60] * (cudnn.PACKED_DOCUMENTS + 1)],
+                         ids=["one", "three-padded", "ten", "at-the-bound", "over-the-bound"])
+def test_packed_documents_forward_and_backward_equal_the_reference(lengths):
+    """cuDNN's packed layout (every row within PACKED_DOCUMENTS documents) and the XLA blocks past it, against
+    the reference with the same segment ids, within the bound the kernel meets with one document."""
+    t = 1024
+    bound = [2 * e + 1e-3 for e in _single_device_errors(t)]
+    q, k, v, do = _qkv(3, t, t)
+    seg = _documents(t, lengths)
+    errors = _errors(jax.jit(lambda q, k, v: cudnn.attention(q, k, v, seg, seg, _idx(t), _idx(t))),
+                     lambda q, k, v: reference.attention(q, k, v, seg, seg, _idx(t), _idx(t)), q, k, v, do)
     assert all(e <= b for e, b in zip(errors, bound, strict=True)), (errors, bound)
 
 

@@ -224,6 +224,18 @@ def test_attention_bench_reference_runs(tmp_path):
     assert out.exists()
 
 
+def test_attention_bench_times_packed_documents_and_checks_them_against_the_float32_reference(tmp_path):
+    """--documents: segment ids of d equal documents a row, each timed (FLOPs over d) and checked forward and
+    backward (here the bf16 reference against the float32 one: small, not zero)."""
+    from yarn_jax.bench import attention_bench
+
+    out = tmp_path / "attention.json"
+    assert attention_bench.main(["--impl", "reference", "--seq", "128", "--heads", "2", "--kv-heads", "2",
+                                 "--head-dim", "16", "--documents", "1,4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["documents"] for r in result["rows"]] == [1, 4] and 0 < result["rel_err"] < 2e-2
+
+
 def test_attention_bench_checks_and_times_candidate_kernels(tmp_path, capsys):
     """A candidate kernel (tokamax's XLA form and jax's Pallas Triton kernel, interpreted, run on CPU) is
     checked forward and backward against the float32 reference before it is timed; one that cannot run on

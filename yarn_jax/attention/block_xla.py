@@ -5,7 +5,8 @@ float32 at most), merged by online softmax; pairs with no visible key are skippe
 A flash kernel's arithmetic: matmul operands in the compute dtype (p and dS rounded to it), float32
 accumulation, softmax and accumulators in float32. GQA by grouping the N query heads as [K, G], never
 repeating K/V. It is the ring's kernel on CPU, for the striped layout and wherever a fused kernel does not
-take the mask, and the reference the fused block kernels are tested against.
+take the mask (also on one device: `attention`), and the reference the fused block kernels are tested
+against.
 """
 
 from __future__ import annotations
@@ -148,6 +149,27 @@ def _merge(acc, m_acc, l_acc, out, m, l_blk):
     a, b = jnp.exp(m_acc - m_new), jnp.exp(m - m_new)  # [B, K, G, cq]
     scale = lambda w: jnp.transpose(w, (0, 3, 1, 2))[..., None]  # noqa: E731  [B, cq, K, G, 1]
     return acc * scale(a) + out * scale(b), m_new, l_acc * a + l_blk * b
+
+
+@jax.custom_vjp
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
+    """out [B, T, N, H] of one block over whole rows, differentiable through `backward` (memory linear in
+    T): the single-device attention where no fused kernel takes the mask."""
+    return forward(q, k, v, mask)[0]
+
+
+def _attention_fwd(q, k, v, mask):
+    out, lse = forward(q, k, v, mask)
+    return out, (q, k, v, mask, out, lse)
+
+
+def _attention_bwd(res, d_out):
+    q, k, v, mask, out, lse = res
+    dq, dk, dv = backward(q, k, v, out, lse, d_out, mask)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class Kernel:

@@ -1,11 +1,26 @@
-"""cuDNN flash attention through `jax.nn.dot_product_attention(implementation='cudnn')` (NVIDIA GPUs)."""
+"""cuDNN flash attention through `jax.nn.dot_product_attention(implementation='cudnn')` (NVIDIA GPUs); packed
+documents through cuDNN's packed layout (jax's private entry point, as the ring's cuDNN blocks).
+
+Packed documents (segment ids): each row's runs of equal ids are its documents (the data pipeline numbers
+them in order; padding, id 0, is a run of its own, as the reference lets padding see padding). cuDNN's
+packed layout takes a static number of documents a row, `PACKED_DOCUMENTS`, as their lengths [B, M] and
+first tokens [B, M + 1]; each is then causal from its own first token. A batch with a row of more
+documents runs the XLA block kernel instead (`lax.cond`: exact, ~14x slower attention), as do GPUs
+before Hopper, where cuDNN has no packed layout.
+"""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+from yarn_jax.attention import block_xla
+from yarn_jax.attention.block import Mask
 from yarn_jax.attention.window import effective
+
+# documents a row cuDNN's packed layout is set up for; its softmax statistics are [B * this, N, T] float32
+PACKED_DOCUMENTS = 16
 
 
 def takes(dtype: DTypeLike) -> bool:
@@ -16,19 +31,72 @@ def takes(dtype: DTypeLike) -> bool:
 
 def attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, *, window=None, implementation="cudnn"):
     """Causal self-attention over whole rows; GQA natively (K heads are not repeated). A sliding window
-    shorter than the keys is cuDNN's own local window (the query and window - 1 keys before it).
+    shorter than the keys is cuDNN's own local window (the query and window - 1 keys before it). Packed
+    documents (segment ids not None; self-attention: the keys' ids are the queries') without a window.
 
-    cuDNN's public entry point has no segment ids, so packed documents (segment_ids not None) are refused
-    rather than silently attending across documents; q_index/kv_index must be 0..T-1 (no ring permutation).
-    `implementation`: "xla" runs jax's portable path with the same arguments (the CPU tests' check of them).
+    q_index/kv_index must be 0..T-1 (no ring permutation). `implementation`: "xla" runs jax's portable path
+    with the same arguments, packed documents as the mask cuDNN's lengths and offsets describe (the CPU
+    tests' check of them).
     """
-    if q_segment_ids is not None or kv_segment_ids is not None:
-        raise ValueError("attention: 'cudnn' does not support packed segment ids; use attention='reference' or "
-                         "data without segment masking")
     if implementation == "cudnn" and not takes(q.dtype):
         raise ValueError(f"attention: 'cudnn' takes float16 or bfloat16, not {q.dtype.name} (the model's dtype); "
                          "use attention='auto' (the reference kernel for float32) or 'reference'")
     window = effective(window, k.shape[1])
-    local = None if window is None else (window - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
-                                        implementation=implementation)
+    if q_segment_ids is None and kv_segment_ids is None:
+        local = None if window is None else (window - 1, 0)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
+                                            implementation=implementation)
+    if window is not None or q_segment_ids is None or q.shape[1] != k.shape[1]:
+        raise ValueError("attention: 'cudnn' takes packed documents (segment ids) in self-attention without a "
+                         "sliding window only; use attention='reference' or data.positions='chunk'")
+    return _documents(q, k, v, q_segment_ids, implementation)
+
+
+def runs(segment_ids: jax.Array, m: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """segment_ids [B, T] -> (lengths [B, m], starts [B, m + 1], count [B]) int32: the lengths and first
+    tokens of each row's first m runs of equal ids, -1 past the row's last run (the layout of jax's
+    `q_seqlen` / `q_offsets`), and the number of runs in each row."""
+    b, t = segment_ids.shape
+    new = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)  # [B, T]
+    count = jnp.sum(new, axis=1, dtype=jnp.int32)
+    first = jax.vmap(lambda row: jnp.nonzero(row, size=m + 1, fill_value=t)[0])(new).astype(jnp.int32)  # [B, m+1]
+    run = jnp.arange(m + 1, dtype=jnp.int32)[None]  # [1, m+1]
+    lengths = jnp.where(run[:, :m] < count[:, None], first[:, 1:] - first[:, :m], -1)
+    return lengths, jnp.where(run < count[:, None], first, -1), count
+
+
+def _documents(q, k, v, segment_ids, implementation):
+    """Self-attention within each row's documents: cuDNN's packed layout where every row has at most
+    PACKED_DOCUMENTS of them, else the XLA block kernel."""
+    if implementation == "cudnn" and not _hopper():
+        return block_xla.attention(q, k, v, Mask(True, segment_ids, segment_ids))
+    lengths, starts, count = runs(segment_ids, PACKED_DOCUMENTS)
+    packed = _packed_cudnn if implementation == "cudnn" else _packed_xla
+    return jax.lax.cond(jnp.all(count <= PACKED_DOCUMENTS),
+                        lambda q, k, v: packed(q, k, v, lengths, starts),
+                        lambda q, k, v: block_xla.attention(q, k, v, Mask(True, segment_ids, segment_ids)), q, k, v)
+
+
+def _hopper() -> bool:
+    return all(float(getattr(d, "compute_capability", 0)) >= 9.0 for d in jax.local_devices(backend="gpu"))
+
+
+def _packed_cudnn(q, k, v, lengths, starts):
+    from yarn_jax.attention.block_cudnn import _fused  # the private entry point, behind its jax version pin
+
+    fused = _fused()
+    return fused.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=starts,
+                                       kv_offsets=starts, scale=q.shape[-1] ** -0.5,
+                                       mask_type=fused.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+
+
+def _packed_xla(q, k, v, lengths, starts):
+    """What `_packed_cudnn` is told, as an explicit mask [B, 1, T, T]: a query sees the keys of its own
+    run up to itself (tokens of no described run see nothing; their rows are not used)."""
+    t = q.shape[1]
+    pos = jnp.arange(t)
+    inside = ((pos >= starts[:, :-1, None]) & (pos < starts[:, :-1, None] + lengths[:, :, None])
+              & (lengths[:, :, None] > 0))  # [B, M, T]
+    same = jnp.einsum("bmi,bmj->bij", inside.astype(jnp.int32), inside.astype(jnp.int32)) > 0
+    return jax.nn.dot_product_attention(q, k, v, mask=(same & (pos[:, None] >= pos[None, :]))[:, None],
+                                        implementation="xla")

@@ -1,7 +1,7 @@
 """Attention kernels and the ring's per-device work: correctness against the reference, fwd+bwd TFLOP/s.
 
     python -m yarn_jax.bench attention [--seq 8192,32768] [--impl cudnn|splash|reference]
-                                       [--heads 32] [--kv-heads 32,8] [--head-dim 128]
+                                       [--heads 32] [--kv-heads 32,8] [--head-dim 128] [--documents 1,4,16]
     python -m yarn_jax.bench attention --impl ring --seq 65536,131072 --ring 2,4,8 [--block auto|cudnn|...]
     python -m yarn_jax.bench attention --impl tokamax-mosaic [--seq ...]   (also tokamax-triton, -cudnn, -xla,
                                                                             pallas-triton, pallas-mgpu)
@@ -11,9 +11,11 @@ on one device (`ring.device_work`: its R block steps with the masks and skips of
 own K/V standing in for the others'; no communication), for the first and the last device of the ring,
 next to the single-device kernel (`--block`'s, e.g. cuDNN) at the same per-device token count T / R.
 FLOPs of causal fwd+bwd: 4 * T^2 * N * H * (1 fwd + 2.5 bwd) / 2 (the FlashAttention papers'
-convention), over R for one device of a ring. Timing: `bench.kernel_time` (10 calls back to back, median
-of 3 batches). Correctness: the kernel's logits in a small bf16 model (ring: the ring over every local
-device, bf16 inputs, T = 2048) against the float32 reference, relative to their maximum.
+convention), over R for one device of a ring, over d for d equal packed documents (`--documents`: segment
+ids, checked forward and backward against the reference with the same ids). Timing: `bench.kernel_time`
+(10 calls back to back, median of 3 batches). Correctness: the kernel's logits in a small bf16 model
+(ring: the ring over every local device, bf16 inputs, T = 2048) against the float32 reference, relative
+to their maximum.
 
 `tokamax-<implementation>`: a candidate kernel outside the model, `tokamax.dot_product_attention` (PyPI
 `tokamax`, the `kernels` extra) with that implementation (mosaic: Mosaic GPU, FlashAttention-3 style on
@@ -82,9 +84,10 @@ def candidate(impl: str):
     return lambda q, k, v: module.dot_product_attention(q, k, v, is_causal=True, implementation=kind)
 
 
-def kernel_check(attend, t: int) -> float:
+def kernel_check(attend, t: int, documents: int | None = None) -> float:
     """Max |attend - reference| over the output and dq, dk, dv, each relative to its reference's max, on
-    bf16 inputs [1, T, 8, 64] with 2 kv heads; the reference in float32."""
+    bf16 inputs [1, T, 8, 64] with 2 kv heads (over `documents` equal documents a row if given); the
+    reference in float32."""
     import jax
     import jax.numpy as jnp
 
@@ -92,8 +95,8 @@ def kernel_check(attend, t: int) -> float:
 
     q, k, v = _qkv(t, 8, 2, 64)
     do = jax.random.normal(jax.random.key(2), q.shape, q.dtype)
-    index = _index(t)
-    ref = lambda q, k, v: reference.attention(q, k, v, None, None, index, index)  # noqa: E731
+    index, seg = _index(t), _segments(t, documents)
+    ref = lambda q, k, v: reference.attention(q, k, v, seg, seg, index, index)  # noqa: E731
     want = (ref(*(x.astype(jnp.float32) for x in (q, k, v))),
             *fwd_bwd(ref)(*(x.astype(jnp.float32) for x in (q, k, v, do))))
     got = (jax.jit(attend)(q, k, v), *jax.jit(fwd_bwd(attend))(q, k, v, do))
@@ -122,18 +125,37 @@ def _time(attend, q, k, v, flops: float) -> dict[str, float]:
             "fwd_bwd_ms": tb * 1e3}
 
 
-def kernel_rows(impl: str, seqs: list[int], n: int, kv_list: list[int], h: int) -> list[dict]:
-    from yarn_jax import attention
-    from yarn_jax.model.execution import AttentionImpl
-
-    fn = None if impl.startswith(CANDIDATE_PREFIXES) else attention.select(AttentionImpl(impl))
+def kernel_rows(impl: str, seqs: list[int], n: int, kv_list: list[int], h: int,
+                documents: list[int | None]) -> list[dict]:
+    """Each length x kv heads x documents a row (None: no segment ids; d: d equal documents, causal FLOPs
+    over d)."""
     rows = []
     for t in seqs:
         for kv_heads in kv_list:
-            attend = candidate(impl) if fn is None else (
-                lambda q, k, v, t=t: fn(q, k, v, None, None, *[_index(t)] * 2))
-            rows.append({"seq": t, "kv_heads": kv_heads, **_time(attend, *_qkv(t, n, kv_heads, h), 2 * t * t * n * h)})
+            for d in documents:
+                got = _time(_attend(impl, t, d), *_qkv(t, n, kv_heads, h), 2 * t * t * n * h / (d or 1))
+                rows.append({"seq": t, "kv_heads": kv_heads, **({"documents": d} if d else {}), **got})
     return rows
+
+
+def _attend(impl: str, t: int, documents: int | None = None):
+    """(q, k, v) -> out of `impl` at T = t, over `documents` equal documents a row (segment ids) if given."""
+    from yarn_jax import attention
+    from yarn_jax.model.execution import AttentionImpl
+
+    if impl.startswith(CANDIDATE_PREFIXES):
+        return candidate(impl)
+    fn, seg = attention.select(AttentionImpl(impl)), _segments(t, documents)
+    return lambda q, k, v: fn(q, k, v, seg, seg, *[_index(t)] * 2)
+
+
+def _segments(t: int, documents: int | None):
+    """[1, T] ids 1..documents in equal runs (the last takes the remainder), or None."""
+    import jax.numpy as jnp
+
+    if not documents:
+        return None
+    return jnp.minimum(jnp.arange(t, dtype=jnp.int32) // (t // documents), documents - 1)[None] + 1
 
 
 def _index(t: int):
@@ -189,10 +211,10 @@ def ring_check() -> float:
 
 def _table(impl: str, rows: list[dict]) -> list[str]:
     if impl != "ring":
-        lines = ["| seq | kv heads | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd ms | fwd+bwd ms |",
-                 "|---|---|---|---|---|---|"]
-        return lines + [f"| {r['seq']} | {r['kv_heads']} | {r['fwd_tflops']:.0f} | {r['fwd_bwd_tflops']:.0f} | "
-                        f"{r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} |" for r in rows]
+        lines = ["| seq | kv heads | documents | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd ms | fwd+bwd ms |",
+                 "|---|---|---|---|---|---|---|"]
+        return lines + [f"| {r['seq']} | {r['kv_heads']} | {r.get('documents', '-')} | {r['fwd_tflops']:.0f} | "
+                        f"{r['fwd_bwd_tflops']:.0f} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} |" for r in rows]
     lines = ["| total seq | ring | device | kv heads | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd+bwd ms | vs single |",
              "|---|---|---|---|---|---|---|---|"]
     return lines + [f"| {r['seq']} | {r['ring']} | {r['device']} | {r['kv_heads']} | {r['fwd_tflops']:.0f} | "
@@ -210,8 +232,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", default="32,8", help="comma list")
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--documents", default="", help="a kernel: comma list of documents a row, as segment ids "
+                   "(packed documents; default: none, one document without segment ids)")
     p.add_argument("--out", default="bench_results/attention.json")
     a = p.parse_args(argv)
+    documents = [int(x) for x in a.documents.split(",") if x] or [None]
+    if a.documents and (a.impl == "ring" or a.impl.startswith(CANDIDATE_PREFIXES)):
+        raise RunError(f"--documents: for the model's kernels (cudnn, splash, reference), not --impl {a.impl}")
     import jax
 
     ints = lambda x: [int(s) for s in x.split(",")]  # noqa: E731
@@ -226,9 +253,11 @@ def main(argv: list[str]) -> int:
     if a.impl == "ring":
         rows = ring_rows(a.block, ints(a.seq), ints(a.ring), a.heads, ints(a.kv_heads), a.head_dim)
     else:
-        rows = kernel_rows(a.impl, ints(a.seq), a.heads, ints(a.kv_heads), a.head_dim)
+        rows = kernel_rows(a.impl, ints(a.seq), a.heads, ints(a.kv_heads), a.head_dim, documents)
     if not candidate_impl:  # the reference's check against itself is 0 by construction: not computed
-        err = ring_check() if a.impl == "ring" else 0.0 if a.impl == "reference" else model_check(a.impl, t)
+        err = (ring_check() if a.impl == "ring" else
+               max(kernel_check(_attend(a.impl, t, d), t, d) for d in documents) if a.documents else
+               0.0 if a.impl == "reference" else model_check(a.impl, t))
     print(f"{a.impl} on {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}; "
           f"{a.heads} heads, head dim {a.head_dim}; vs the float32 reference (bf16, T={t}): max relative "
           f"difference {err:.2e}")

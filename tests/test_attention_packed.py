@@ -1,0 +1,73 @@
+"""Packed documents on a GPU (`attention.cudnn`): the lengths and first tokens handed to cuDNN's packed
+layout, checked on CPU as the mask they describe, and the XLA block fallback for rows of more documents.
+The cuDNN kernel itself is checked in `tests/test_attention_gpu.py`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.tolerances import TOL
+from yarn_jax.attention import cudnn, reference
+
+M = cudnn.PACKED_DOCUMENTS
+
+
+def test_runs_are_the_lengths_and_first_tokens_of_each_rows_documents():
+    seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1] * 8, [1, 2, 3, 4, 5, 6, 7, 8]])
+    lengths, starts, count = cudnn.runs(seg, 4)
+    np.testing.assert_array_equal(lengths, [[3, 2, 1, 2], [8, -1, -1, -1], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(starts, [[0, 3, 5, 6, -1], [0, -1, -1, -1, -1], [0, 1, 2, 3, 4]])
+    np.testing.assert_array_equal(count, [4, 1, 8])  # the last row has more documents than the 4 described
+
+
+def _segments(rng, t: int, docs: list[int], padding: bool) -> jax.Array:
+    """[B, T] ids 1, 2, ... in runs of random lengths, `docs[b]` runs in row b (the last one padding, id 0)."""
+    rows = []
+    for d in docs:
+        row = np.zeros(t, np.int32)
+        for i, cut in enumerate(np.sort(rng.choice(np.arange(1, t), d - 1, replace=False))):
+            row[cut:] = i + 1
+        rows.append(np.where((row == d - 1) & padding & (d > 1), -1, row) + 1)
+    return jnp.asarray(np.stack(rows))
+
+
+CASES = {  # documents in each row; padding at the end of each row with more than one
+    "one document a row": ([1, 1], False),
+    "a few, padded": ([3, 5], True),
+    "exactly the packed layout's bound": ([M, 2], False),
+    "one row over it: the XLA blocks": ([M + 1, 1], True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_packed_documents_equal_the_reference_forward_and_gradients(case):
+    """q, k, v float32, GQA 2: cudnn.attention with implementation='xla' (the packed layout's description as
+    an explicit mask, or the XLA blocks past the bound) against the reference with segment ids."""
+    docs, padding = CASES[case]
+    rng = np.random.default_rng(len(docs) + sum(docs))
+    b, t = len(docs), 96
+    seg = _segments(rng, t, docs, padding)
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    keys = jax.random.split(jax.random.key(sum(docs)), 4)
+    q, do = (jax.random.normal(keys[i], (b, t, 4, 16)) for i in (0, 3))
+    k, v = (jax.random.normal(keys[i], (b, t, 2, 16)) for i in (1, 2))
+    got, got_vjp = jax.vjp(jax.jit(lambda q, k, v: cudnn.attention(q, k, v, seg, seg, idx, idx, implementation="xla")),
+                           q, k, v)
+    want, want_vjp = jax.vjp(lambda q, k, v: reference.attention(q, k, v, seg, seg, idx, idx), q, k, v)
+    rtol, atol = TOL[jnp.float32]
+    for a, w in zip((got, *got_vjp(do)), (want, *want_vjp(do)), strict=True):
+        np.testing.assert_allclose(a, w, rtol=rtol, atol=atol)
+    if max(docs) <= M:  # the description alone, without the fallback: a broken length or offset fails here
+        lengths, starts, _ = cudnn.runs(seg, M)
+        np.testing.assert_allclose(cudnn._packed_xla(q, k, v, lengths, starts), want, rtol=rtol, atol=atol)
+
+
+def test_packed_documents_with_a_window_or_cross_attention_are_refused_in_one_line():
+    q = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
+    seg, idx = jnp.ones((1, 8), jnp.int32), jnp.arange(8)[None]
+    with pytest.raises(ValueError, match="packed documents .* without a sliding window only"):
+        cudnn.attention(q, q, q, seg, seg, idx, idx, window=4, implementation="xla")
+    with pytest.raises(ValueError, match="packed documents .* in self-attention"):
+        cudnn.attention(q, jnp.zeros((1, 16, 2, 16), jnp.bfloat16), jnp.zeros((1, 16, 2, 16), jnp.bfloat16), seg,
+                        jnp.ones((1, 16), jnp.int32), idx, jnp.arange(16)[None], implementation="xla")
