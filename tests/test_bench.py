@@ -3,6 +3,7 @@ the table and the ratios are printed and the rows are written."""
 
 import json
 
+import numpy as np
 import pytest
 
 from tests.train_helpers import ROOT
@@ -50,6 +51,22 @@ def test_train_step_bench_compile_only_reports_the_programs_memory(tmp_path, cap
     with pytest.raises(SystemExit):
         train_step_bench.main([*argv, "--peer", "maxtext"])
     assert "--compile-only: compiles ours only" in capsys.readouterr().err
+
+
+def test_train_step_bench_times_packed_documents(tmp_path, capsys):
+    """`--documents 3`: ours on rows of three documents (positions restart, attention stays inside each),
+    so its loss differs from one document's on the same tokens; with a peer it is refused in one line."""
+    losses = []
+    for documents in ("0", "3"):
+        out = tmp_path / f"rows{documents}.json"
+        argv = ["--config", "configs/tiny.py", "--seq", "64", "--steps", "1", "--documents", documents]
+        assert train_step_bench.main([*argv, "--out", str(out)]) == 0
+        [row] = json.loads(out.read_text())
+        losses.append(row["loss"])
+    assert row["impl"] == "yarn_jax (3 documents a row)" and np.isfinite(losses).all() and losses[0] != losses[1]
+    with pytest.raises(SystemExit):
+        train_step_bench.main([*argv, "--peer", "hf-torch"])
+    assert "--documents: times ours only" in capsys.readouterr().err
 
 
 def test_train_step_bench_runs_only_the_peer_settings_asked_for(tmp_path, capsys):

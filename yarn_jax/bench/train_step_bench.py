@@ -33,14 +33,15 @@ from pathlib import Path
 from yarn_jax.bench import fwd_bwd, kernel_time, train_peers
 
 
-def _compile(config, seq: int):
+def _compile(config, seq: int, documents: int = 0):
     """(cfg, optimizer, mesh, compiled step): the trainer's step for `config` on one device, batch 1 of
-    `seq` tokens, no accumulation, compiled from abstract inputs (nothing allocated)."""
+    `seq` tokens (packed `documents` a row: positions and attention per document), no accumulation,
+    compiled from abstract inputs (nothing allocated)."""
     import jax
 
     from yarn_jax import aot, sharding
 
-    config.data.update(dict(seq_len=seq, batch_size=1, positions="chunk"))
+    config.data.update(dict(seq_len=seq, batch_size=1, positions="document" if documents else "chunk"))
     config.train.grad_accum = 1
     # the model takes `seq` tokens: the extended length (rope's, else the preset's) is at least seq
     config.rope.max_position_embeddings = max(seq, config.rope.get("max_position_embeddings")
@@ -50,9 +51,9 @@ def _compile(config, seq: int):
     return cfg, tx, mesh, traced.lower().compile()
 
 
-def setup(config, seq: int):
+def setup(config, seq: int, documents: int = 0):
     """(cfg, compiled step, train state, batch): `_compile`'s step with its state and a batch of random
-    tokens (one document per row)."""
+    tokens (one document per row, or `documents` of equal length, the last taking the remainder)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -60,13 +61,15 @@ def setup(config, seq: int):
     from yarn_jax import sharding, train_step
     from yarn_jax.model.llama import init_params
 
-    cfg, tx, mesh, step = _compile(config, seq)
+    cfg, tx, mesh, step = _compile(config, seq, documents)
     shardings = step.input_shardings[0][0]  # the train state's, as the step expects them
     params = jax.jit(lambda k: init_params(cfg, k), out_shardings=shardings.params)(jax.random.key(0))
     state = train_step.TrainState(params, jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
                                   jnp.zeros((), jnp.int32))
+    size = seq // documents if documents else seq
+    segment = np.minimum(np.arange(seq) // size, max(documents, 1) - 1).astype(np.int32)  # [T] 0-based
     batch = {"tokens": np.random.default_rng(0).integers(0, cfg.vocab_size, (1, seq), dtype=np.int32),
-             "positions": np.arange(seq, dtype=np.int32)[None], "segment_ids": np.ones((1, seq), np.int32)}
+             "positions": (np.arange(seq) - segment * size).astype(np.int32)[None], "segment_ids": segment[None] + 1}
     return cfg, step, state, jax.device_put(batch, sharding.batch_sharding(mesh))
 
 
@@ -96,11 +99,11 @@ def kernel_bound(cfg, seq: int) -> dict:
             "flops_per_token": train_step.flops_per_token(cfg, seq)}
 
 
-def ours(config, seq: int, steps: int) -> dict:
+def ours(config, seq: int, steps: int, documents: int = 0) -> dict:
     import jax
     import jax.numpy as jnp
 
-    cfg, step, state, batch = setup(config, seq)
+    cfg, step, state, batch = setup(config, seq, documents)
     times = []
     for i in range(steps + 2):
         t = time.perf_counter()
@@ -227,6 +230,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--bound", action="store_true", help="also time the kernel bound of each length")
     p.add_argument("--compile-only", action="store_true",
                    help="ours compiled, not run: the program's memory only (no peers, no bound)")
+    p.add_argument("--documents", type=cli.count(0), default=0,
+                   help="ours with this many packed documents a row (data.positions='document'; default 0: one)")
     p.add_argument("--out", default="bench_results/train_step.json")
     overrides, rest = run_config.split_overrides(argv)
     a = p.parse_args(rest)
@@ -235,6 +240,8 @@ def main(argv: list[str]) -> int:
     peers = [x for x in a.peer.split(",") if x]
     if unknown := sorted(set(peers) - set(train_peers.PEERS)):
         p.error(f"--peer: expected a comma list of {', '.join(train_peers.PEERS)}, got {', '.join(unknown)}")
+    if a.documents and (peers or a.bound or a.compile_only):
+        p.error("--documents: times ours only; drop --peer, --bound and --compile-only")
     if a.compile_only and (peers or a.bound):
         p.error("--compile-only: compiles ours only; drop --peer and --bound")
     modes = a.peer_modes.split(",")
@@ -253,12 +260,13 @@ def main(argv: list[str]) -> int:
         for remat in a.remat.split(",") if a.remat else [""]:
             config = run_config.load(a.config, overrides + ([f"model.remat={remat}"] if remat else []))
             try:
-                r = compiled_only(config, seq) if a.compile_only else ours(config, seq, a.steps)
+                r = compiled_only(config, seq) if a.compile_only else ours(config, seq, a.steps, a.documents)
             except ValueError:  # the user's config (a length the loss chunk does not divide, ...): one line
                 raise
             except Exception as e:  # noqa: BLE001  out of memory is a result here
                 r = {"error": str(e).splitlines()[0][:200]}
-            rows.append({"impl": "yarn_jax", "seq": seq, "remat": remat or config.model.remat, **r})
+            impl = f"yarn_jax ({a.documents} documents a row)" if a.documents else "yarn_jax"
+            rows.append({"impl": impl, "seq": seq, "remat": remat or config.model.remat, **r})
             print(json.dumps(rows[-1]), flush=True)
         if a.bound:
             rows.append({"impl": "kernel bound", "seq": seq, "remat": "-", "peak_gib": 0.0, **kernel_bound(cfg, seq)})
