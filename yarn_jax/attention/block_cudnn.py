@@ -23,9 +23,9 @@ SUPPORTED_JAX = ("0.10.", "0.11.")
 
 def _fused():
     if not jax.__version__.startswith(SUPPORTED_JAX):
-        raise UnsupportedJaxError(f"attention: the cuDNN ring blocks are written for jax {' / '.join(SUPPORTED_JAX)}x "
-                                  f"(private fused-attention entry points), this is jax {jax.__version__}; "
-                                  "use model.attention='reference' for the portable XLA blocks")
+        raise UnsupportedJaxError(f"attention: the cuDNN ring blocks and packed documents are written for jax "
+                                  f"{' / '.join(SUPPORTED_JAX)}x (private fused-attention entry points), this is jax "
+                                  f"{jax.__version__}; use model.attention='reference' for the portable XLA blocks")
     from jax._src.cudnn import fused_attention_stablehlo
 
     return fused_attention_stablehlo
