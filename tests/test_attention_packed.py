@@ -41,9 +41,11 @@ CASES = {  # documents in each row; padding at the end of each row with more tha
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_packed_documents_equal_the_reference_forward_and_gradients(case):
+def test_packed_documents_equal_the_reference_forward_and_gradients(case, monkeypatch, caplog):
     """q, k, v float32, GQA 2: cudnn.attention with implementation='xla' (the packed layout's description as
-    an explicit mask, or the XLA blocks past the bound) against the reference with segment ids."""
+    an explicit mask, or the XLA blocks past the bound, with one warning line) against the reference with
+    segment ids."""
+    monkeypatch.setattr(cudnn, "_warned", [])
     docs, padding = CASES[case]
     rng = np.random.default_rng(len(docs) + sum(docs))
     b, t = len(docs), 96
@@ -58,6 +60,10 @@ def test_packed_documents_equal_the_reference_forward_and_gradients(case):
     rtol, atol = TOL[jnp.float32]
     for a, w in zip((got, *got_vjp(do)), (want, *want_vjp(do)), strict=True):
         np.testing.assert_allclose(a, w, rtol=rtol, atol=atol)
+    jax.effects_barrier()
+    warned = [r.getMessage() for r in caplog.records if "packed layout is set up for" in r.getMessage()]
+    assert warned == ([f"attention: a row holds {M + 1} documents, more than cuDNN's packed layout is set up for "
+                       f"({M}): such batches run the XLA block kernel (several times slower)"] if max(docs) > M else [])
     if max(docs) <= M:  # the description alone, without the fallback: a broken length or offset fails here
         lengths, starts, _ = cudnn.runs(seg, M)
         np.testing.assert_allclose(cudnn._packed_xla(q, k, v, lengths, starts), want, rtol=rtol, atol=atol)
@@ -71,3 +77,36 @@ def test_packed_documents_with_a_window_or_cross_attention_are_refused_in_one_li
     with pytest.raises(ValueError, match="packed documents .* in self-attention"):
         cudnn.attention(q, jnp.zeros((1, 16, 2, 16), jnp.bfloat16), jnp.zeros((1, 16, 2, 16), jnp.bfloat16), seg,
                         jnp.ones((1, 16), jnp.int32), idx, jnp.arange(16)[None], implementation="xla")
+
+
+@pytest.mark.parametrize("remat", ["none", "attention", "full"])
+@pytest.mark.parametrize("docs", [[3, 5], [3, M + 2]], ids=["packed", "over-the-bound"])
+def test_the_loss_and_its_gradients_with_packed_documents_equal_the_reference_kernels(remat, docs, monkeypatch):
+    """The packed path inside the model (scanned layers, each remat policy; a batch within the bound, and
+    one with a row over it, so that the fallback runs and warns inside the scan): loss and parameter
+    gradients equal the reference kernel's."""
+    import functools
+
+    import yarn_jax
+    from yarn_jax import attention
+    from yarn_jax.model import loss
+
+    cfg = yarn_jax.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                               num_kv_heads=2, head_dim=8).with_execution(dtype="float32", remat=remat)
+    params = yarn_jax.init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(1)
+    seg = _segments(rng, 64, docs, padding=True)
+    batch = {"tokens": jnp.asarray(rng.integers(0, 64, (2, 64)), jnp.int32), "segment_ids": seg,
+             "positions": jnp.asarray(np.concatenate([np.arange(64)[None]] * 2), jnp.int32)}
+
+    def grads():
+        return jax.value_and_grad(lambda p: loss.loss_fn(cfg, None, 16, True, p, batch)[0])(params)
+
+    want = grads()
+    select = attention.select
+    monkeypatch.setattr(attention, "select", lambda impl, platform=None: functools.partial(
+        cudnn.attention, implementation="xla") if impl is cfg.execution.attention else select(impl, platform))
+    got = grads()
+    rtol, atol = TOL[jnp.float32]
+    for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, w, rtol=rtol, atol=atol)

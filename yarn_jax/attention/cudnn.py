@@ -5,11 +5,13 @@ Packed documents (segment ids): each row's runs of equal ids are its documents (
 them in order; padding, id 0, is a run of its own, as the reference lets padding see padding). cuDNN's
 packed layout takes a static number of documents a row, `PACKED_DOCUMENTS`, as their lengths [B, M] and
 first tokens [B, M + 1]; each is then causal from its own first token. A batch with a row of more
-documents runs the XLA block kernel instead (`lax.cond`: exact, ~14x slower attention), as do GPUs
-before Hopper, where cuDNN has no packed layout.
+documents runs the XLA block kernel instead (`lax.cond`: exact, ~14x slower attention; one warning line
+the first time), as do GPUs before Hopper, where cuDNN has no packed layout.
 """
 
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,7 @@ from yarn_jax.attention import block_xla
 from yarn_jax.attention.block import Mask
 from yarn_jax.attention.window import effective
 
+_log = logging.getLogger(__name__)
 # documents a row cuDNN's packed layout is set up for; its softmax statistics are [B * this, N, T] float32
 PACKED_DOCUMENTS = 16
 
@@ -72,9 +75,23 @@ def _documents(q, k, v, segment_ids, implementation):
         return block_xla.attention(q, k, v, Mask(True, segment_ids, segment_ids))
     lengths, starts, count = runs(segment_ids, PACKED_DOCUMENTS)
     packed = _packed_cudnn if implementation == "cudnn" else _packed_xla
-    return jax.lax.cond(jnp.all(count <= PACKED_DOCUMENTS),
-                        lambda q, k, v: packed(q, k, v, lengths, starts),
-                        lambda q, k, v: block_xla.attention(q, k, v, Mask(True, segment_ids, segment_ids)), q, k, v)
+
+    def blocks(q, k, v):
+        jax.debug.callback(_warn_once, jnp.max(count))
+        return block_xla.attention(q, k, v, Mask(True, segment_ids, segment_ids))
+
+    return jax.lax.cond(jnp.all(count <= PACKED_DOCUMENTS), lambda q, k, v: packed(q, k, v, lengths, starts),
+                        blocks, q, k, v)
+
+
+_warned = []
+
+
+def _warn_once(documents) -> None:
+    if not _warned:
+        _warned.append(int(documents))
+        _log.warning("attention: a row holds %d documents, more than cuDNN's packed layout is set up for (%d): "
+                     "such batches run the XLA block kernel (several times slower)", documents, PACKED_DOCUMENTS)
 
 
 def _hopper() -> bool:
