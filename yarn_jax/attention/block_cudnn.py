@@ -5,7 +5,7 @@ Written for jax 0.10 and 0.11, whose `jax._src.cudnn.fused_attention_stablehlo` 
     the log-sum-exp of the scaled logits, [B, N, T];
   - `_dot_product_attention_bwd_p_wrapper`: the backward primitive, which takes the forward's output and
     statistics as inputs; the ring gives it the global ones.
-Other jax versions are refused with a clear message (jax 0.12 changed these signatures). Positional masks
+Other jax versions are refused with a clear message (`cudnn.fused`: jax 0.12 changed these signatures). Positional masks
 only (all pairs, or causal on a square block); packed documents (segment ids) and explicit token indices
 (striped layout) are not taken, so the ring falls back to the XLA block kernel for them.
 """
@@ -16,19 +16,7 @@ import jax
 from jax.typing import DTypeLike
 
 from yarn_jax.attention import cudnn
-from yarn_jax.attention.block import Mask, UnsupportedJaxError
-
-SUPPORTED_JAX = ("0.10.", "0.11.")
-
-
-def _fused():
-    if not jax.__version__.startswith(SUPPORTED_JAX):
-        raise UnsupportedJaxError(f"attention: the cuDNN ring blocks and packed documents are written for jax "
-                                  f"{' / '.join(SUPPORTED_JAX)}x (private fused-attention entry points), this is jax "
-                                  f"{jax.__version__}; use model.attention='reference' for the portable XLA blocks")
-    from jax._src.cudnn import fused_attention_stablehlo
-
-    return fused_attention_stablehlo
+from yarn_jax.attention.block import Mask
 
 
 def _mask_type(fused, mask: Mask):
@@ -37,7 +25,7 @@ def _mask_type(fused, mask: Mask):
 
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> tuple[jax.Array, jax.Array]:
     """(out [B, T, N, H] q.dtype, lse [B, N, T] float32); GQA natively (K heads are not repeated)."""
-    fused = _fused()
+    fused = cudnn.fused()
     out, lse = fused.dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask_type=_mask_type(fused, mask),
                                            qkv_layout="BTNH", return_residual=True)
     return out, lse
@@ -46,7 +34,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> tuple[jax.A
 def backward(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.Array, d_out: jax.Array,
              mask: Mask) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(dq, dk, dv) in q's dtype, from the global `out` and `lse`."""
-    fused = _fused()
+    fused = cudnn.fused()
     unused = jax.numpy.zeros(0, q.dtype)  # bias, sequence lengths, offsets, page tables: none
     dq, dk, dv = fused._dot_product_attention_bwd_p_wrapper.bind(
         q, k, v, unused, unused, unused, unused, unused, unused, unused, lse, out.astype(q.dtype),

@@ -18,12 +18,26 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from yarn_jax.attention import block_xla
-from yarn_jax.attention.block import Mask
+from yarn_jax.attention.block import Mask, UnsupportedJaxError
 from yarn_jax.attention.window import effective
 
 _log = logging.getLogger(__name__)
+SUPPORTED_JAX = ("0.10.", "0.11.")  # the jax versions `fused` is written against
 # documents a row cuDNN's packed layout is set up for; its softmax statistics are [B * this, N, T] float32
 PACKED_DOCUMENTS = 16
+
+
+def fused():
+    """jax's private cuDNN fused-attention module (`jax._src.cudnn.fused_attention_stablehlo`), for the
+    ring's cuDNN blocks and the packed layout; jax 0.12 changed its signatures, so other versions are
+    refused."""
+    if not jax.__version__.startswith(SUPPORTED_JAX):
+        raise UnsupportedJaxError(f"attention: the cuDNN ring blocks and packed documents are written for jax "
+                                  f"{' / '.join(SUPPORTED_JAX)}x (private fused-attention entry points), this is jax "
+                                  f"{jax.__version__}; use model.attention='reference' for the portable XLA blocks")
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    return fused_attention_stablehlo
 
 
 def takes(dtype: DTypeLike) -> bool:
@@ -99,12 +113,10 @@ def _hopper() -> bool:
 
 
 def _packed_cudnn(q, k, v, lengths, starts):
-    from yarn_jax.attention.block_cudnn import _fused  # the private entry point, behind its jax version pin
-
-    fused = _fused()
-    return fused.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=starts,
-                                       kv_offsets=starts, scale=q.shape[-1] ** -0.5,
-                                       mask_type=fused.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+    lib = fused()
+    return lib.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=starts,
+                                     kv_offsets=starts, scale=q.shape[-1] ** -0.5,
+                                     mask_type=lib.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
 
 
 def _packed_xla(q, k, v, lengths, starts):

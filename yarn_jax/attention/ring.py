@@ -36,7 +36,7 @@ from yarn_jax.attention import block_xla, decode
 from yarn_jax.attention.block import BlockKernel, Mask
 from yarn_jax.attention.sharded import specs
 from yarn_jax.attention.window import refuse
-from yarn_jax.model.execution import RingLayout
+from yarn_jax.model.execution import RingLayout, divisor_at_most
 from yarn_jax.sharding import SEQ_AXIS, ring_size
 
 _log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def visible_fraction(seq_len: int, ring: int, layout: RingLayout) -> float:
         return 1.0
     blocks = permutation(seq_len, ring, layout).reshape(ring, -1)  # [R, T]: token indices per device
     t = blocks.shape[1]
-    cq, ck = block_xla._chunk(t, block_xla.Q_CHUNK), block_xla._chunk(t, block_xla.KV_CHUNK)
+    cq, ck = divisor_at_most(t, block_xla.Q_CHUNK), divisor_at_most(t, block_xla.KV_CHUNK)
     q_last = blocks.reshape(ring, t // cq, cq).max(-1)  # [R, T / cq]
     k_first = blocks.reshape(ring, t // ck, ck).min(-1)  # [R, T / ck]
     return float(np.mean(q_last[:, :, None, None] >= k_first[None, None, :, :]))

@@ -210,8 +210,8 @@ def _print_tables(rows: list[dict], seqs: list[int], peak: float | None, compari
                   f"{_ratio(ours_, bound)} | {_ratio(bound, peer_)} |")
 
 
-def main(argv: list[str]) -> int:
-    from yarn_jax import cli, run_config
+def _parser():
+    from yarn_jax import cli
 
     p = cli.ArgumentParser(prog="python -m yarn_jax.bench train-step",
                                 epilog="--config.KEY=VALUE overrides any key of the run config")
@@ -233,6 +233,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--documents", type=cli.count(0), default=0,
                    help="ours with this many packed documents a row (data.positions='document'; default 0: one)")
     p.add_argument("--out", default="bench_results/train_step.json")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    from yarn_jax import run_config
+
+    p = _parser()
     overrides, rest = run_config.split_overrides(argv)
     a = p.parse_args(rest)
     overrides = a.set + overrides
