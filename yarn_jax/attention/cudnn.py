@@ -11,6 +11,7 @@ the first time), as do GPUs before Hopper, where cuDNN has no packed layout.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -112,8 +113,20 @@ def _hopper() -> bool:
     return all(float(getattr(d, "compute_capability", 0)) >= 9.0 for d in jax.local_devices(backend="gpu"))
 
 
+def kernel_outputs(prim, *_, **__) -> bool:
+    """A remat policy: keep cuDNN's forward kernel's outputs, the attention output and its softmax
+    statistics, which its backward needs (naming the output alone would re-run the forward kernel for the
+    statistics)."""
+    return prim.name.startswith("dot_product_attention_fwd")
+
+
+@functools.partial(jax.checkpoint, policy=kernel_outputs)
 def _packed_cudnn(q, k, v, lengths, starts):
+    """GQA as MHA: jax's binding scales both offsets by the queries' N x H elements a token (jax 0.10-0.11),
+    right for K/V only with N heads, so K/V are repeated here; the repeat is redone in the backward (the
+    checkpoint keeps the kernel's outputs, not the repeated K/V)."""
     lib = fused()
+    k, v = (jnp.repeat(x, q.shape[2] // x.shape[2], axis=2) for x in (k, v))
     return lib.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=starts,
                                      kv_offsets=starts, scale=q.shape[-1] ** -0.5,
                                      mask_type=lib.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")

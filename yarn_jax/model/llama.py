@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from yarn_jax import attention, sharding
-from yarn_jax.attention import decode, reference
+from yarn_jax.attention import cudnn, decode, reference
 from yarn_jax.model import projection
 from yarn_jax.model import rope as rope_lib
 from yarn_jax.model.config import LlamaConfig
@@ -30,17 +30,11 @@ _INIT = nn.initializers.normal(0.02)  # transformers' initializer_range
 DECODE = decode.attention("cpu")  # generation's attention by default: XLA's, any platform
 
 
-def _attention_kernel_outputs(prim, *_, **__) -> bool:
-    """cuDNN's forward kernel's outputs: the attention output and its softmax statistics, which its
-    backward needs (naming the output alone would re-run the forward kernel for the statistics)."""
-    return prim.name.startswith("dot_product_attention_fwd")
-
-
 _REMAT_POLICIES = {
     Remat.FULL: jax.checkpoint_policies.nothing_saveable,
     Remat.DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     Remat.ATTENTION: jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.save_only_these_names("q", "k", "v", "attn_out"), _attention_kernel_outputs),
+        jax.checkpoint_policies.save_only_these_names("q", "k", "v", "attn_out"), cudnn.kernel_outputs),
     Remat.OFFLOAD: jax.checkpoint_policies.save_and_offload_only_these_names(
         names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"], offload_src="device",
         offload_dst="pinned_host"),
