@@ -48,7 +48,8 @@ def takes(dtype: DTypeLike) -> bool:
 
 
 def attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, *, window=None, implementation="cudnn"):
-    """Causal self-attention over whole rows; GQA natively (K heads are not repeated). A sliding window
+    """Causal self-attention over whole rows; GQA natively (K heads are not repeated; the packed layout
+    repeats them: `_packed_cudnn`). A sliding window
     shorter than the keys is cuDNN's own local window (the query and window - 1 keys before it). Packed
     documents (segment ids not None; self-attention: the keys' ids are the queries') without a window.
 
