@@ -5,14 +5,13 @@ Packed documents (segment ids): each row's runs of equal ids are its documents (
 them in order; padding, id 0, is a run of its own, as the reference lets padding see padding). cuDNN's
 packed layout takes a static number of documents a row, `PACKED_DOCUMENTS`, as their lengths [B, M] and
 first tokens [B, M + 1]; each is then causal from its own first token. A batch with a row of more
-documents runs the XLA block kernel instead (`lax.cond`: exact, ~14x slower attention; one warning line
-the first time), as do GPUs before Hopper, where cuDNN has no packed layout.
+documents runs the XLA block kernel instead (`lax.cond`: exact, ~14x slower attention, silently), as do
+GPUs before Hopper, where cuDNN has no packed layout.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,6 @@ from yarn_jax.attention import block_xla
 from yarn_jax.attention.block import Mask, UnsupportedJaxError
 from yarn_jax.attention.window import effective
 
-_log = logging.getLogger(__name__)
 SUPPORTED_JAX = ("0.10.", "0.11.")  # the jax versions `fused` is written against
 # documents a row cuDNN's packed layout is set up for; its softmax statistics are [B * this, N, T] float32
 PACKED_DOCUMENTS = 16
@@ -91,23 +89,10 @@ def _documents(q, k, v, segment_ids, implementation):
         return block_xla.attention(q, k, v, Mask(True, segment_ids, segment_ids))
     lengths, starts, count = runs(segment_ids, PACKED_DOCUMENTS)
     packed = _packed_cudnn if implementation == "cudnn" else _packed_xla
-
-    def blocks(q, k, v):
-        jax.debug.callback(_warn_once, jnp.max(count))
-        return block_xla.attention(q, k, v, Mask(True, segment_ids, segment_ids))
-
+    # no warning from inside the step when the fallback runs: a host callback needs a CPU device, which
+    # JAX_PLATFORMS=cuda removes (it failed so on an H100)
     return jax.lax.cond(jnp.all(count <= PACKED_DOCUMENTS), lambda q, k, v: packed(q, k, v, lengths, starts),
-                        blocks, q, k, v)
-
-
-_warned = []
-
-
-def _warn_once(documents) -> None:
-    if not _warned:
-        _warned.append(int(documents))
-        _log.warning("attention: a row holds %d documents, more than cuDNN's packed layout is set up for (%d): "
-                     "such batches run the XLA block kernel (several times slower)", documents, PACKED_DOCUMENTS)
+                        lambda q, k, v: block_xla.attention(q, k, v, Mask(True, segment_ids, segment_ids)), q, k, v)
 
 
 def _hopper() -> bool:
