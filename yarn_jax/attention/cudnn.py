@@ -47,9 +47,9 @@ def takes(dtype: DTypeLike) -> bool:
 
 def attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, *, window=None, implementation="cudnn"):
     """Causal self-attention over whole rows; GQA natively (K heads are not repeated; the packed layout
-    repeats them: `_packed_cudnn`). A sliding window
-    shorter than the keys is cuDNN's own local window (the query and window - 1 keys before it). Packed
-    documents (segment ids not None; self-attention: the keys' ids are the queries') without a window.
+    repeats them: `_packed_cudnn`). A sliding window shorter than the keys is cuDNN's own local window (the
+    query and window - 1 keys before it). Packed documents (segment ids not None; self-attention: the
+    keys' ids are the queries') without a window.
 
     q_index/kv_index must be 0..T-1 (no ring permutation). `implementation`: "xla" runs jax's portable path
     with the same arguments, packed documents as the mask cuDNN's lengths and offsets describe (the CPU
