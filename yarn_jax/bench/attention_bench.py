@@ -28,10 +28,10 @@ Triton backend, K/V repeated per query head, interpreted on CPU; `attention_mgpu
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from yarn_jax import cli
 from yarn_jax.bench import failure, fwd_bwd, kernel_time, rel_diff, tokamax
 from yarn_jax.cli import RunError
 
@@ -223,7 +223,7 @@ def _table(impl: str, rows: list[dict]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m yarn_jax.bench attention")
+    p = cli.ArgumentParser(prog="python -m yarn_jax.bench attention")
     p.add_argument("--seq", default="8192,32768", help="comma list; total tokens for --impl ring")
     p.add_argument("--impl", default="cudnn", help="an attention kernel (cudnn, splash, reference), ring, or a "
                    "candidate: tokamax-<implementation> (mosaic, triton, cudnn, xla), pallas-triton, pallas-mgpu")
@@ -232,11 +232,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", default="32,8", help="comma list")
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--documents", default="", help="a kernel: comma list of documents a row, as segment ids "
-                   "(packed documents; default: none, one document without segment ids)")
+    p.add_argument("--documents", type=cli.int_list, default=[], help="a kernel: comma list of documents a row, "
+                   "as segment ids (packed documents; default: none, one document without segment ids)")
     p.add_argument("--out", default="bench_results/attention.json")
     a = p.parse_args(argv)
-    documents = [int(x) for x in a.documents.split(",") if x] or [None]
+    documents = a.documents or [None]
     if a.documents and (a.impl == "ring" or a.impl.startswith(CANDIDATE_PREFIXES)):
         raise RunError(f"--documents: for the model's kernels (cudnn, splash, reference), not --impl {a.impl}")
     import jax
