@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from tests.tolerances import TOL
+from yarn_jax import attention
 from yarn_jax.attention import cudnn, reference
+from yarn_jax.model.execution import Execution
 
 M = cudnn.PACKED_DOCUMENTS
 
@@ -19,6 +21,13 @@ def test_runs_are_the_lengths_and_first_tokens_of_each_rows_documents():
     np.testing.assert_array_equal(lengths, [[3, 2, 1, 2], [8, -1, -1, -1], [1, 1, 1, 1]])
     np.testing.assert_array_equal(starts, [[0, 3, 5, 6, -1], [0, -1, -1, -1, -1], [0, 1, 2, 3, 4]])
     np.testing.assert_array_equal(count, [4, 1, 8])  # the last row has more documents than the 4 described
+    np.testing.assert_array_equal(cudnn.documents(np.asarray(seg)), count)  # the trainer's host-side count
+
+
+def test_the_trainers_document_count_is_the_steps_on_random_rows():
+    seg = _segments(np.random.default_rng(0), 64, [1, 2, 7, 30, 63, 64], padding=True)
+    np.testing.assert_array_equal(cudnn.documents(np.asarray(seg)), cudnn.runs(seg, M)[2])
+    assert attention.packed_documents_limit(Execution(), None) is None  # no cuDNN kernel on this CPU
 
 
 def _segments(rng, t: int, docs: list[int], padding: bool) -> jax.Array:

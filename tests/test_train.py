@@ -142,6 +142,20 @@ def test_nan_stops_the_run_naming_the_step(cache, tmp_path):
     assert saved == [1, 2]  # the state after the poisoned step (3) was never written
 
 
+def test_batches_past_cudnns_packed_layout_are_reported_once(cache, tmp_path, monkeypatch, capsys):
+    """A GPU step leaves cuDNN's packed layout for the XLA blocks without a word (no host callbacks under
+    JAX_PLATFORMS=cuda): the trainer counts each batch's documents and says so. Here no row fits a limit
+    of 0, as on a GPU before Hopper."""
+    monkeypatch.setattr(train.attention, "packed_documents_limit", lambda execution, mesh: 0)
+    c = tiny_run_config(cache, steps=2, save_every=2)
+    c.data.update(positions="document", batch_size=8)
+    c.mesh.update(dict(data=1, fsdp=8, seq=1, tensor=1))
+    train.Run(c, str(tmp_path)).train()
+    err = capsys.readouterr().err
+    assert err.count("documents; this GPU's cuDNN attention takes 0 a row at most") == 1
+    assert "warning: 2 of 2 steps ran the XLA block attention" in err
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda c: c.data.update(sources=["/nonexistent/*.txt"]), "data.sources: '/nonexistent/\\*.txt' matches no"),
     (lambda c: c.model.update(vocab_size=300), "vocabulary of 512 tokens is larger than the model's vocab_size"),

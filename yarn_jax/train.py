@@ -38,8 +38,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from yarn_jax import cli, hardware, sharding, workdir
+from yarn_jax import attention, cli, hardware, sharding, workdir
 from yarn_jax import train_step as ts
+from yarn_jax.attention import cudnn
 from yarn_jax.io import checkpoint, data
 from yarn_jax.io import tokenizer as tokenizer_lib
 from yarn_jax.model import config as config_lib
@@ -108,6 +109,9 @@ class Run:
         self.tx, self.abstract, self.shardings = step.tx, step.abstract, step.shardings
         self.batch_sharding, self.step_fn = step.batch_sharding, step.fn
         self.batches = data.Batches(self.dcfg, jax.process_index(), jax.process_count())
+        self.documents_limit = (attention.packed_documents_limit(self.cfg.execution, self.mesh)
+                                if self.dcfg.positions is data.Positions.DOCUMENT else None)
+        self.over_limit = 0  # steps whose batch had a row of more documents than `documents_limit`
         self.manager = checkpoint.manager(self.workdir / "checkpoints", max_to_keep=config.train.keep or None)
         self.settings = run_settings(self.cfg, self.dcfg, config)
         self.state = self._restore() or self._initial_state(init_from)
@@ -251,6 +255,9 @@ class Run:
             print(f"trained steps {start + 1}-{end}: final loss {log.loss:.4f}, {statistics.median(log.rates):,.0f} "
                   f"tokens/s (median), checkpoint {self.workdir / 'checkpoints' / str(self.manager.latest_step())}",
                   flush=True)
+        if self.over_limit:
+            print(f"warning: {self.over_limit} of {end - start} steps ran the XLA block attention (rows of more "
+                  f"than {self.documents_limit} documents)", file=sys.stderr, flush=True)
         return end
 
     def _step(self, step: int) -> dict[str, Any]:
@@ -258,6 +265,8 @@ class Run:
         t0 = time.perf_counter()
         local = next(self.batches)
         t1 = time.perf_counter()
+        if self.documents_limit is not None:
+            self._count_documents(step, local["segment_ids"])
         scale = jnp.float32(np.nan if step == self.config.train.get("inject_nan_at", -1) else 1.0)
         self.state, m = self.step_fn(self.state, self._global_batch(local), scale)
         loss, grad_norm = float(m["loss"]), float(m["grad_norm"])  # the step's only host sync
@@ -268,6 +277,19 @@ class Run:
         return {"step": step, "loss": loss, "grad_norm": grad_norm,
                 "tokens_per_s": self.dcfg.batch_size * self.dcfg.seq_len / (t2 - t0),
                 "data_wait_s": t1 - t0, "compute_s": t2 - t1, "batch_hash": ts.batch_hash(local["tokens"])}
+
+
+    def _count_documents(self, step: int, segment_ids: np.ndarray) -> None:
+        """Warns (once) when a batch's attention leaves cuDNN's packed layout for the XLA block kernel: the
+        step cannot say so itself (no host callbacks under JAX_PLATFORMS=cuda)."""
+        most = int(cudnn.documents(segment_ids).max())
+        if most <= self.documents_limit:
+            return
+        if not self.over_limit:
+            print(f"warning: step {step}: a row holds {most} documents; this GPU's cuDNN attention takes "
+                  f"{self.documents_limit} a row at most, so batches like it run the XLA block attention (exact, "
+                  "several times slower); fewer, longer documents a row avoid it", file=sys.stderr, flush=True)
+        self.over_limit += 1
 
 
 class _Log:

@@ -5,8 +5,10 @@ Packed documents (segment ids): each row's runs of equal ids are its documents (
 them in order; padding, id 0, is a run of its own, as the reference lets padding see padding). cuDNN's
 packed layout takes a static number of documents a row, `PACKED_DOCUMENTS`, as their lengths [B, M] and
 first tokens [B, M + 1]; each is then causal from its own first token. A batch with a row of more
-documents runs the XLA block kernel instead (`lax.cond`: exact, ~14x slower attention, silently), as do
-GPUs before Hopper, where cuDNN has no packed layout.
+documents runs the XLA block kernel instead (`lax.cond`: exact, ~14x slower attention), as do GPUs before
+Hopper, where cuDNN has no packed layout. The step cannot say which branch ran (a host callback needs a CPU
+device, which `JAX_PLATFORMS=cuda` removes): the trainer counts each batch's documents on the host
+(`documents`, `packed_limit`) and warns.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import DTypeLike
 
 from yarn_jax.attention import block_xla
@@ -82,6 +85,18 @@ def runs(segment_ids: jax.Array, m: int) -> tuple[jax.Array, jax.Array, jax.Arra
     return lengths, jnp.where(run < count[:, None], first, -1), count
 
 
+def documents(segment_ids: np.ndarray) -> np.ndarray:
+    """Host segment ids [B, T] -> [B] the number of documents (runs of equal ids) in each row, as `runs`
+    counts them inside the step."""
+    return 1 + np.count_nonzero(segment_ids[:, 1:] != segment_ids[:, :-1], axis=1)
+
+
+def packed_limit() -> int:
+    """Documents a row this host's GPUs run through cuDNN's packed layout (more: the XLA block kernel);
+    0 before Hopper."""
+    return PACKED_DOCUMENTS if _hopper() else 0
+
+
 def _documents(q, k, v, segment_ids, implementation):
     """Self-attention within each row's documents: cuDNN's packed layout where every row has at most
     PACKED_DOCUMENTS of them, else the XLA block kernel."""
@@ -89,8 +104,6 @@ def _documents(q, k, v, segment_ids, implementation):
         return block_xla.attention(q, k, v, Mask(True, segment_ids, segment_ids))
     lengths, starts, count = runs(segment_ids, PACKED_DOCUMENTS)
     packed = _packed_cudnn if implementation == "cudnn" else _packed_xla
-    # no warning from inside the step when the fallback runs: a host callback needs a CPU device, which
-    # JAX_PLATFORMS=cuda removes (it failed so on an H100)
     return jax.lax.cond(jnp.all(count <= PACKED_DOCUMENTS), lambda q, k, v: packed(q, k, v, lengths, starts),
                         lambda q, k, v: block_xla.attention(q, k, v, Mask(True, segment_ids, segment_ids)), q, k, v)
 
