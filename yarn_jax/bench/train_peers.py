@@ -38,6 +38,7 @@ the reason: never silently absent.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -46,6 +47,7 @@ import tempfile
 from pathlib import Path
 
 PEERS = ("hf-torch", "hf-liger", "torchtitan", "maxtext")
+NEEDS = {"hf-torch": "transformers", "hf-liger": "liger_kernel", "torchtitan": "torchtitan", "maxtext": "maxtext"}
 
 # argv: shape json, seq, remat 0/1, compiled 0/1, steps, name, param dtype, compute dtype, clip (0: none)
 HF = r'''
@@ -234,6 +236,8 @@ def peer(cfg, name: str, seq: int, steps: int, remat: bool, compiled: bool, clip
     """One peer's timing of model `cfg` (a LlamaConfig) at `seq` tokens in its own process, or {"error":
     the reason it did not run}. `compiled` (torch.compile) is for the transformers peers only; `clip`: the
     gradients' global-norm bound (0: none)."""
+    if importlib.util.find_spec(NEEDS[name]) is None:  # a row with the reason, without starting a process
+        return {"error": f"{NEEDS[name]} not installed"}
     r = (_maxtext(cfg, seq, steps, remat, clip) if name == "maxtext"
          else _torch(cfg, name, seq, steps, remat, compiled, clip))
     if "setting" in r:
@@ -246,10 +250,6 @@ def _torch(cfg, name: str, seq: int, steps: int, remat: bool, compiled: bool, cl
     param, compute = dtypes(cfg)
     shape = _shape(cfg, seq)
     if name == "torchtitan":
-        try:
-            import torchtitan  # noqa: F401
-        except ImportError as e:
-            return {"error": f"torchtitan not importable: {e}"[:200]}
         scaling = cfg.rope_scaling  # YaRN's factor and trained length, for torchtitan's Llama 3.1 scaling
         rope = {"theta": cfg.rope_theta, "factor": getattr(scaling, "factor", 1.0),
                 "original": getattr(scaling, "original_max_position_embeddings", cfg.max_position_embeddings)}
