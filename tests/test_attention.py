@@ -23,10 +23,11 @@ def _inputs(seed, b=2, t=64, n=4, k=2, h=8, segments=True):
     return q, kk, v, seg
 
 
-def _ring_and_reference(seg, shape, ring_size, layout, kernel=None):
+def _ring_and_reference(seg, shape, ring_size, layout, kernel=None, window=None):
     """(ring, reference): attention functions of (q, k, v) in sequence order with segment ids `seg` (None:
-    one document per row); the ring permutes its inputs to `layout` over `ring_size` fake devices, runs
-    `kernel` (default: the XLA loop) for its blocks and un-permutes its output."""
+    one document per row) and a sliding `window` (None: none); the ring permutes its inputs to `layout`
+    over `ring_size` fake devices, runs `kernel` (default: the XLA loop) for its blocks and un-permutes its
+    output."""
     b, t = shape
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     attend = ring.ring_attention(sharding.make_mesh(seq=ring_size, devices=jax.devices()[:ring_size]),
@@ -36,9 +37,9 @@ def _ring_and_reference(seg, shape, ring_size, layout, kernel=None):
 
     def ring_out(q, k, v):
         s, i = (None if seg is None else seg[:, perm]), idx[:, perm]
-        return attend(q[:, perm], k[:, perm], v[:, perm], s, s, i, i)[:, inv]
+        return attend(q[:, perm], k[:, perm], v[:, perm], s, s, i, i, window=window)[:, inv]
 
-    return jax.jit(ring_out), lambda q, k, v: reference.attention(q, k, v, seg, seg, idx, idx)
+    return jax.jit(ring_out), lambda q, k, v: reference.attention(q, k, v, seg, seg, idx, idx, window=window)
 
 
 def _check_vjp(ring_out, ref_out, q, k, v, tol):
@@ -67,6 +68,21 @@ def test_ring_forward_and_grad_equal_reference(ring_size, layout, chunks, segmen
     q, k, v, seg = _inputs(ring_size, segments=segments)
     _check_vjp(*_ring_and_reference(seg, seg.shape if segments else q.shape[:2], ring_size, layout), q, k, v,
                TOL[jnp.float32][0])
+
+
+@pytest.mark.parametrize("window", [5, 20])
+@pytest.mark.parametrize("layout", list(RingLayout))
+def test_ring_with_a_sliding_window_equals_reference(layout, window, monkeypatch):
+    """A window shorter than the blocks (5 tokens; zigzag halves of 8 on a ring of 4) and one spanning
+    several (20), with packed segments and chunks of 4 x 2 so that the window hides whole chunk pairs;
+    the fused block kernels do not take it, so the ring runs the XLA blocks for it."""
+    monkeypatch.setattr(block_xla, "Q_CHUNK", 4)
+    monkeypatch.setattr(block_xla, "KV_CHUNK", 2)
+    q, k, v, seg = _inputs(window)
+    _check_vjp(*_ring_and_reference(seg, seg.shape, 4, layout, window=window), q, k, v, TOL[jnp.float32][0])
+    for kernel in (block_cudnn.Kernel(), block_splash.Kernel()):
+        assert isinstance(ring._kernel_for(kernel, layout, window, False, 16, jnp.bfloat16), block_xla.Kernel)
+    assert ring._kernel_for(block_cudnn.Kernel(), RingLayout.ZIGZAG, None, False, 16, jnp.bfloat16).name == "cudnn"
 
 
 def test_xla_blocks_take_as_few_whole_chunks_as_the_bound_allows(monkeypatch):

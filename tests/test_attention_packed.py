@@ -41,19 +41,21 @@ def _segments(rng, t: int, docs: list[int], padding: bool) -> jax.Array:
     return jnp.asarray(np.stack(rows))
 
 
-CASES = {  # documents in each row; padding at the end of each row with more than one
-    "one document a row": ([1, 1], False),
-    "a few, padded": ([3, 5], True),
-    "exactly the packed layout's bound": ([M, 2], False),
-    "one row over it: the XLA blocks": ([M + 1, 1], True),
+CASES = {  # documents in each row; padding at the end of each row with more than one; a sliding window
+    "one document a row": ([1, 1], False, None),
+    "a few, padded": ([3, 5], True, None),
+    "exactly the packed layout's bound": ([M, 2], False, None),
+    "one row over it: the XLA blocks": ([M + 1, 1], True, None),
+    "a few, padded, a sliding window: the XLA blocks": ([3, 5], True, 20),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_packed_documents_equal_the_reference_forward_and_gradients(case):
     """q, k, v float32, GQA 2: cudnn.attention with implementation='xla' (the packed layout's description as
-    an explicit mask, or the XLA blocks past the bound) against the reference with segment ids."""
-    docs, padding = CASES[case]
+    an explicit mask, or the XLA blocks past the bound or with a window) against the reference with segment
+    ids."""
+    docs, padding, window = CASES[case]
     rng = np.random.default_rng(len(docs) + sum(docs))
     b, t = len(docs), 96
     seg = _segments(rng, t, docs, padding)
@@ -61,22 +63,20 @@ def test_packed_documents_equal_the_reference_forward_and_gradients(case):
     keys = jax.random.split(jax.random.key(sum(docs)), 4)
     q, do = (jax.random.normal(keys[i], (b, t, 4, 16)) for i in (0, 3))
     k, v = (jax.random.normal(keys[i], (b, t, 2, 16)) for i in (1, 2))
-    got, got_vjp = jax.vjp(jax.jit(lambda q, k, v: cudnn.attention(q, k, v, seg, seg, idx, idx, implementation="xla")),
-                           q, k, v)
-    want, want_vjp = jax.vjp(lambda q, k, v: reference.attention(q, k, v, seg, seg, idx, idx), q, k, v)
+    got, got_vjp = jax.vjp(jax.jit(lambda q, k, v: cudnn.attention(q, k, v, seg, seg, idx, idx, window=window,
+                                                                   implementation="xla")), q, k, v)
+    want, want_vjp = jax.vjp(lambda q, k, v: reference.attention(q, k, v, seg, seg, idx, idx, window=window), q, k, v)
     rtol, atol = TOL[jnp.float32]
     for a, w in zip((got, *got_vjp(do)), (want, *want_vjp(do)), strict=True):
         np.testing.assert_allclose(a, w, rtol=rtol, atol=atol)
-    if max(docs) <= M:  # the description alone, without the fallback: a broken length or offset fails here
+    if max(docs) <= M and window is None:  # the description alone, no fallback: a broken length or offset fails
         lengths, starts, _ = cudnn.runs(seg, M)
         np.testing.assert_allclose(cudnn._packed_xla(q, k, v, lengths, starts), want, rtol=rtol, atol=atol)
 
 
-def test_packed_documents_with_a_window_or_cross_attention_are_refused_in_one_line():
+def test_packed_documents_in_cross_attention_are_refused_in_one_line():
     q = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
     seg, idx = jnp.ones((1, 8), jnp.int32), jnp.arange(8)[None]
-    with pytest.raises(ValueError, match="packed documents .* without a sliding window only"):
-        cudnn.attention(q, q, q, seg, seg, idx, idx, window=4, implementation="xla")
     with pytest.raises(ValueError, match="packed documents .* in self-attention"):
         cudnn.attention(q, jnp.zeros((1, 16, 2, 16), jnp.bfloat16), jnp.zeros((1, 16, 2, 16), jnp.bfloat16), seg,
                         jnp.ones((1, 16), jnp.int32), idx, jnp.arange(16)[None], implementation="xla")

@@ -133,21 +133,24 @@ def test_a_decode_step_on_per_layer_weights_equals_the_layer_loop():
 
 
 SEQ_MESHES = [("yarn", dict(seq=4, fsdp=2)), ("dynamic_yarn", dict(seq=4, fsdp=2)),
-              ("dynamic_yarn", dict(seq=2, tensor=2, fsdp=2)), ("dynamic_yarn", dict(data=2, seq=4))]
+              ("dynamic_yarn", dict(seq=2, tensor=2, fsdp=2)), ("dynamic_yarn", dict(data=2, seq=4)),
+              ("yarn", dict(seq=4, fsdp=2), dict(family="mistral", sliding_window=6))]
 
 
-@pytest.mark.parametrize("rope,mesh_shape", SEQ_MESHES,
-                         ids=[f"{r}-" + ",".join(f"{k}={v}" for k, v in m.items()) for r, m in SEQ_MESHES])
-def test_generation_on_a_mesh_equals_one_device(rope, mesh_shape):
+@pytest.mark.parametrize("case", SEQ_MESHES, ids=[f"{c[0]}-" + ",".join(f"{k}={v}" for k, v in c[1].items())
+                                                  + ("-mistral-window6" if len(c) > 2 else "") for c in SEQ_MESHES])
+def test_generation_on_a_mesh_equals_one_device(case):
     """With seq > 1 the prompt prefills with ring attention and the cache stays split over seq in the
     ring's order; each decode step attends per shard, merged by lse. 12 -> 28 tokens cross
     original_max_position_embeddings (16) and max_position_embeddings (24): dynamic YaRN rebuilds the
-    cache (a ring prefill) at every step past 24."""
+    cache (a ring prefill) at every step past 24. Mistral's window of 6 tokens spans several of the ring's
+    blocks and of the cache's shards (without it 58 of the 64 tokens differ)."""
     from yarn_jax import sharding
 
+    rope, mesh_shape, family = case[0], case[1], (case[2] if len(case) > 2 else {})
     # 97 tokens: a vocabulary that tensor = 2 does not divide (a Llama fine-tune with 32001 is real): replicated
-    cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(rope_scaling=ROPES[rope], max_pos=24, vocab=97).to_dict(),
-                                       dtype="float32")
+    cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(rope_scaling=ROPES[rope], max_pos=24, vocab=97,
+                                                           **family).to_dict(), dtype="float32")
     params = jax.tree.map(lambda x: x * 4, yarn_jax.init_params(cfg, jax.random.key(1)))
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, n) for n in (12, 7, 12, 3)]  # one batch, right-padded

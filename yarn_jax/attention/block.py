@@ -10,8 +10,9 @@ one: the per-block gradients then simply add up. Nothing differentiates through 
 
 A `Mask` says which pairs of a block see each other. Fused kernels (cuDNN, splash) take the positional
 ones: all pairs, or causal (query row r sees key column c <= r, top-left aligned, square blocks). Explicit
-token indices (the striped ring layout, where a block's causal pattern is not positional) and segment ids
-are for the kernels that say they take them (`supports`).
+token indices (the striped ring layout, where a block's causal pattern is not positional; a sliding
+window, which depends on where the block lies in the sequence) and segment ids are for the kernels that
+say they take them (`supports`).
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ from jax.typing import DTypeLike
 class Mask:
     """Visibility within one block. causal: query i sees key j iff index_q[i] >= index_kv[j], where the
     indices are `q_index` / `kv_index` [B, T] / [B, S] when given, else 0..T-1 / 0..S-1 (positional).
-    Segment ids [B, T] / [B, S] (None: one document) further restrict to the same document."""
+    Segment ids [B, T] / [B, S] (None: one document) further restrict to the same document, and `window`
+    (None: none) to keys less than `window` indices back (the sliding window: a query and the window - 1
+    keys before it)."""
 
     causal: bool = dataclasses.field(metadata={"static": True})
     q_segment_ids: jax.Array | None = None
     kv_segment_ids: jax.Array | None = None
     q_index: jax.Array | None = None
     kv_index: jax.Array | None = None
+    window: int | None = dataclasses.field(default=None, metadata={"static": True})
 
 
 class UnsupportedJaxError(NotImplementedError, ValueError):

@@ -53,6 +53,8 @@ class Kernel:
             return f"cuDNN blocks take float16 or bfloat16 only (this is {jax.numpy.dtype(dtype).name})"
         if mask.q_segment_ids is not None:
             return "cuDNN blocks take no segment ids (packed documents)"
+        if mask.window is not None:
+            return "cuDNN blocks take no sliding window (it depends on where a block lies)"
         if mask.q_index is not None:
             return "cuDNN blocks take positional masks only (not the striped layout)"
         return None

@@ -40,6 +40,8 @@ class Kernel:
         self.interpret = interpret
 
     def supports(self, mask: Mask, block: int, dtype: DTypeLike) -> str | None:
+        if mask.window is not None:
+            return "splash blocks take no sliding window (it depends on where a block lies)"
         if mask.q_index is not None:
             return "splash blocks take positional masks only (not the striped layout)"
         if block % 128:  # the kernel's key tiles are whole multiples of 128 tokens

@@ -123,14 +123,20 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.
 
 
 def _skippable(mask: Mask) -> bool:
-    """Whether some chunk pairs may see nothing (worth a `lax.cond`): causal masks and packed documents."""
-    return mask.causal or mask.q_segment_ids is not None
+    """Whether some chunk pairs may see nothing (worth a `lax.cond`): causal masks, packed documents and
+    sliding windows."""
+    return mask.causal or mask.q_segment_ids is not None or mask.window is not None
 
 
 def _allowed(mask: Mask, seg_q, seg, idx_q, idx) -> jax.Array:
     """[B, cq, ck] bool of one chunk pair."""
-    same = seg_q[:, :, None] == seg[:, None, :]
-    return same & (idx_q[:, :, None] >= idx[:, None, :]) if mask.causal else same
+    allowed = seg_q[:, :, None] == seg[:, None, :]
+    behind = idx_q[:, :, None] - idx[:, None, :]
+    if mask.causal:
+        allowed &= behind >= 0
+    if mask.window is not None:
+        allowed &= behind < mask.window
+    return allowed
 
 
 def _stats(q, k, v, allowed):

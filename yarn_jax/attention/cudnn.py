@@ -52,7 +52,8 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, *, wind
     """Causal self-attention over whole rows; GQA natively (K heads are not repeated; the packed layout
     repeats them: `_packed_cudnn`). A sliding window shorter than the keys is cuDNN's own local window (the
     query and window - 1 keys before it). Packed documents (segment ids not None; self-attention: the
-    keys' ids are the queries') without a window.
+    keys' ids are the queries'); with a window too, they run the XLA block kernel (cuDNN's packed layout
+    takes no window).
 
     q_index/kv_index must be 0..T-1 (no ring permutation). `implementation`: "xla" runs jax's portable path
     with the same arguments, packed documents as the mask cuDNN's lengths and offsets describe (the CPU
@@ -66,9 +67,11 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, *, wind
         local = None if window is None else (window - 1, 0)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
                                             implementation=implementation)
-    if window is not None or q_segment_ids is None or q.shape[1] != k.shape[1]:
-        raise ValueError("attention: 'cudnn' takes packed documents (segment ids) in self-attention without a "
-                         "sliding window only; use attention='reference' or data.positions='chunk'")
+    if q_segment_ids is None or q.shape[1] != k.shape[1]:
+        raise ValueError("attention: 'cudnn' takes packed documents (segment ids) in self-attention only; use "
+                         "attention='reference' or data.positions='chunk'")
+    if window is not None:
+        return block_xla.attention(q, k, v, Mask(True, q_segment_ids, q_segment_ids, window=window))
     return _documents(q, k, v, q_segment_ids, implementation)
 
 

@@ -18,6 +18,9 @@ global positions.
     with positional masks run the whole ring.
   - striped: device i holds tokens i, i+R, i+2R, ...; every block is causal by token index, not by
     position, which only the XLA block kernel takes (`Mask.q_index`); it skips invisible chunk pairs.
+A sliding window (Mistral's, Qwen's) is a distance between token indices, so its blocks carry them too and
+run the XLA block kernel, which skips the chunk pairs the window hides (the K/V still travel the whole
+ring).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from jax.typing import DTypeLike
 from yarn_jax.attention import block_xla, decode
 from yarn_jax.attention.block import BlockKernel, Mask
 from yarn_jax.attention.sharded import specs
-from yarn_jax.attention.window import refuse
+from yarn_jax.attention.window import effective
 from yarn_jax.model.execution import RingLayout, divisor_at_most
 from yarn_jax.sharding import SEQ_AXIS, ring_size
 
@@ -94,12 +97,13 @@ def _views(layout: RingLayout, t: int, step: int | jax.Array, device: jax.Array,
     return [earlier, later], ((device - step) % ring > device).astype(jnp.int32)
 
 
-def _mask(layout: RingLayout, view: _View, q_ids: tuple, kv_ids: tuple) -> Mask:
+def _mask(layout: RingLayout, window: int | None, view: _View, q_ids: tuple, kv_ids: tuple) -> Mask:
     """The kernel's mask of `view`; ids are (segment ids or None, token indices) of queries / held keys."""
     rows = lambda x, r: None if x is None else x[:, r]  # noqa: E731
-    explicit = layout is RingLayout.STRIPED
+    explicit = layout is RingLayout.STRIPED or window is not None
     return Mask(view.causal, rows(q_ids[0], view.q), rows(kv_ids[0], view.kv),
-                rows(q_ids[1], view.q) if explicit else None, rows(kv_ids[1], view.kv) if explicit else None)
+                rows(q_ids[1], view.q) if explicit else None, rows(kv_ids[1], view.kv) if explicit else None,
+                window)
 
 
 def _switch(index, branches, *args):
@@ -128,7 +132,7 @@ def _merge_rows(acc, lse, rows: slice, out, lse_b):
     return acc.at[:, rows].set(a * w(l_a) + out.astype(jnp.float32) * w(lse_b)), lse.at[..., rows].set(new)
 
 
-def _forward(kernel, shift, ring, layout, device, q, k, v, q_seg, kv_seg, q_idx, kv_idx):
+def _forward(kernel, shift, ring, layout, window, device, q, k, v, q_seg, kv_seg, q_idx, kv_idx):
     # One barrier over all inputs: inside a scan over layers JAX would otherwise hoist out of the loop
     # whatever is computed from layer-invariant inputs alone (the ids, their masks broadcast over heads).
     q, k, v, q_seg, kv_seg, q_idx, kv_idx = jax.lax.optimization_barrier((q, k, v, q_seg, kv_seg, q_idx, kv_idx))
@@ -140,11 +144,11 @@ def _forward(kernel, shift, ring, layout, device, q, k, v, q_seg, kv_seg, q_idx,
 
         def run(view, acc, lse):
             out, lse_b = kernel.forward(q[:, view.q], held[0][:, view.kv], held[1][:, view.kv],
-                                        _mask(layout, view, q_ids, held[2:]))
+                                        _mask(layout, window, view, q_ids, held[2:]))
             return _merge_rows(acc, lse, view.q, out, lse_b)
 
         if acc_lse is None:  # step 0: the device's own block sees every query row
-            out, lse = kernel.forward(q, held[0], held[1], _mask(layout, views[0], q_ids, held[2:]))
+            out, lse = kernel.forward(q, held[0], held[1], _mask(layout, window, views[0], q_ids, held[2:]))
             return out.astype(jnp.float32), lse
         return _switch(index, [functools.partial(run, view) for view in views], *acc_lse)
 
@@ -161,7 +165,7 @@ def _forward(kernel, shift, ring, layout, device, q, k, v, q_seg, kv_seg, q_idx,
     return acc.astype(q.dtype), lse
 
 
-def _backward(kernel, shift, ring, layout, res, d_out):
+def _backward(kernel, shift, ring, layout, window, res, d_out):
     device, q, k, v, q_seg, kv_seg, q_idx, kv_idx, out, lse = res
     t = q.shape[1]
     q_ids, do = (q_seg, q_idx), d_out.astype(q.dtype)
@@ -173,7 +177,7 @@ def _backward(kernel, shift, ring, layout, res, d_out):
         def run(view, dq, dk, dv):
             g_q, g_k, g_v = kernel.backward(q[:, view.q], held[0][:, view.kv], held[1][:, view.kv],
                                             out[:, view.q], lse[..., view.q], do[:, view.q],
-                                            _mask(layout, view, q_ids, held[2:]))
+                                            _mask(layout, window, view, q_ids, held[2:]))
             return (dq.at[:, view.q].add(f32(g_q)), dk.at[:, view.kv].add(f32(g_k)),
                     dv.at[:, view.kv].add(f32(g_v)))
 
@@ -195,17 +199,17 @@ def _backward(kernel, shift, ring, layout, res, d_out):
     return None, dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _ring(kernel, shift, ring, layout, device, q, k, v, q_seg, kv_seg, q_idx, kv_idx):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _ring(kernel, shift, ring, layout, window, device, q, k, v, q_seg, kv_seg, q_idx, kv_idx):
     """One device's part of the ring: q, k, v [B, T / R, ...] its blocks; `shift` moves held blocks to the
     next device; device: this device's position on the ring, an input rather than `lax.axis_index`
     (which, inside a scan over layers under autodiff, left shardy a manual computation with no sharded
     operand)."""
-    return _forward(kernel, shift, ring, layout, device, q, k, v, q_seg, kv_seg, q_idx, kv_idx)[0]
+    return _forward(kernel, shift, ring, layout, window, device, q, k, v, q_seg, kv_seg, q_idx, kv_idx)[0]
 
 
-def _ring_fwd(kernel, shift, ring, layout, device, q, k, v, q_seg, kv_seg, q_idx, kv_idx):
-    out, lse = _forward(kernel, shift, ring, layout, device, q, k, v, q_seg, kv_seg, q_idx, kv_idx)
+def _ring_fwd(kernel, shift, ring, layout, window, device, q, k, v, q_seg, kv_seg, q_idx, kv_idx):
+    out, lse = _forward(kernel, shift, ring, layout, window, device, q, k, v, q_seg, kv_seg, q_idx, kv_idx)
     return out, (device, q, k, v, q_seg, kv_seg, q_idx, kv_idx, out, lse)
 
 
@@ -214,14 +218,15 @@ _ring.defvjp(_ring_fwd, _backward)
 _warned: set[str] = set()
 
 
-def _kernel_for(kernel: BlockKernel, layout: RingLayout, segments: bool, local: int, dtype: DTypeLike) -> BlockKernel:
+def _kernel_for(kernel: BlockKernel, layout: RingLayout, window: int | None, segments: bool, local: int,
+                dtype: DTypeLike) -> BlockKernel:
     """`kernel`, or the XLA block kernel (with one warning line per reason) where it cannot take the masks,
     the blocks (`local` tokens per device; zigzag hands the kernel halves of them) or q, k, v's `dtype`."""
     ids = np.zeros((1, 1), np.int32)  # stands for arrays the masks will carry; `supports` reads only which
-    explicit = ids if layout is RingLayout.STRIPED else None
+    view = _View(_ALL, _ALL, True)
+    mask = _mask(layout, window, view, (ids if segments else None, ids), (ids if segments else None, ids))
     block = local // 2 if layout is RingLayout.ZIGZAG else local
-    why = kernel.supports(Mask(True, ids if segments else None, ids if segments else None, explicit, explicit),
-                          block, dtype)
+    why = kernel.supports(mask, block, dtype)
     if why is None:
         return kernel
     if why not in _warned:
@@ -238,10 +243,10 @@ def ring_attention(mesh: Mesh, kernel: BlockKernel, layout: RingLayout):
     q_spec, kv_spec, ids = specs(True)
 
     def attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx, *, window=None):
-        refuse(window, k.shape[1], "a sequence split over the mesh's seq axis spans: ring attention has no "
-               "sliding window; use mesh.seq=1 (or sequences no longer than the window)")
-        body = functools.partial(_ring, _kernel_for(kernel, layout, q_seg is not None, q.shape[1] // ring, q.dtype),
-                                 functools.partial(_shift, axis, ring), ring, layout)
+        window = effective(window, k.shape[1])
+        local = q.shape[1] // ring
+        body = functools.partial(_ring, _kernel_for(kernel, layout, window, q_seg is not None, local, q.dtype),
+                                 functools.partial(_shift, axis, ring), ring, layout, window)
         devices = jnp.arange(ring, dtype=jnp.int32)  # [R] over the ring: each device gets its own position
         return jax.shard_map(lambda d, *xs: body(d[0], *xs), mesh=mesh,
                              in_specs=(PartitionSpec(axis), q_spec, kv_spec, kv_spec, ids, ids, ids, ids),
@@ -259,7 +264,7 @@ def device_work(kernel: BlockKernel, ring: int, device: int, layout: RingLayout 
     def work(q, k, v):
         b, t = q.shape[:2]
         idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        return _ring(kernel, _stay, ring, layout, jnp.int32(device), q, k, v, None, None, idx, idx)
+        return _ring(kernel, _stay, ring, layout, None, jnp.int32(device), q, k, v, None, None, idx, idx)
 
     return work
 
@@ -274,17 +279,16 @@ def decode_attention(mesh: Mesh):
     (q_spec, _, q_ids), (_, kv_spec, kv_ids) = specs(False), specs(True)
     cache_spec = PartitionSpec(None, *kv_spec)
 
-    def local(q, k, v, layer, q_seg, kv_seg, q_idx, kv_idx):
-        out, lse = block_xla.forward(q, k[layer], v[layer], Mask(True, q_seg, kv_seg, q_idx, kv_idx))  # own slots
+    def local(q, k, v, layer, q_seg, kv_seg, q_idx, kv_idx, window):  # each device: its own slots
+        out, lse = block_xla.forward(q, k[layer], v[layer], Mask(True, q_seg, kv_seg, q_idx, kv_idx, window))
         both = jnp.concatenate([out.astype(jnp.float32), lse.transpose(0, 2, 1)[..., None]], axis=-1)
         parts = jax.lax.all_gather(both, SEQ_AXIS)  # [R, B, t, N, H + 1]
         return decode.merge(parts[..., :-1], parts[..., -1], axis=0).astype(q.dtype)
 
     def attend(q, k, v, layer, q_seg, kv_seg, q_idx, kv_idx, *, window=None):
-        refuse(window, k.shape[2], "of a KV cache split over the mesh's seq axis: its decode has no sliding "
-               "window; generate with mesh seq=1 (or a cache no longer than the window)")
         in_specs = (q_spec, cache_spec, cache_spec, PartitionSpec(), q_ids, kv_ids, q_ids, kv_ids)
-        return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec,
+        return jax.shard_map(functools.partial(local, window=effective(window, k.shape[2])), mesh=mesh,
+                             in_specs=in_specs, out_specs=q_spec,
                              check_vma=False)(q, k, v, layer, q_seg, kv_seg, q_idx, kv_idx)
 
     return attend
