@@ -236,8 +236,9 @@ def peer(cfg, name: str, seq: int, steps: int, remat: bool, compiled: bool, clip
     """One peer's timing of model `cfg` (a LlamaConfig) at `seq` tokens in its own process, or {"error":
     the reason it did not run}. `compiled` (torch.compile) is for the transformers peers only; `clip`: the
     gradients' global-norm bound (0: none)."""
-    if importlib.util.find_spec(NEEDS[name]) is None:  # a row with the reason, without starting a process
-        return {"error": f"{NEEDS[name]} not installed"}
+    needs = NEEDS[name]  # absent: a row with the reason, without starting a process
+    if needs not in sys.modules and importlib.util.find_spec(needs) is None:
+        return {"error": f"{needs} not installed"}
     r = (_maxtext(cfg, seq, steps, remat, clip) if name == "maxtext"
          else _torch(cfg, name, seq, steps, remat, compiled, clip))
     if "setting" in r:
