@@ -70,19 +70,14 @@ def test_ring_forward_and_grad_equal_reference(ring_size, layout, chunks, segmen
                TOL[jnp.float32][0])
 
 
-@pytest.mark.parametrize("window", [5, 20])
-@pytest.mark.parametrize("layout", list(RingLayout))
+@pytest.mark.parametrize("layout,window", [(RingLayout.ZIGZAG, 5), (RingLayout.STRIPED, 20)])
 def test_ring_with_a_sliding_window_equals_reference(layout, window, monkeypatch):
     """A window shorter than the blocks (5 tokens; zigzag halves of 8 on a ring of 4) and one spanning
-    several (20), with packed segments and chunks of 4 x 2 so that the window hides whole chunk pairs;
-    the fused block kernels do not take it, so the ring runs the XLA blocks for it."""
+    several (20), with packed segments and chunks of 4 x 2 so that the window hides whole chunk pairs."""
     monkeypatch.setattr(block_xla, "Q_CHUNK", 4)
     monkeypatch.setattr(block_xla, "KV_CHUNK", 2)
     q, k, v, seg = _inputs(window)
     _check_vjp(*_ring_and_reference(seg, seg.shape, 4, layout, window=window), q, k, v, TOL[jnp.float32][0])
-    for kernel in (block_cudnn.Kernel(), block_splash.Kernel()):
-        assert isinstance(ring._kernel_for(kernel, layout, window, False, 16, jnp.bfloat16), block_xla.Kernel)
-    assert ring._kernel_for(block_cudnn.Kernel(), RingLayout.ZIGZAG, None, False, 16, jnp.bfloat16).name == "cudnn"
 
 
 def test_xla_blocks_take_as_few_whole_chunks_as_the_bound_allows(monkeypatch):
@@ -148,24 +143,29 @@ def test_ring_in_bfloat16_keeps_the_reference_within_bfloat16_error():
         assert err <= 2e-2 * np.abs(w).max(), (name, err, np.abs(w).max())
 
 
-def test_fused_blocks_that_cannot_take_the_mask_or_dtype_fall_back_to_the_xla_loop_with_one_warning(caplog):
+def test_fused_blocks_that_cannot_take_the_mask_or_dtype_fall_back_to_the_xla_loop_with_one_warning(caplog,
+                                                                                                     monkeypatch):
+    monkeypatch.setattr(ring, "_warned", set())  # one warning per reason and process: none given yet
     cudnn, splash = block_cudnn.Kernel(), block_splash.Kernel()  # their `supports` need no GPU or TPU
     bf16 = jnp.bfloat16
-    assert ring._kernel_for(cudnn, RingLayout.ZIGZAG, False, 256, bf16) is cudnn
-    assert ring._kernel_for(splash, RingLayout.ZIGZAG, False, 256, bf16) is splash
-    assert ring._kernel_for(splash, RingLayout.ZIGZAG, False, 256, jnp.float32) is splash
+    assert ring._kernel_for(cudnn, RingLayout.ZIGZAG, None, False, 256, bf16) is cudnn
+    assert ring._kernel_for(splash, RingLayout.ZIGZAG, None, False, 256, bf16) is splash
+    assert ring._kernel_for(splash, RingLayout.ZIGZAG, None, False, 256, jnp.float32) is splash
     with caplog.at_level("WARNING"):
         for _ in range(3):
-            assert isinstance(ring._kernel_for(cudnn, RingLayout.ZIGZAG, True, 256, bf16), block_xla.Kernel)
-        assert isinstance(ring._kernel_for(splash, RingLayout.STRIPED, False, 256, bf16), block_xla.Kernel)
+            assert isinstance(ring._kernel_for(cudnn, RingLayout.ZIGZAG, None, True, 256, bf16), block_xla.Kernel)
+        assert isinstance(ring._kernel_for(splash, RingLayout.STRIPED, None, False, 256, bf16), block_xla.Kernel)
         # zigzag halves of 128 tokens: 64-token blocks, which splash's tiles cannot take
-        assert isinstance(ring._kernel_for(splash, RingLayout.ZIGZAG, False, 128, bf16), block_xla.Kernel)
+        assert isinstance(ring._kernel_for(splash, RingLayout.ZIGZAG, None, False, 128, bf16), block_xla.Kernel)
         # an evaluation in full precision: cuDNN's fused kernel takes float16/bfloat16 only
-        assert isinstance(ring._kernel_for(cudnn, RingLayout.ZIGZAG, False, 256, jnp.float32), block_xla.Kernel)
+        assert isinstance(ring._kernel_for(cudnn, RingLayout.ZIGZAG, None, False, 256, jnp.float32), block_xla.Kernel)
+        for kernel in (cudnn, splash):  # a sliding window: a distance between token indices
+            assert isinstance(ring._kernel_for(kernel, RingLayout.ZIGZAG, 64, False, 256, bf16), block_xla.Kernel)
     lines = [r.getMessage() for r in caplog.records]
-    assert sum("segment ids" in x for x in lines) <= 1 and sum("striped" in x for x in lines) <= 1, lines
+    assert sum("segment ids" in x for x in lines) == 1 and sum("striped" in x for x in lines) == 1, lines
     assert any("float16 or bfloat16 only (this is float32)" in x for x in lines), lines
     assert any("multiples of 128 tokens (this ring's blocks have 64)" in x for x in lines), lines
+    assert sum("take no sliding window" in x for x in lines) == 2, lines
 
 
 def test_private_kernels_refuse_jax_versions_they_were_not_written_for(monkeypatch):
