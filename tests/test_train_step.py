@@ -109,3 +109,17 @@ def test_loss_gradient_taken_in_its_forward_pass_equals_autodiff(param_dtype):
     assert got_w.dtype == w.dtype
     tol = 1e-4 if param_dtype == "float32" else 1e-2
     np.testing.assert_allclose(np.asarray(got_w, np.float32), np.asarray(want_w, np.float32), rtol=tol, atol=tol)
+
+
+def test_flops_per_token_counts_the_keys_a_sliding_window_leaves():
+    """The attention term of the MFU formula follows the pairs the mask leaves visible: with a window of 40
+    over 256 tokens, the ratio to plain causal equals the ratio of visible (query, key) pairs (to 1%);
+    a window that covers the sequence changes nothing."""
+    s, w = 256, 40
+    cfg = yarn_jax.LlamaConfig.from_hf(hf_models.hf_config(rope_scaling=YARN, max_pos=s, family="mistral").to_dict())
+    attention = lambda c: train_step.flops_per_token(c, s) - 6.0 * c.num_params()  # noqa: E731
+    idx = jnp.arange(s)[None]
+    pairs = lambda window: int(reference.mask(None, None, idx, idx, window).sum())  # noqa: E731
+    np.testing.assert_allclose(attention(cfg.replace(sliding_window=w)) / attention(cfg), pairs(w) / pairs(None),
+                               rtol=1e-2)
+    assert train_step.flops_per_token(cfg.replace(sliding_window=s), s) == train_step.flops_per_token(cfg, s)

@@ -153,8 +153,11 @@ def state_shardings(cfg: LlamaConfig, mesh: Mesh, tx: optax.GradientTransformati
 
 
 def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
-    """6N + 6 L d S: matmul FLOPs of forward+backward per token with causal attention (no remat)."""
-    return 6.0 * cfg.num_params() + 6.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    """6N + 6 L d S: matmul FLOPs of forward+backward per token with causal attention (no remat). With a
+    sliding window W < S a token sees W - W^2 / 2S keys on average, not S / 2: S becomes 2W - W^2 / S."""
+    w = cfg.sliding_window
+    keys = seq_len if w is None or w >= seq_len else 2 * w - w * w / seq_len  # twice the mean keys a token sees
+    return 6.0 * cfg.num_params() + 6.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * keys
 
 
 def batch_hash(tokens: np.ndarray) -> str:
