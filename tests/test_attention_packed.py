@@ -27,7 +27,22 @@ def test_runs_are_the_lengths_and_first_tokens_of_each_rows_documents():
 def test_the_trainers_document_count_is_the_steps_on_random_rows():
     seg = _segments(np.random.default_rng(0), 64, [1, 2, 7, 30, 63, 64], padding=True)
     np.testing.assert_array_equal(cudnn.documents(np.asarray(seg)), cudnn.runs(seg, M)[2])
-    assert attention.packed_documents_limit(Execution(), None) is None  # no cuDNN kernel on this CPU
+    assert attention.packed_documents_limit(Execution(), None, None) is None  # no cuDNN kernel on this CPU
+
+
+def test_the_packed_layouts_limit_on_a_gpu_mesh(monkeypatch):
+    """What the trainer compares each batch with on a (stand-in) Hopper GPU: 16 documents a row; none with
+    a sliding window; no limit in float32 (the reference kernel) or in a ring (its blocks warn themselves)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(cudnn, "_hopper", lambda: True)
+    mesh = lambda seq: SimpleNamespace(devices=np.array([SimpleNamespace(platform="gpu")]),  # noqa: E731
+                                       shape={"seq": seq})
+    bf16 = Execution(dtype="bfloat16")
+    assert attention.packed_documents_limit(bf16, mesh(1), None) == M
+    assert attention.packed_documents_limit(bf16, mesh(1), 4096) == 0
+    assert attention.packed_documents_limit(Execution(dtype="float32"), mesh(1), None) is None
+    assert attention.packed_documents_limit(bf16, mesh(2), None) is None
 
 
 def _segments(rng, t: int, docs: list[int], padding: bool) -> jax.Array:

@@ -146,13 +146,13 @@ def test_batches_past_cudnns_packed_layout_are_reported_once(cache, tmp_path, mo
     """A GPU step leaves cuDNN's packed layout for the XLA blocks without a word (no host callbacks under
     JAX_PLATFORMS=cuda): the trainer counts each batch's documents and says so. Here no row fits a limit
     of 0, as on a GPU before Hopper."""
-    monkeypatch.setattr(train.attention, "packed_documents_limit", lambda execution, mesh: 0)
+    monkeypatch.setattr(train.attention, "packed_documents_limit", lambda execution, mesh, window: 0)
     c = tiny_run_config(cache, steps=2, save_every=2)
     c.data.update(positions="document", batch_size=8)
     c.mesh.update(dict(data=1, fsdp=8, seq=1, tensor=1))
     train.Run(c, str(tmp_path)).train()
     err = capsys.readouterr().err
-    assert err.count("documents; this GPU's cuDNN attention takes 0 a row at most") == 1
+    assert err.count("documents; cuDNN's packed layout takes 0 a row at most here") == 1
     assert "warning: 2 of 2 steps ran the XLA block attention" in err
 
 

@@ -41,6 +41,7 @@ import orbax.checkpoint as ocp
 from yarn_jax import attention, cli, hardware, sharding, workdir
 from yarn_jax import train_step as ts
 from yarn_jax.attention import cudnn
+from yarn_jax.attention.window import effective
 from yarn_jax.io import checkpoint, data
 from yarn_jax.io import tokenizer as tokenizer_lib
 from yarn_jax.model import config as config_lib
@@ -109,7 +110,8 @@ class Run:
         self.tx, self.abstract, self.shardings = step.tx, step.abstract, step.shardings
         self.batch_sharding, self.step_fn = step.batch_sharding, step.fn
         self.batches = data.Batches(self.dcfg, jax.process_index(), jax.process_count())
-        self.documents_limit = (attention.packed_documents_limit(self.cfg.execution, self.mesh)
+        window = effective(self.cfg.sliding_window, self.dcfg.seq_len)
+        self.documents_limit = (attention.packed_documents_limit(self.cfg.execution, self.mesh, window)
                                 if self.dcfg.positions is data.Positions.DOCUMENT else None)
         self.over_limit = 0  # steps whose batch had a row of more documents than `documents_limit`
         self.manager = checkpoint.manager(self.workdir / "checkpoints", max_to_keep=config.train.keep or None)
@@ -286,9 +288,10 @@ class Run:
         if most <= self.documents_limit:
             return
         if not self.over_limit:
-            print(f"warning: step {step}: a row holds {most} documents; this GPU's cuDNN attention takes "
-                  f"{self.documents_limit} a row at most, so batches like it run the XLA block attention (exact, "
-                  "several times slower); fewer, longer documents a row avoid it", file=sys.stderr, flush=True)
+            print(f"warning: step {step}: a row holds {most} documents; cuDNN's packed layout takes "
+                  f"{self.documents_limit} a row at most here (none before Hopper or with a sliding window), so "
+                  "batches like it run the XLA block attention (exact, several times slower)", file=sys.stderr,
+                  flush=True)
         self.over_limit += 1
 
 

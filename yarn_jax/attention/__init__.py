@@ -61,15 +61,16 @@ def _cudnn_or_reference(q: jax.Array, *args, **kwargs) -> jax.Array:
     return (cudnn.attention if cudnn.takes(q.dtype) else reference.attention)(q, *args, **kwargs)
 
 
-def packed_documents_limit(execution: Execution, mesh: Mesh | None) -> int | None:
+def packed_documents_limit(execution: Execution, mesh: Mesh | None, window: int | None) -> int | None:
     """The documents a row past which this mesh's per-device GPU kernel runs a packed batch through the XLA
-    block kernel (`cudnn.packed_limit`), for the trainer's host-side count; None where no per-device cuDNN
-    kernel runs (other platforms, float32 steps, and a ring, whose fallback warns as it is traced)."""
+    block kernel (`cudnn.packed_limit`; 0 with a sliding `window` shorter than the rows, which the packed
+    layout does not take), for the trainer's host-side count; None where no per-device cuDNN kernel runs
+    (other platforms, float32 steps, and a ring, whose fallback warns as it is traced)."""
     platform = None if mesh is None else mesh.devices.flat[0].platform
     if (ring_size(mesh) > 1 or _resolve(execution.attention, platform) is not AttentionImpl.CUDNN
             or not cudnn.takes(execution.dtype)):
         return None
-    return cudnn.packed_limit()
+    return 0 if window is not None else cudnn.packed_limit()
 
 
 def block_kernel(impl: AttentionImpl, platform: str | None = None) -> BlockKernel:
