@@ -280,7 +280,6 @@ class Run:
                 "tokens_per_s": self.dcfg.batch_size * self.dcfg.seq_len / (t2 - t0),
                 "data_wait_s": t1 - t0, "compute_s": t2 - t1, "batch_hash": ts.batch_hash(local["tokens"])}
 
-
     def _count_documents(self, step: int, segment_ids: np.ndarray) -> None:
         """Warns (once) when a batch's attention leaves cuDNN's packed layout for the XLA block kernel: the
         step cannot say so itself (no host callbacks under JAX_PLATFORMS=cuda)."""

@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh
 
 from yarn_jax import attention, sharding
+from yarn_jax.attention.window import effective
 from yarn_jax.io import data
 from yarn_jax.model.config import LlamaConfig
 from yarn_jax.model.llama import param_shardings
@@ -155,8 +156,8 @@ def state_shardings(cfg: LlamaConfig, mesh: Mesh, tx: optax.GradientTransformati
 def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
     """6N + 6 L d S: matmul FLOPs of forward+backward per token with causal attention (no remat). With a
     sliding window W < S a token sees W - W^2 / 2S keys on average, not S / 2: S becomes 2W - W^2 / S."""
-    w = cfg.sliding_window
-    keys = seq_len if w is None or w >= seq_len else 2 * w - w * w / seq_len  # twice the mean keys a token sees
+    w = effective(cfg.sliding_window, seq_len)
+    keys = seq_len if w is None else 2 * w - w * w / seq_len  # twice the mean keys a token sees
     return 6.0 * cfg.num_params() + 6.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * keys
 
 
