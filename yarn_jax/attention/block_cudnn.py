@@ -6,8 +6,8 @@ Written for jax 0.10 and 0.11, whose `jax._src.cudnn.fused_attention_stablehlo` 
   - `_dot_product_attention_bwd_p_wrapper`: the backward primitive, which takes the forward's output and
     statistics as inputs; the ring gives it the global ones.
 Other jax versions are refused with a clear message (`cudnn.fused`: jax 0.12 changed these signatures). Positional masks
-only (all pairs, or causal on a square block); packed documents (segment ids) and explicit token indices
-(striped layout) are not taken, so the ring falls back to the XLA block kernel for them.
+only (all pairs, or causal on a square block); packed documents (segment ids), explicit token indices
+(striped layout) and sliding windows are not taken, so the ring falls back to the XLA block kernel for them.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ provides the forward with `save_residuals=True` (output and the log-sum-exp, nat
 `_splash_attention_bwd` (private), which takes the residuals (q, k, v, segment ids, sinks, out, lse, mask
 infos) as arguments: the ring passes the global out and lse. Other jax versions are refused with a clear
 message. GQA: one MQA kernel per kv head (vmapped), its G query heads sharing that head's K/V. Masks: all
-pairs or causal (positional), with or without segment ids; explicit token indices (striped layout) are
-not taken. q is scaled by 1/sqrt(H) before the kernel, so its lse is that of the scaled logits.
+pairs or causal (positional), with or without segment ids; explicit token indices (striped layout) and
+sliding windows are not taken. q is scaled by 1/sqrt(H) before the kernel, so its lse is that of the scaled logits.
 """
 
 from __future__ import annotations
